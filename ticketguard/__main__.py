@@ -1,0 +1,3 @@
+from ticketguard.cli import run
+
+run()

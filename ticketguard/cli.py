@@ -1,0 +1,207 @@
+"""The ``ticketguard`` command: one typer app whose options default to the dataclass configs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.logging import RichHandler
+from rich.table import Table
+
+from ticketguard.data import dataset_spec, load_dataset
+from ticketguard.errors import InputError
+from ticketguard.files import load_tensors
+from ticketguard.imp import SearchConfig, find_extreme_ticket
+from ticketguard.masks import Mask, fold_pruning_reparametrisation, mask_from_zeros
+from ticketguard.models import MODELS, identify_architecture
+from ticketguard.progress import console, progress_bar
+from ticketguard.ticket import MANIFEST, Ticket
+from ticketguard.training import TrainConfig, resolve_device
+
+app = typer.Typer(
+    help="Find extremely sparse winning lottery tickets and prove that they are yours.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+TRAIN = TrainConfig()
+SEARCH = SearchConfig()
+
+
+def _parse_ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--ratios must be comma-separated numbers such as 0.2,0.1,0.05,0.01, got {text!r}") from None
+
+
+@app.command()
+def find(
+    out: Annotated[Path, typer.Option(help="Ticket folder to write; the resumable search state goes in OUT/search.")]
+    = Path("runs/ticket"),
+    model: Annotated[str, typer.Option(help=f"Architecture: {', '.join(MODELS)}.")] = SEARCH.model,
+    data: Annotated[str, typer.Option(help="Data set: digits (built in), cifar10, cifar100, folder.")] = "digits",
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder or .tar.gz of the data set.")] = None,
+    download: Annotated[bool, typer.Option(help="Fetch the official CIFAR archive if DATA_DIR lacks it.")] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per training run (default: 182; digits: 20).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = TRAIN.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (x0.1 at 50% and 75% of the epochs).")] = TRAIN.lr,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = TRAIN.momentum,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (paper: 1e-4, 5e-4 for ResNet-50).")]
+    = TRAIN.weight_decay,
+    rewind_epoch: Annotated[int, typer.Option(help="Late-rewinding epoch k of W_k.")] = SEARCH.rewind_epoch,
+    ratios: Annotated[str, typer.Option(help="Pruning-ratio schedule, largest first.")] = ",".join(
+        map(str, SEARCH.ratios)
+    ),
+    eps: Annotated[float, typer.Option(help="eps_f: a ticket matches within this many accuracy points.")] = 100
+    * SEARCH.eps,
+    max_rounds: Annotated[int, typer.Option(help="Stop after this many pruning rounds.")] = SEARCH.max_rounds,
+    include_classifier: Annotated[bool, typer.Option(help="Prune the classifier's weights too.")] = False,
+    train_per_class: Annotated[Optional[int], typer.Option(help="Use a class-balanced training subset.")] = None,
+    test_per_class: Annotated[Optional[int], typer.Option(help="Use a class-balanced test subset.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, batch order and augmentation.")] = TRAIN.seed,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    restart: Annotated[bool, typer.Option(help="Discard an earlier search in OUT/search instead of resuming.")]
+    = False,
+) -> None:
+    """Find an extreme winning ticket by IMP with late rewinding; rerun the same command to resume."""
+    spec = dataset_spec(data)
+    config = SearchConfig(
+        model=model,
+        ratios=_parse_ratios(ratios),
+        eps=eps / 100,
+        rewind_epoch=rewind_epoch,
+        max_rounds=max_rounds,
+        include_classifier=include_classifier,
+        train=TrainConfig(
+            epochs=epochs or spec.default_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            seed=seed,
+        ),
+    )
+    if model not in MODELS:
+        raise InputError(f"unknown model {model!r}; choose one of: {', '.join(MODELS)}")
+    dataset = load_dataset(data, data_dir, download)
+    if train_per_class or test_per_class:
+        dataset = dataset.subset(train_per_class, test_per_class, seed)
+    started = time.perf_counter()
+    with progress_bar() as progress:
+        ticket = find_extreme_ticket(dataset, config, out / "search", resolve_device(device), progress, restart)
+    ticket.save(out)
+    _print_ticket(ticket, out)
+    console.print(f"ticket written to [bold]{out}[/] in {time.perf_counter() - started:.0f} s")
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A ticket folder, or a model file (.safetensors, .pt, .pth).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show a ticket's or model file's architecture, accuracy, search history and density per layer."""
+    report = _ticket_report(path) if (path / MANIFEST).is_file() else _model_file_report(path)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+
+
+def _ticket_report(path: Path) -> dict[str, Any]:
+    ticket = Ticket.load(path)
+    search = ticket.metadata.get("search", {})
+    return {
+        "kind": "ticket",
+        "path": str(path),
+        "architecture": ticket.architecture,
+        "dataset": ticket.dataset,
+        "accuracy": ticket.accuracy,
+        "dense_accuracy": ticket.metadata.get("dense_accuracy"),
+        "density": ticket.mask.density(),
+        "pruning_spec": search.get("counts"),
+        "ratios": search.get("ratios"),
+        "history": search.get("history", []),
+        "layer_density": ticket.mask.layer_densities(),
+    }
+
+
+def _model_file_report(path: Path) -> dict[str, Any]:
+    weights, mask = fold_pruning_reparametrisation(load_tensors(path))
+    identified = identify_architecture(weights)
+    if mask is None:
+        matrices = [name for name, t in weights.items() if t.dim() > 1]
+        mask = mask_from_zeros(weights, matrices)
+    return {
+        "kind": "model",
+        "path": str(path),
+        "architecture": identified[0] if identified else None,
+        "source": "torch.nn.utils.prune" if any(k.endswith("_mask") for k in load_tensors(path)) else "zeros",
+        "density": mask.density(),
+        "layer_density": mask.layer_densities(),
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _print_ticket(ticket: Ticket, path: Path) -> None:
+    _print_report(_ticket_report(path))
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    summary = Table(title=f"{report['kind']} {report['path']}", show_header=False)
+    summary.add_row("architecture", str(report["architecture"] or "unknown"))
+    for key in ("dataset", "source"):
+        if key in report:
+            summary.add_row(key, str(report[key]))
+    if report["kind"] == "ticket":
+        summary.add_row("accuracy", _percent(report["accuracy"]))
+        summary.add_row("dense accuracy", _percent(report["dense_accuracy"]))
+        spec = report["pruning_spec"]
+        summary.add_row("pruning spec", f"({', '.join(map(str, spec))}) at ratios {report['ratios']}" if spec else "-")
+    summary.add_row("weights left", _percent(report["density"]))
+    console.print(summary)
+    if report.get("history"):
+        history = Table(title="search history")
+        for column in ("round", "ratio", "weights left", "accuracy", "matches"):
+            history.add_column(column, justify="right")
+        for row in report["history"]:
+            history.add_row(
+                str(row["round"]), str(row["ratio"] or "dense"), _percent(row["density"]),
+                _percent(row["accuracy"]), "yes" if row["matched"] else "no",
+            )
+        console.print(history)
+    layers = Table(title="density per layer")
+    layers.add_column("tensor")
+    layers.add_column("weights left", justify="right")
+    for name, density in report["layer_density"].items():
+        layers.add_row(name, _percent(density))
+    console.print(layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the app; bad input becomes one line on stderr and exit status 2, never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
+    try:
+        app(args=argv, prog_name="ticketguard")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    except InputError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        return 2
+    except OSError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Image data sets as whole uint8 tensors, and the registry of built-in ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ticketguard.errors import InputError
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A train/test split held as tensors: images (N, C, H, W) uint8, labels (N,) int64."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    crop_padding: int
+    flip: bool
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            if images.dtype != torch.uint8 or images.dim() != 4:
+                raise InputError(f"{self.name}: {split} images must be a uint8 (N, C, H, W) tensor")
+            if labels.shape != (images.shape[0],):
+                raise InputError(f"{self.name}: {split} has {images.shape[0]} images but {labels.numel()} labels")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.classes)):
+                raise InputError(f"{self.name}: {split} labels fall outside the {len(self.classes)} classes")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std of the training images in [0, 1], used to normalise every batch."""
+        pixels = self.train_images.transpose(0, 1).flatten(1).float() / 255
+        return pixels.mean(dim=1), pixels.std(dim=1).clamp_min(1e-3)
+
+    def to(self, device: torch.device | str) -> ImageData:
+        return replace(
+            self,
+            train_images=self.train_images.to(device),
+            train_labels=self.train_labels.to(device),
+            test_images=self.test_images.to(device),
+            test_labels=self.test_labels.to(device),
+        )
+
+    def subset(self, train_per_class: int | None, test_per_class: int | None, seed: int = 0) -> ImageData:
+        """A class-balanced random subset, for quick runs on a CPU."""
+        generator = torch.Generator().manual_seed(seed)
+        train = _balanced_indices(self.train_labels, train_per_class, generator)
+        test = _balanced_indices(self.test_labels, test_per_class, generator)
+        return replace(
+            self,
+            train_images=self.train_images[train],
+            train_labels=self.train_labels[train],
+            test_images=self.test_images[test],
+            test_labels=self.test_labels[test],
+        )
+
+
+def _balanced_indices(labels: torch.Tensor, per_class: int | None, generator: torch.Generator) -> torch.Tensor:
+    if per_class is None:
+        return torch.arange(labels.numel())
+    if per_class < 1:
+        raise InputError(f"a subset needs at least 1 image per class, got {per_class}")
+    labels = labels.cpu()
+    order = torch.randperm(labels.numel(), generator=generator)
+    chosen = [order[labels[order] == c][:per_class] for c in labels.unique()]
+    return torch.cat(chosen).sort().values
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to load a registered data set and what training length suits it by default."""
+
+    load: Callable[[Path | None, bool], ImageData]
+    default_epochs: int
+    needs_folder: bool
+
+
+def _load_digits(root: Path | None, download: bool) -> ImageData:
+    from ticketguard.data.digits import load_digits_data
+
+    return load_digits_data()
+
+
+def _load_cifar10(root: Path | None, download: bool) -> ImageData:
+    from ticketguard.data.cifar import load_cifar
+
+    return load_cifar(_require_root(root, "cifar10"), 10, download)
+
+
+def _load_cifar100(root: Path | None, download: bool) -> ImageData:
+    from ticketguard.data.cifar import load_cifar
+
+    return load_cifar(_require_root(root, "cifar100"), 100, download)
+
+
+def _load_image_folder(root: Path | None, download: bool) -> ImageData:
+    from ticketguard.data.cifar import load_image_folder
+
+    return load_image_folder(_require_root(root, "folder"))
+
+
+def _require_root(root: Path | None, name: str) -> Path:
+    if root is None:
+        raise InputError(f"data set {name!r} needs --data-dir pointing at its folder (or archive)")
+    return root
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(_load_digits, default_epochs=20, needs_folder=False),
+    "cifar10": DatasetSpec(_load_cifar10, default_epochs=182, needs_folder=True),
+    "cifar100": DatasetSpec(_load_cifar100, default_epochs=182, needs_folder=True),
+    "folder": DatasetSpec(_load_image_folder, default_epochs=182, needs_folder=True),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise InputError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> ImageData:
+    """Load a registered data set by name; CIFAR and image folders read from ``root``."""
+    return dataset_spec(name).load(Path(root) if root is not None else None, download)

@@ -1,0 +1,132 @@
+"""The ticket folder: ticket.json (architecture, data, accuracy, history, sha256 of every tensor file) + tensors.
+
+ticket.json is written last and names the hash of each tensor file, so a folder that was changed, or left
+half-written by a killed process, is refused on load instead of being trusted.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import ticketguard
+from ticketguard.errors import InputError
+from ticketguard.files import load_tensors, read_json, save_tensors, sha256_file, write_json
+from ticketguard.masks import Mask, load_mask, save_mask
+from ticketguard.models import build_model
+
+TICKET_FORMAT = "ticketguard-ticket/1"
+MANIFEST = "ticket.json"
+MASK_FILE = "mask.safetensors"
+REWIND_FILE = "rewind.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass
+class Ticket:
+    """N[W, M] with its provenance: ``rewind`` holds the dense W_k, ``weights`` the trained, masked W."""
+
+    architecture: str
+    in_channels: int
+    num_classes: int
+    input_size: tuple[int, int]
+    dataset: str
+    classes: list[str]
+    mask: Mask
+    rewind: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+    accuracy: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, state: str = "weights") -> nn.Module:
+        """The architecture loaded with the trained (``weights``) or rewind (``rewind``) state, mask applied."""
+        model = build_model(self.architecture, self.in_channels, self.num_classes)
+        model.load_state_dict(getattr(self, state))
+        self.mask.apply_(model)
+        return model
+
+    def validate(self) -> None:
+        expected = build_model(self.architecture, self.in_channels, self.num_classes).state_dict()
+        for label, state in (("weights", self.weights), ("rewind", self.rewind)):
+            missing = sorted(set(expected) - set(state))
+            extra = sorted(set(state) - set(expected))
+            if missing or extra:
+                raise InputError(
+                    f"{label} do not fit {self.architecture}: missing {missing[:3]}, unexpected {extra[:3]}"
+                )
+            for name, tensor in state.items():
+                if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+                    raise InputError(
+                        f"{label} entry {name!r} is {tensor.dtype} {tuple(tensor.shape)}, expected "
+                        f"{expected[name].dtype} {tuple(expected[name].shape)}"
+                    )
+        self.mask.check_matches(self.weights)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the tensor files, then ticket.json with their hashes; every file is replaced atomically."""
+        folder = Path(folder)
+        self.validate()
+        save_mask(folder / MASK_FILE, self.mask)
+        save_tensors(folder / REWIND_FILE, self.rewind)
+        save_tensors(folder / WEIGHTS_FILE, self.weights)
+        manifest = {
+            "format": TICKET_FORMAT,
+            "architecture": {
+                "name": self.architecture,
+                "in_channels": self.in_channels,
+                "num_classes": self.num_classes,
+                "input_size": list(self.input_size),
+            },
+            "dataset": {"name": self.dataset, "classes": self.classes},
+            "accuracy": self.accuracy,
+            "density": self.mask.density(),
+            "layer_density": self.mask.layer_densities(),
+            "metadata": self.metadata,
+            "files": {name: sha256_file(folder / name) for name in (MASK_FILE, REWIND_FILE, WEIGHTS_FILE)},
+            "versions": {
+                "ticketguard": ticketguard.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(folder / MANIFEST, manifest)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Ticket:
+        """Read a ticket folder, refusing it if any tensor file's sha256 differs from ticket.json."""
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise InputError(f"{folder} is not a ticket folder: {MANIFEST} is missing")
+        manifest = read_json(folder / MANIFEST)
+        if manifest.get("format") != TICKET_FORMAT:
+            raise InputError(f"{folder / MANIFEST} is not a {TICKET_FORMAT} manifest")
+        for name, expected in manifest["files"].items():
+            path = folder / name
+            if not path.is_file():
+                raise InputError(f"{path} is missing from the ticket folder")
+            if sha256_file(path) != expected:
+                raise InputError(f"{path} does not match the sha256 in {MANIFEST}: the file was changed or damaged")
+        arch = manifest["architecture"]
+        ticket = cls(
+            architecture=arch["name"],
+            in_channels=arch["in_channels"],
+            num_classes=arch["num_classes"],
+            input_size=tuple(arch["input_size"]),
+            dataset=manifest["dataset"]["name"],
+            classes=list(manifest["dataset"]["classes"]),
+            mask=load_mask(folder / MASK_FILE),
+            rewind=load_tensors(folder / REWIND_FILE),
+            weights=load_tensors(folder / WEIGHTS_FILE),
+            accuracy=manifest.get("accuracy"),
+            metadata=manifest.get("metadata", {}),
+        )
+        ticket.validate()
+        return ticket

@@ -1,0 +1,229 @@
+"""WE without a trigger set: (re)train N[W, M] from given weights with the paper's protocol, mask held fixed.
+
+Data lives on the device as uint8 tensors; batches are gathered and augmented there; the pruned weights are
+re-zeroed after every step with one fused multiply; loss and accuracy accumulate on the device, so a step never
+waits for the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from ticketguard.data import ImageData
+from ticketguard.data.augment import crop_and_flip, normalize
+from ticketguard.errors import InputError
+from ticketguard.files import load_checkpoint, save_checkpoint
+from ticketguard.masks import Mask
+
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (paper §4.1: SGD 0.9, wd 1e-4, lr 0.1, x0.1 at 50 % and 75 % of 182 epochs, batch 128)."""
+
+    epochs: int = 182
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    lr_decay: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InputError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if self.lr <= 0:
+            raise InputError(f"learning rate must be positive, got {self.lr}")
+
+    def lr_at(self, epoch: int) -> float:
+        """Step schedule: the rate decays by ``lr_decay`` at each milestone fraction of the epochs."""
+        passed = sum(epoch >= round(m * self.epochs) for m in self.milestones)
+        return self.lr * self.lr_decay**passed
+
+
+@dataclass
+class TrainResult:
+    accuracy: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    rewind_state: dict[str, torch.Tensor] | None = None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no GPU is visible; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 convolutions are many times slower."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of every parameter and buffer, in plain contiguous layout."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+class _MaskEnforcer:
+    """Re-zero pruned weights after each step: one fused multiply over all masked tensors."""
+
+    def __init__(self, model: nn.Module, mask: Mask | None) -> None:
+        params = dict(model.named_parameters())
+        names = list(mask) if mask is not None else []
+        if mask is not None:
+            mask.check_matches(params)
+        self.params = [params[n] for n in names]
+        self.factors = [torch.empty_like(params[n]).copy_(mask[n]) for n in names] if mask is not None else []
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if self.params:
+            torch._foreach_mul_(self.params, self.factors)
+
+
+def _batches(data: ImageData, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    count = data.train_labels.numel()
+    order = torch.randperm(count, device=data.train_images.device, generator=generator)
+    for start in range(0, count, batch_size):
+        index = order[start : start + batch_size]
+        images = crop_and_flip(data.train_images[index], data.crop_padding, data.flip, generator)
+        yield images, data.train_labels[index]
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: ImageData, split: str = "test") -> float:
+    """Top-1 accuracy (a fraction) on a split, in large batches."""
+    images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+    device = next(model.parameters()).device
+    mean, std = (t.to(device) for t in data.channel_stats())
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    with autocast(device):
+        for start in range(0, labels.numel(), EVAL_BATCH_SIZE):
+            batch = normalize(images[start : start + EVAL_BATCH_SIZE].to(device), mean, std)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            correct += (model(batch).argmax(1) == labels[start : start + EVAL_BATCH_SIZE].to(device)).sum()
+    model.train(was_training)
+    return correct.item() / max(labels.numel(), 1)
+
+
+def train(
+    model: nn.Module,
+    data: ImageData,
+    config: TrainConfig,
+    mask: Mask | None = None,
+    *,
+    rewind_epoch: int | None = None,
+    checkpoint: Path | None = None,
+    progress: Progress | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` with ``mask`` held fixed; pruned weights stay exactly zero.
+
+    ``rewind_epoch`` = k captures W_k (late rewinding) after k epochs. With ``checkpoint``, the run resumes
+    from that file if it exists and saves to it after every epoch; the caller removes it when done.
+    """
+    device = next(model.parameters()).device
+    data = data.to(device)
+    mean, std = (t.to(device) for t in data.channel_stats())
+    if mask is not None:
+        mask = mask.to(device)
+        mask.apply_(model)
+    model.to(memory_format=torch.channels_last)
+    enforce_mask = _MaskEnforcer(model, mask)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    state: dict[str, Any] = {"epoch": 0, "history": [], "rewind_state": None}
+    if checkpoint is not None and checkpoint.is_file():
+        state = _resume(checkpoint, model, optimizer, generator, config)
+    if rewind_epoch == 0 and state["rewind_state"] is None:
+        state["rewind_state"] = state_copy(model)
+    task = progress.add_task(description, total=config.epochs, completed=state["epoch"], status="") if progress else None
+    model.train()
+    for epoch in range(state["epoch"], config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(epoch)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        for images, labels in _batches(data, config.batch_size, generator):
+            with autocast(device):
+                logits = model(normalize(images, mean, std))
+                loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            enforce_mask()
+            loss_sum += loss.detach().float() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum()
+        seen = data.train_labels.numel()
+        record = {"epoch": epoch + 1, "loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen}
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        if rewind_epoch is not None and epoch + 1 == rewind_epoch:
+            state["rewind_state"] = state_copy(model)
+        if checkpoint is not None:
+            _save(checkpoint, model, optimizer, generator, config, state)
+        if progress is not None and task is not None:
+            progress.update(
+                task, advance=1, status=f"loss {record['loss']:.3f} acc {100 * record['train_accuracy']:.1f}%"
+            )
+    accuracy = evaluate(model, data)
+    if progress is not None and task is not None:
+        progress.update(task, status=f"test acc {100 * accuracy:.2f}%")
+    return TrainResult(accuracy=accuracy, history=state["history"], rewind_state=state["rewind_state"])
+
+
+def _save(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: TrainConfig,
+    state: dict[str, Any],
+) -> None:
+    save_checkpoint(
+        path,
+        {
+            "config": asdict(config),
+            "epoch": state["epoch"],
+            "history": state["history"],
+            "rewind_state": state["rewind_state"],
+            "model": state_copy(model),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+        },
+    )
+
+
+def _resume(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, config: TrainConfig
+) -> dict[str, Any]:
+    saved = load_checkpoint(path)
+    if saved.get("config") != asdict(config):
+        raise InputError(f"checkpoint {path} was written with other training settings; delete it to start over")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    generator.set_state(saved["generator"])
+    return {"epoch": saved["epoch"], "history": saved["history"], "rewind_state": saved["rewind_state"]}
