@@ -35,17 +35,21 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10) -> nn.Mo
 
 
 def identify_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
-    """(name, input channels, classes) of the registered architecture whose state_dict ``state`` fits, if any."""
-    convs = [t for t in state.values() if t.dim() == 4]
-    linears = [t for t in state.values() if t.dim() == 2]
-    if not convs or not linears:
-        return None
-    in_channels, num_classes = convs[0].shape[1], linears[-1].shape[0]
+    """(name, input channels, classes) of the registered architecture whose state_dict ``state`` fits, if any.
+
+    Key order is not trusted (safetensors sorts keys): the stem and classifier are found by name per model.
+    """
     for name, factory in MODELS.items():
-        if num_classes < 2:
-            break
+        with torch.device("meta"):
+            probe = factory()
+        convs = [f"{n}.weight" for n, m in probe.named_modules() if isinstance(m, nn.Conv2d)]
+        linears = [f"{n}.weight" for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
+        stem, classifier = state.get(convs[0]), state.get(linears[-1])
+        if stem is None or classifier is None or stem.dim() != 4 or classifier.dim() != 2:
+            continue
+        in_channels, num_classes = int(stem.shape[1]), int(classifier.shape[0])
         with torch.device("meta"):
             expected = factory(in_channels=in_channels, num_classes=num_classes).state_dict()
         if expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in expected):
-            return name, int(in_channels), int(num_classes)
+            return name, in_channels, num_classes
     return None

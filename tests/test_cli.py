@@ -1,0 +1,99 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+
+from ticketguard.cli import main
+from ticketguard.models import build_model
+from ticketguard.ticket import WEIGHTS_FILE
+
+QUICK = ["--epochs", "2", "--rewind-epoch", "1", "--ratios", "0.5", "--max-rounds", "1", "--train-per-class", "30"]
+
+
+@pytest.fixture(scope="module")
+def ticket_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "ticket"
+    assert main(["find", "--out", str(out), *QUICK]) == 0
+    return out
+
+
+def test_find_writes_a_ticket_folder_that_info_describes(ticket_dir: Path, capsys) -> None:
+    assert sorted(p.name for p in ticket_dir.iterdir()) == [
+        "mask.safetensors", "rewind.safetensors", "search", "ticket.json", "weights.safetensors"]
+    capsys.readouterr()
+    assert main(["info", str(ticket_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "ticket" and report["architecture"] == "resnet20" and report["dataset"] == "digits"
+    assert [h["round"] for h in report["history"]] == [0, 1]
+    assert report["density"] == pytest.approx(0.5 if report["history"][1]["matched"] else 1.0, abs=1e-3)
+    assert len(report["layer_density"]) == 18
+
+
+def test_info_prints_readable_tables(ticket_dir: Path, capsys) -> None:
+    assert main(["info", str(ticket_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "search history" in err and "pruning spec" in err and "blocks.0.conv1.weight" in err
+
+
+def test_info_reads_a_torch_prune_checkpoint(tmp_path: Path, capsys) -> None:
+    model = build_model("resnet20")
+    for module in (model.blocks[0].conv1, model.blocks[1].conv2):
+        torch_prune.l1_unstructured(module, "weight", amount=0.5)
+    torch.save(model.state_dict(), tmp_path / "pruned.pth")
+    assert main(["info", str(tmp_path / "pruned.pth"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["architecture"] == "resnet20" and report["source"] == "torch.nn.utils.prune"
+    assert report["layer_density"] == {"blocks.0.conv1.weight": 0.5, "blocks.1.conv2.weight": 0.5}
+
+
+def test_info_reads_zeros_of_a_plain_safetensors_model(ticket_dir: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["info", str(ticket_dir / WEIGHTS_FILE), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["architecture"] == "resnet20" and report["source"] == "zeros"
+    assert report["layer_density"]["blocks.0.conv1.weight"] < 1.0
+    assert report["layer_density"]["conv.weight"] == 1.0
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/ticketguard-cli-pwned",))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["find", "--model", "vgg"], "unknown model"),
+        (["find", "--data", "mnist"], "unknown data set"),
+        (["find", "--data", "cifar10", "--data-dir", "{tmp}"], "neither"),
+        (["find", "--ratios", "0.2,x"], "comma-separated"),
+        (["find", "--ratios", "0.1,0.2"], "shrink"),
+        (["info", "{tmp}/missing.pt"], "does not exist"),
+        (["info", "{tmp}/evil.pt"], "refused"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path: Path, capsys) -> None:
+    torch.save({"w": torch.ones(1), "x": Exploit()}, tmp_path / "evil.pt")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "find":
+        argv = ["find", *QUICK, *argv[1:], "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not Path("/tmp/ticketguard-cli-pwned").exists()
+
+
+def test_tampered_ticket_is_refused_by_info(ticket_dir: Path, tmp_path: Path, capsys) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("ticket.json", "mask.safetensors", "rewind.safetensors", "weights.safetensors"):
+        (copy / name).write_bytes((ticket_dir / name).read_bytes())
+    data = bytearray((copy / "mask.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "mask.safetensors").write_bytes(bytes(data))
+    assert main(["info", str(copy)]) == 2
+    assert "sha256" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+import collections
+import os
+
+import pytest
+import torch
+
+from ticketguard.errors import InputError
+from ticketguard.files import atomic_path, load_tensors, save_tensors
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/ticketguard-pwned",))
+
+
+def test_checkpoint_with_pickled_code_is_refused_not_executed(tmp_path) -> None:
+    torch.save({"weight": torch.ones(2), "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="refused"):
+        load_tensors(tmp_path / "evil.pt")
+    assert not os.path.exists("/tmp/ticketguard-pwned")
+
+
+def test_wrapped_state_dicts_are_unwrapped_and_non_tensors_refused(tmp_path) -> None:
+    torch.save({"state_dict": {"module.w": torch.ones(2)}}, tmp_path / "wrapped.pt")
+    assert list(load_tensors(tmp_path / "wrapped.pt")) == ["w"]
+    torch.save(collections.OrderedDict(w=torch.ones(1), step=3), tmp_path / "mixed.pt")
+    with pytest.raises(InputError, match="not named tensors"):
+        load_tensors(tmp_path / "mixed.pt")
+
+
+def test_malformed_safetensors_gets_a_clear_error(tmp_path) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(InputError, match="not a readable safetensors"):
+        load_tensors(tmp_path / "bad.safetensors")
+
+
+def test_atomic_write_leaves_nothing_when_interrupted(tmp_path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_tensors_are_contiguous_copies(tmp_path) -> None:
+    tensor = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    save_tensors(tmp_path / "t.safetensors", {"x": tensor})
+    assert torch.equal(load_tensors(tmp_path / "t.safetensors")["x"], tensor)
