@@ -46,7 +46,9 @@ def test_info_reads_a_torch_prune_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["info", str(tmp_path / "pruned.pth"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["architecture"] == "resnet20" and report["source"] == "torch.nn.utils.prune"
-    assert report["layer_density"] == {"blocks.0.conv1.weight": 0.5, "blocks.1.conv2.weight": 0.5}
+    pruned = {"blocks.0.conv1.weight", "blocks.1.conv2.weight"}
+    assert {name for name, density in report["layer_density"].items() if density < 1} == pruned
+    assert all(report["layer_density"][name] == pytest.approx(0.5, abs=0.01) for name in pruned)
 
 
 def test_info_reads_zeros_of_a_plain_safetensors_model(ticket_dir: Path, capsys) -> None:

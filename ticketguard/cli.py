@@ -13,13 +13,13 @@ import typer
 from rich.logging import RichHandler
 from rich.table import Table
 
+from ticketguard import cli_keymask, cli_signature
 from ticketguard.data import dataset_spec, load_dataset
 from ticketguard.errors import InputError
-from ticketguard.files import load_tensors
 from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.masks import Mask, fold_pruning_reparametrisation, mask_from_zeros
-from ticketguard.models import MODELS, identify_architecture
+from ticketguard.models import MODELS
 from ticketguard.progress import console, progress_bar
+from ticketguard.suspect import load_suspect
 from ticketguard.ticket import MANIFEST, Ticket
 from ticketguard.training import TrainConfig, resolve_device
 
@@ -133,18 +133,14 @@ def _ticket_report(path: Path) -> dict[str, Any]:
 
 
 def _model_file_report(path: Path) -> dict[str, Any]:
-    weights, mask = fold_pruning_reparametrisation(load_tensors(path))
-    identified = identify_architecture(weights)
-    if mask is None:
-        matrices = [name for name, t in weights.items() if t.dim() > 1]
-        mask = mask_from_zeros(weights, matrices)
+    suspect = load_suspect(path)
     return {
         "kind": "model",
         "path": str(path),
-        "architecture": identified[0] if identified else None,
-        "source": "torch.nn.utils.prune" if any(k.endswith("_mask") for k in load_tensors(path)) else "zeros",
-        "density": mask.density(),
-        "layer_density": mask.layer_densities(),
+        "architecture": suspect.architecture[0] if suspect.architecture else None,
+        "source": suspect.source,
+        "density": suspect.mask.density(),
+        "layer_density": suspect.mask.layer_densities(),
     }
 
 
@@ -185,6 +181,10 @@ def _print_report(report: dict[str, Any]) -> None:
     for name, density in report["layer_density"].items():
         layers.add_row(name, _percent(density))
     console.print(layers)
+
+
+for group in (cli_keymask.commands, cli_signature.commands):
+    app.registered_commands += group.registered_commands
 
 
 def main(argv: list[str] | None = None) -> int:
