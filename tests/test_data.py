@@ -137,3 +137,19 @@ def test_subset_is_class_balanced(digits: ImageData) -> None:
     small = digits.subset(5, 3, seed=1)
     assert small.train_labels.bincount().tolist() == [5] * 10
     assert small.test_labels.bincount().tolist() == [3] * 10
+
+
+def test_official_cifar100_layout_uses_fine_labels(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    names = [f"class{i}".encode() for i in range(100)]
+    with open(folder / "meta", "wb") as handle:
+        pickle.dump({b"fine_label_names": names, b"coarse_label_names": names[:20]}, handle)
+    for split, count in (("train", 6), ("test", 3)):
+        rows = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+        with open(folder / split, "wb") as handle:
+            pickle.dump({b"data": rows, b"fine_labels": list(range(90, 90 + count)), b"coarse_labels": [0] * count}, handle)
+    data = load_dataset("cifar100", tmp_path)
+    assert data.name == "cifar100" and data.num_classes == 100
+    assert data.train_labels.tolist() == list(range(90, 96)) and data.test_images.shape == (3, 3, 32, 32)
