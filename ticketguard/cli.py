@@ -13,7 +13,7 @@ import typer
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ticketguard import cli_keymask, cli_signature
+from ticketguard import cli_keymask, cli_signature, cli_trigger
 from ticketguard.data import dataset_spec, load_dataset
 from ticketguard.errors import InputError
 from ticketguard.imp import SearchConfig, find_extreme_ticket
@@ -183,7 +183,7 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(layers)
 
 
-for group in (cli_keymask.commands, cli_signature.commands):
+for group in (cli_keymask.commands, cli_signature.commands, cli_trigger.commands):
     app.registered_commands += group.registered_commands
 
 
