@@ -13,7 +13,7 @@ import typer
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ticketguard import cli_keymask, cli_signature, cli_trigger
+from ticketguard import cli_keymask, cli_signature, cli_trigger, distributed
 from ticketguard.data import dataset_spec, load_dataset
 from ticketguard.errors import InputError
 from ticketguard.imp import SearchConfig, find_extreme_ticket
@@ -70,7 +70,11 @@ def find(
     restart: Annotated[bool, typer.Option(help="Discard an earlier search in OUT/search instead of resuming.")]
     = False,
 ) -> None:
-    """Find an extreme winning ticket by IMP with late rewinding; rerun the same command to resume."""
+    """Find an extreme winning ticket by IMP with late rewinding; rerun the same command to resume.
+
+    Under torchrun (e.g. torchrun --nproc-per-node 4 -m ticketguard find ...) every round trains with
+    DistributedDataParallel across the processes; only the first process writes files.
+    """
     spec = dataset_spec(data)
     config = SearchConfig(
         model=model,
@@ -94,10 +98,15 @@ def find(
     if train_per_class or test_per_class:
         dataset = dataset.subset(train_per_class, test_per_class, seed)
     started = time.perf_counter()
+    distributed.init_from_environment()
+    target = distributed.local_device(resolve_device(device))
+    if not distributed.is_main():
+        find_extreme_ticket(dataset, config, out / "search", target, None, restart)
+        return
     with progress_bar() as progress:
-        ticket = find_extreme_ticket(dataset, config, out / "search", resolve_device(device), progress, restart)
+        ticket = find_extreme_ticket(dataset, config, out / "search", target, progress, restart)
     ticket.save(out)
-    _print_ticket(ticket, out)
+    _print_report(_ticket_report(out))
     console.print(f"ticket written to [bold]{out}[/] in {time.perf_counter() - started:.0f} s")
 
 
@@ -146,10 +155,6 @@ def _model_file_report(path: Path) -> dict[str, Any]:
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _print_ticket(ticket: Ticket, path: Path) -> None:
-    _print_report(_ticket_report(path))
 
 
 def _print_report(report: dict[str, Any]) -> None:

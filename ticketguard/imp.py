@@ -6,7 +6,9 @@ last matching mask is restored and the next smaller r is tried. After the smalle
 mask is the extreme ticket.
 
 The search state lives in a work folder: ``search.json`` is the commit point of every finished round, and the
-tensors it names are written before it, so a search killed at any moment resumes where it stopped.
+tensors it names are written before it, so a search killed at any moment resumes where it stopped. Under
+torchrun every process runs the same search on identical weights; only the main process writes, and the
+others wait for it before reading.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
+from ticketguard import distributed
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
 from ticketguard.files import load_tensors, read_json, save_tensors, write_json
@@ -104,15 +107,19 @@ def find_extreme_ticket(
     """Run (or resume) the extreme-ticket search; returns the ticket of the last matching round."""
     workdir = Path(workdir)
     record = _config_record(config, data)
-    if restart and workdir.exists():
+    if restart and workdir.exists() and distributed.is_main():
         shutil.rmtree(workdir)
+    distributed.barrier()
     state = _load_state(workdir, record)
     if state is None:
         state = _train_dense(data, config, record, workdir, device, progress)
     rewind = load_tensors(workdir / REWIND_FILE)
     while not state.done:
         _run_round(data, config, state, rewind, workdir, device, progress)
-        write_json(workdir / STATE_FILE, asdict(state))
+        if distributed.is_main():
+            write_json(workdir / STATE_FILE, asdict(state))
+            _round_path(workdir, state.next_round - 1, "checkpoint").unlink(missing_ok=True)
+        distributed.barrier()
     return _ticket(data, config, state, rewind, workdir)
 
 
@@ -143,24 +150,27 @@ def _train_dense(
     model = build_model(config.model, data.input_shape[0], data.num_classes).to(device)
     names = prunable_names(model, config.include_classifier)
     checkpoint = _round_path(workdir, 0, "checkpoint")
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
     result = train(
         model, data, config.train, rewind_epoch=config.rewind_epoch, checkpoint=checkpoint,
         progress=progress, description="dense",
     )
     assert result.rewind_state is not None
-    save_tensors(workdir / REWIND_FILE, result.rewind_state)
     weights = state_copy(model)
-    save_tensors(_round_path(workdir, 0, "weights"), weights)
-    save_mask(_round_path(workdir, 0, "mask"), Mask.ones_like(weights, names))
     state = SearchState(
         config=record,
         dense_accuracy=result.accuracy,
         counts=[0] * len(config.ratios),
         history=[{"round": 0, "ratio": None, "density": 1.0, "accuracy": result.accuracy, "matched": True}],
     )
-    write_json(workdir / STATE_FILE, asdict(state))
-    checkpoint.unlink(missing_ok=True)
+    if distributed.is_main():
+        save_tensors(workdir / REWIND_FILE, result.rewind_state)
+        save_tensors(_round_path(workdir, 0, "weights"), weights)
+        save_mask(_round_path(workdir, 0, "mask"), Mask.ones_like(weights, names))
+        write_json(workdir / STATE_FILE, asdict(state))
+        checkpoint.unlink(missing_ok=True)
+    distributed.barrier()
     return state
 
 
@@ -189,8 +199,9 @@ def _run_round(
     )
     matched = matches(result.accuracy, state.dense_accuracy, config.eps)
     if matched:
-        save_tensors(_round_path(workdir, round_index, "weights"), state_copy(model))
-        save_mask(_round_path(workdir, round_index, "mask"), candidate)
+        if distributed.is_main():
+            save_tensors(_round_path(workdir, round_index, "weights"), state_copy(model))
+            save_mask(_round_path(workdir, round_index, "mask"), candidate)
         state.best_round = round_index
         state.counts[state.ratio_index] += 1
     else:
@@ -210,7 +221,6 @@ def _run_round(
         "matches" if matched else "does not match",
     )
     state.done = state.ratio_index >= len(config.ratios) or round_index >= config.max_rounds
-    checkpoint.unlink(missing_ok=True)
 
 
 def _ticket(

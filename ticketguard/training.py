@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ticketguard import distributed
 from ticketguard.data import ImageData
 from ticketguard.data.augment import crop_and_flip, normalize
 from ticketguard.errors import InputError
@@ -101,12 +103,19 @@ class _MaskEnforcer:
 
 
 def _batches(data: ImageData, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of each global batch.
+
+    Every process draws the same order and augmentation (same generator state), so under torchrun the shares
+    partition exactly the batch a single process would see.
+    """
     count = data.train_labels.numel()
+    world, rank = distributed.world_size(), distributed.rank()
     order = torch.randperm(count, device=data.train_images.device, generator=generator)
     for start in range(0, count, batch_size):
         index = order[start : start + batch_size]
         images = crop_and_flip(data.train_images[index], data.crop_padding, data.flip, generator)
-        yield images, data.train_labels[index]
+        if index.numel() >= world:
+            yield images[rank::world], data.train_labels[index][rank::world]
 
 
 @torch.inference_mode()
@@ -151,6 +160,9 @@ def train(
         mask.apply_(model)
     model.to(memory_format=torch.channels_last)
     enforce_mask = _MaskEnforcer(model, mask)
+    network = model
+    if distributed.world_size() > 1:
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -169,7 +181,7 @@ def train(
         correct = torch.zeros((), dtype=torch.long, device=device)
         for images, labels in _batches(data, config.batch_size, generator):
             with autocast(device):
-                logits = model(normalize(images, mean, std))
+                logits = network(normalize(images, mean, std))
                 loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,13 +189,14 @@ def train(
             enforce_mask()
             loss_sum += loss.detach().float() * labels.numel()
             correct += (logits.argmax(1) == labels).sum()
+        totals = distributed.sum_across_processes(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
         seen = data.train_labels.numel()
-        record = {"epoch": epoch + 1, "loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen}
+        record = {"epoch": epoch + 1, "loss": totals[0].item() / seen, "train_accuracy": totals[1].item() / seen}
         state["history"].append(record)
         state["epoch"] = epoch + 1
         if rewind_epoch is not None and epoch + 1 == rewind_epoch:
             state["rewind_state"] = state_copy(model)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             _save(checkpoint, model, optimizer, generator, config, state)
         if progress is not None and task is not None:
             progress.update(
