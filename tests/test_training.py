@@ -87,3 +87,29 @@ def test_resnet20_learns_real_cifar10_jpegs(cifar_jpeg_subset: ImageData) -> Non
     model = build_model("resnet20")
     result = train(model, cifar_jpeg_subset, TrainConfig(epochs=8, batch_size=64, lr=0.05))
     assert result.accuracy > 0.2  # chance is 0.1 on 400 balanced test images
+
+
+def test_onecycle_warms_up_then_decays_to_zero() -> None:
+    config = TrainConfig(epochs=10, lr=0.4, schedule="onecycle")
+    rates = [config.lr_at(e / 10) for e in range(101)]
+    peak = rates.index(max(rates))
+    assert rates[0] == pytest.approx(0.016) and max(rates) == pytest.approx(0.4) and peak == 30
+    assert all(a <= b for a, b in zip(rates[:peak], rates[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :])) and rates[-1] == 0.0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        TrainConfig(schedule="cosine")
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager_training(digits: ImageData) -> None:
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, mask = _sparse_resnet20(digits)
+        runs.append(train(model, digits, TrainConfig(epochs=2, compile=compiled), mask))
+        params = dict(model.named_parameters())
+        assert all(torch.equal(params[n] != 0, mask[n]) for n in mask)
+    eager, compiled_run = runs
+    for a, b in zip(eager.history, compiled_run.history):
+        assert b["loss"] == pytest.approx(a["loss"], abs=0.05)
+    assert compiled_run.history[-1]["loss"] < compiled_run.history[0]["loss"] - 0.3

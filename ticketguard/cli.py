@@ -66,6 +66,11 @@ def find(
     train_per_class: Annotated[Optional[int], typer.Option(help="Use a class-balanced training subset.")] = None,
     test_per_class: Annotated[Optional[int], typer.Option(help="Use a class-balanced test subset.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, batch order and augmentation.")] = TRAIN.seed,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule: step (paper) or onecycle (short runs).")]
+    = TRAIN.schedule,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="Train through torch.compile (pays on GPUs and for ResNet-18/50).")
+    ] = TRAIN.compile,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     restart: Annotated[bool, typer.Option(help="Discard an earlier search in OUT/search instead of resuming.")]
     = False,
@@ -90,6 +95,8 @@ def find(
             momentum=momentum,
             weight_decay=weight_decay,
             seed=seed,
+            schedule=schedule,
+            compile=compile_model,
         ),
     )
     if model not in MODELS:
