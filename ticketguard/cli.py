@@ -6,17 +6,22 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import torch
+
 import typer
 from rich.logging import RichHandler
+from rich.progress import Progress
 from rich.table import Table
 
 from ticketguard import cli_keymask, cli_signature, cli_trigger, distributed
-from ticketguard.data import dataset_spec, load_dataset
+from ticketguard.data import ImageData, dataset_spec, load_dataset
 from ticketguard.errors import InputError
 from ticketguard.imp import SearchConfig, find_extreme_ticket
+from ticketguard.jobs import run_jobs
 from ticketguard.models import MODELS
 from ticketguard.progress import console, progress_bar
 from ticketguard.suspect import load_suspect
@@ -74,6 +79,12 @@ def find(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     restart: Annotated[bool, typer.Option(help="Discard an earlier search in OUT/search instead of resuming.")]
     = False,
+    seeds: Annotated[
+        Optional[str], typer.Option(help="Comma-separated seeds: one independent search each, in OUT/seed-N.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="With --seeds: searches run at once, one device each.")] = 1,
+    ray: Annotated[Optional[str], typer.Option(help="With --seeds: run them as Ray tasks on this cluster.")]
+    = None,
 ) -> None:
     """Find an extreme winning ticket by IMP with late rewinding; rerun the same command to resume.
 
@@ -81,6 +92,8 @@ def find(
     DistributedDataParallel across the processes; only the first process writes files.
     """
     spec = dataset_spec(data)
+    if seeds is None and (workers != 1 or ray is not None):
+        raise InputError("--workers and --ray run independent searches: give them --seeds")
     config = SearchConfig(
         model=model,
         ratios=_parse_ratios(ratios),
@@ -101,20 +114,83 @@ def find(
     )
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}; choose one of: {', '.join(MODELS)}")
-    dataset = load_dataset(data, data_dir, download)
-    if train_per_class or test_per_class:
-        dataset = dataset.subset(train_per_class, test_per_class, seed)
+    source = DataSource(data, data_dir, download, train_per_class, test_per_class)
     started = time.perf_counter()
+    if seeds is not None:
+        jobs = [
+            {"source": source, "config": replace(config, train=replace(config.train, seed=s)),
+             "out": out / f"seed-{s}", "restart": restart}
+            for s in _parse_seeds(seeds)
+        ]
+        _print_seed_table(run_jobs(search_job, jobs, workers, ray))
+        console.print(f"{len(jobs)} tickets written under [bold]{out}[/] in {time.perf_counter() - started:.0f} s")
+        return
     distributed.init_from_environment()
     target = distributed.local_device(resolve_device(device))
     if not distributed.is_main():
-        find_extreme_ticket(dataset, config, out / "search", target, None, restart)
+        search_job(source, config, out, restart, str(target))
         return
     with progress_bar() as progress:
-        ticket = find_extreme_ticket(dataset, config, out / "search", target, progress, restart)
-    ticket.save(out)
+        search_job(source, config, out, restart, str(target), progress)
     _print_report(_ticket_report(out))
     console.print(f"ticket written to [bold]{out}[/] in {time.perf_counter() - started:.0f} s")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What a search job needs to load its data in its own process."""
+
+    name: str
+    folder: Path | None
+    download: bool
+    train_per_class: int | None
+    test_per_class: int | None
+
+    def load(self, seed: int) -> ImageData:
+        dataset = load_dataset(self.name, self.folder, self.download)
+        if self.train_per_class or self.test_per_class:
+            dataset = dataset.subset(self.train_per_class, self.test_per_class, seed)
+        return dataset
+
+
+def search_job(
+    source: DataSource,
+    config: SearchConfig,
+    out: Path,
+    restart: bool,
+    device: str,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """One whole extreme-ticket search into ``out``; returns the ticket's summary (main process only writes)."""
+    dataset = source.load(config.train.seed)
+    ticket = find_extreme_ticket(dataset, config, out / "search", torch.device(device), progress, restart)
+    if distributed.is_main():
+        ticket.save(out)
+    return {"out": str(out), "seed": config.train.seed, "accuracy": ticket.accuracy,
+            "dense_accuracy": ticket.metadata["dense_accuracy"], "density": ticket.mask.density(),
+            "pruning_spec": ticket.metadata["search"]["counts"]}
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InputError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds repeats a seed: {text!r}")
+    return seeds
+
+
+def _print_seed_table(summaries: list[dict[str, Any]]) -> None:
+    table = Table(title="extreme tickets per seed")
+    for column in ("seed", "ticket", "dense accuracy", "accuracy", "weights left", "pruning spec"):
+        table.add_column(column, justify="right")
+    for row in summaries:
+        table.add_row(
+            str(row["seed"]), row["out"], _percent(row["dense_accuracy"]), _percent(row["accuracy"]),
+            _percent(row["density"]), str(tuple(row["pruning_spec"])),
+        )
+    console.print(table)
 
 
 @app.command()
