@@ -173,7 +173,6 @@ def train(
     """
     device = next(model.parameters()).device
     data = data.to(device)
-    mean, std = (t.to(device) for t in data.channel_stats())
     if mask is not None:
         mask = mask.to(device)
         mask.apply_(model)
@@ -191,42 +190,59 @@ def train(
         state = _resume(checkpoint, model, optimizer, generator, config)
     if rewind_epoch == 0 and state["rewind_state"] is None:
         state["rewind_state"] = state_copy(model)
-    task = progress.add_task(description, total=config.epochs, completed=state["epoch"], status="") if progress else None
+    task = progress.add_task(description, total=config.epochs, completed=state["epoch"], status="") if progress else 0
     model.train()
-    steps_per_epoch = math.ceil(data.train_labels.numel() / config.batch_size)
     forward = torch.compile(network) if config.compile else network
+    mean, std = (t.to(device) for t in data.channel_stats())
     for epoch in range(state["epoch"], config.epochs):
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        for step, (images, labels) in enumerate(_batches(data, config.batch_size, generator)):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr_at(epoch + step / steps_per_epoch)
-            with autocast(device):
-                logits = forward(normalize(images, mean, std))
-                loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            enforce_mask()
-            loss_sum += loss.detach().float() * labels.numel()
-            correct += (logits.argmax(1) == labels).sum()
-        totals = distributed.sum_across_processes(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
-        seen = data.train_labels.numel()
-        record = {"epoch": epoch + 1, "loss": totals[0].item() / seen, "train_accuracy": totals[1].item() / seen}
+        record = _run_epoch(forward, optimizer, enforce_mask, data, config, epoch, generator, (mean, std))
         state["history"].append(record)
         state["epoch"] = epoch + 1
         if rewind_epoch is not None and epoch + 1 == rewind_epoch:
             state["rewind_state"] = state_copy(model)
         if checkpoint is not None and distributed.is_main():
             _save(checkpoint, model, optimizer, generator, config, state)
-        if progress is not None and task is not None:
+        if progress is not None:
             progress.update(
                 task, advance=1, status=f"loss {record['loss']:.3f} acc {100 * record['train_accuracy']:.1f}%"
             )
     accuracy = evaluate(model, data)
-    if progress is not None and task is not None:
+    if progress is not None:
         progress.update(task, status=f"test acc {100 * accuracy:.2f}%")
     return TrainResult(accuracy=accuracy, history=state["history"], rewind_state=state["rewind_state"])
+
+
+def _run_epoch(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    enforce_mask: _MaskEnforcer,
+    data: ImageData,
+    config: TrainConfig,
+    epoch: int,
+    generator: torch.Generator,
+    stats: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, float]:
+    """One pass over the training data; the host reads loss and accuracy once, at the end."""
+    device = data.train_images.device
+    mean, std = stats
+    steps = math.ceil(data.train_labels.numel() / config.batch_size)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for step, (images, labels) in enumerate(_batches(data, config.batch_size, generator)):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(epoch + step / steps)
+        with autocast(device):
+            logits = forward(normalize(images, mean, std))
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        enforce_mask()
+        loss_sum += loss.detach().float() * labels.numel()
+        correct += (logits.argmax(1) == labels).sum()
+    totals = distributed.sum_across_processes(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
+    seen = data.train_labels.numel()
+    return {"epoch": epoch + 1, "loss": totals[0].item() / seen, "train_accuracy": totals[1].item() / seen}
 
 
 def _save(
