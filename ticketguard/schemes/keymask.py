@@ -1,0 +1,314 @@
+"""Scheme V1, key masks (Algorithm 1): split a ticket into a locked ticket and a small key; merge them back.
+
+The key mask M_s holds the n = n_s·||M||_0 highest-scoring kept weights; the locked mask is M_l = M - M_s.
+The locked ticket is an ordinary ticket folder (mask M_l, weights W⊙M_l, rewind W_k with the key positions
+zeroed); the key folder holds ``key.json`` (format, n_s, score, sha256 of the locked ticket's mask and weights
+files and of ``key.safetensors``) and ``key.safetensors`` (per tensor: the flat indices of M_s, W⊙M_s and
+W_k⊙M_s). Merging puts the exact key values back, so merge(split(ticket)) reproduces mask, weights and
+rewind bit for bit.
+
+Ownership shows in performance: retrained without the key the locked ticket misses the dense accuracy by more
+than eps_f; with the key it matches.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+from ticketguard.data import ImageData
+from ticketguard.errors import InputError
+from ticketguard.files import load_tensors, read_json, save_tensors, sha256_file, write_json
+from ticketguard.masks import Mask
+from ticketguard.scores import score
+from ticketguard.ticket import MANIFEST, MASK_FILE, WEIGHTS_FILE, Ticket
+from ticketguard.training import TrainConfig, train
+from ticketguard.verify import Evidence, Verdict
+
+KEY_FORMAT = "ticketguard-key/1"
+KEY_MANIFEST = "key.json"
+KEY_FILE = "key.safetensors"
+METADATA_ENTRY = "keymask"
+
+
+@dataclass
+class Key:
+    """M_s with the values it removes: flat positions per tensor, and the weight and rewind values there."""
+
+    index: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+    rewind: dict[str, torch.Tensor]
+    density: float
+    score: str
+    restore: dict[str, Any] = field(default_factory=dict)
+
+    def size(self) -> int:
+        return sum(int(i.numel()) for i in self.index.values())
+
+    def mask(self, like: Mask) -> Mask:
+        """M_s as a dense mask with the shapes of ``like``."""
+        dense = {}
+        for name, tensor in like.items():
+            flat = torch.zeros(tensor.numel(), dtype=torch.bool)
+            flat[self.index.get(name, torch.zeros(0, dtype=torch.long))] = True
+            dense[name] = flat.view_as(tensor)
+        return Mask(dense)
+
+
+def check_key_density(key_density: float) -> None:
+    if not 0.0 < key_density < 1.0:
+        raise InputError(f"key density n_s must lie in (0, 1), e.g. 0.05, got {key_density}")
+
+
+def key_mask(scores: Mapping[str, torch.Tensor], mask: Mask, key_density: float) -> Mask:
+    """M_s: the n = round(n_s·||M||_0) highest scores among the kept weights, across all tensors."""
+    check_key_density(key_density)
+    names = list(mask)
+    kept = torch.cat([scores[n].flatten()[mask[n].flatten()].float() for n in names])
+    if kept.numel() == 0:
+        raise InputError("the ticket keeps no prunable weights, so there is no key to split off")
+    count = max(1, round(key_density * kept.numel()))
+    chosen = torch.zeros(kept.numel(), dtype=torch.bool)
+    chosen[torch.topk(kept, count, sorted=False).indices] = True
+    dense, start = {}, 0
+    for name in names:
+        flat = torch.zeros(mask[name].numel(), dtype=torch.bool)
+        positions = mask[name].flatten().nonzero().squeeze(1)
+        flat[positions] = chosen[start : start + positions.numel()]
+        dense[name] = flat.view_as(mask[name])
+        start += positions.numel()
+    return Mask(dense)
+
+
+def _without(state: Mapping[str, torch.Tensor], removed: Mask) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with the ``removed`` positions set to zero."""
+    return {
+        name: torch.where(removed[name], torch.zeros((), dtype=t.dtype), t) if name in removed else t.clone()
+        for name, t in state.items()
+    }
+
+
+def split_key(ticket: Ticket, key_density: float, score_name: str = "ewp") -> tuple[Ticket, Key]:
+    """Algorithm 1: score W⊙M, take M_s, and return the locked ticket N[W⊙M_l] and the key."""
+    check_key_density(key_density)
+    secret = key_mask(score(score_name, ticket.weights, ticket.mask), ticket.mask, key_density)
+    locked_mask = Mask({name: ticket.mask[name] & ~secret[name] for name in ticket.mask})
+    index = {name: secret[name].flatten().nonzero().squeeze(1) for name in secret}
+    key = Key(
+        index=index,
+        weights={name: ticket.weights[name].flatten()[i].clone() for name, i in index.items()},
+        rewind={name: ticket.rewind[name].flatten()[i].clone() for name, i in index.items()},
+        density=key_density,
+        score=score_name,
+        restore={"accuracy": ticket.accuracy},
+    )
+    metadata = copy.deepcopy(ticket.metadata)
+    metadata[METADATA_ENTRY] = {"key_density": key_density, "score": score_name, "key_size": key.size()}
+    locked = Ticket(
+        architecture=ticket.architecture,
+        in_channels=ticket.in_channels,
+        num_classes=ticket.num_classes,
+        input_size=ticket.input_size,
+        dataset=ticket.dataset,
+        classes=list(ticket.classes),
+        mask=locked_mask,
+        rewind=_without(ticket.rewind, secret),
+        weights=_without(ticket.weights, secret),
+        accuracy=None,
+        metadata=metadata,
+    )
+    return locked, key
+
+
+def _check_fits(locked: Ticket, key: Key) -> None:
+    for name, index in key.index.items():
+        if name not in locked.mask:
+            raise InputError(f"the key names tensor {name!r}, which the locked ticket does not mask")
+        size = locked.mask[name].numel()
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise InputError(f"the key's positions for {name!r} fall outside its {size} weights")
+        if bool(locked.mask[name].flatten()[index].any()):
+            raise InputError(
+                f"the locked ticket's mask already keeps key positions of {name!r}: "
+                "this key was not split from it"
+            )
+
+
+def merge_key(locked: Ticket, key: Key) -> Ticket:
+    """M = M_l + M_s, with the key's exact weight and rewind values put back."""
+    _check_fits(locked, key)
+    secret = key.mask(locked.mask)
+
+    def restored(
+        state: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        merged = {name: t.clone() for name, t in state.items()}
+        for name, index in key.index.items():
+            merged[name].view(-1)[index] = values[name].to(merged[name].dtype)
+        return merged
+
+    metadata = copy.deepcopy(locked.metadata)
+    metadata.pop(METADATA_ENTRY, None)
+    return Ticket(
+        architecture=locked.architecture,
+        in_channels=locked.in_channels,
+        num_classes=locked.num_classes,
+        input_size=locked.input_size,
+        dataset=locked.dataset,
+        classes=list(locked.classes),
+        mask=Mask({name: locked.mask[name] | secret[name] for name in locked.mask}),
+        rewind=restored(locked.rewind, key.rewind),
+        weights=restored(locked.weights, key.weights),
+        accuracy=key.restore.get("accuracy"),
+        metadata=metadata,
+    )
+
+
+def _binding(locked_folder: Path) -> dict[str, str]:
+    """The locked ticket's recorded hashes of the files the key completes."""
+    files = read_json(locked_folder / MANIFEST).get("files", {})
+    return {name: files.get(name, "") for name in (MASK_FILE, WEIGHTS_FILE)}
+
+
+def save_split(locked: Ticket, key: Key, out: str | Path) -> tuple[Path, Path]:
+    """Write OUT/locked (a ticket folder) and OUT/key atomically; the key records the locked hashes."""
+    out = Path(out)
+    locked_folder, key_folder = out / "locked", out / "key"
+    locked.save(locked_folder)
+    save_key(key, key_folder, _binding(locked_folder))
+    return locked_folder, key_folder
+
+
+def save_key(key: Key, folder: str | Path, binding: Mapping[str, str]) -> Path:
+    folder = Path(folder)
+    tensors = {}
+    for name, index in key.index.items():
+        tensors[f"{name}.index"] = index
+        tensors[f"{name}.weight"] = key.weights[name]
+        tensors[f"{name}.rewind"] = key.rewind[name]
+    save_tensors(folder / KEY_FILE, tensors)
+    write_json(
+        folder / KEY_MANIFEST,
+        {
+            "format": KEY_FORMAT,
+            "key_density": key.density,
+            "score": key.score,
+            "size": key.size(),
+            "tensors": list(key.index),
+            "locked": dict(binding),
+            "files": {KEY_FILE: sha256_file(folder / KEY_FILE)},
+            "restore": key.restore,
+        },
+    )
+    return folder
+
+
+def load_key(folder: str | Path) -> tuple[Key, dict[str, str]]:
+    """Read a key folder and check its own hash; returns the key and the locked hashes it is bound to."""
+    folder = Path(folder)
+    if not (folder / KEY_MANIFEST).is_file():
+        raise InputError(f"{folder} is not a key folder: {KEY_MANIFEST} is missing")
+    manifest = read_json(folder / KEY_MANIFEST)
+    if manifest.get("format") != KEY_FORMAT:
+        raise InputError(f"{folder / KEY_MANIFEST} is not a {KEY_FORMAT} manifest")
+    path = folder / KEY_FILE
+    if not path.is_file() or sha256_file(path) != manifest["files"][KEY_FILE]:
+        raise InputError(f"{path} is missing or does not match the sha256 in {KEY_MANIFEST}")
+    tensors = load_tensors(path)
+    names = manifest["tensors"]
+    key = Key(
+        index={n: tensors[f"{n}.index"].long() for n in names},
+        weights={n: tensors[f"{n}.weight"] for n in names},
+        rewind={n: tensors[f"{n}.rewind"] for n in names},
+        density=float(manifest["key_density"]),
+        score=str(manifest["score"]),
+        restore=manifest.get("restore", {}),
+    )
+    return key, dict(manifest["locked"])
+
+
+def load_pair(locked_folder: str | Path, key_folder: str | Path) -> tuple[Ticket, Key]:
+    """Load a locked ticket and its key, refusing a key that was split from another ticket."""
+    locked_folder = Path(locked_folder)
+    locked = Ticket.load(locked_folder)
+    key, binding = load_key(key_folder)
+    if binding != _binding(locked_folder):
+        raise InputError(
+            f"the key in {key_folder} belongs to another locked ticket: the hashes it records do not match "
+            f"{locked_folder}"
+        )
+    _check_fits(locked, key)
+    return locked, key
+
+
+def forge_random_key(locked: Ticket, size: int, seed: int = 0) -> Key:
+    """fake1 (paper Fig. 5): a random key of ``size`` pruned positions of M_l with random rewind values.
+
+    The forger does not know W_k at those positions: values come from N(0, std of the tensor's kept W_k).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    names = list(locked.mask)
+    free = torch.cat([~locked.mask[n].flatten() for n in names]).nonzero().squeeze(1)
+    chosen = free[torch.randperm(free.numel(), generator=generator)[:size]].sort().values
+    index, rewind, start = {}, {}, 0
+    for name in names:
+        count = locked.mask[name].numel()
+        local = chosen[(chosen >= start) & (chosen < start + count)] - start
+        kept = locked.rewind[name][locked.mask[name]]
+        spread = float(kept.float().std()) if kept.numel() > 1 else 0.1
+        index[name] = local
+        values = torch.randn(local.numel(), generator=generator) * spread
+        rewind[name] = values.to(locked.rewind[name].dtype)
+        start += count
+    density = size / max(locked.mask.kept(), 1)
+    return Key(index=index, weights=rewind, rewind=rewind, density=density, score="fake1")
+
+
+def retrain(ticket: Ticket, data: ImageData, config: TrainConfig, device: torch.device,
+            progress: Progress | None = None, description: str = "retrain") -> float:
+    """Retrain N[W_k, M] from the rewind weights with the mask held fixed; the test accuracy."""
+    torch.manual_seed(config.seed)
+    model = ticket.build_model("rewind").to(device)
+    return train(model, data, config, ticket.mask, progress=progress, description=description).accuracy
+
+
+def target_accuracy(ticket: Ticket, fallback: float) -> float:
+    """A_f: the dense accuracy the ticket was found against, else the accuracy the merged ticket reaches."""
+    dense = ticket.metadata.get("dense_accuracy")
+    return float(dense) if dense is not None else fallback
+
+
+def verify_key(
+    locked: Ticket,
+    key: Key | None,
+    data: ImageData,
+    config: TrainConfig,
+    eps: float,
+    device: torch.device,
+    progress: Progress | None = None,
+    fake1: bool = False,
+) -> Verdict:
+    """Retrain without the key and (if given) with it, same protocol and seed; the gap is the evidence."""
+    without = retrain(locked, data, config, device, progress, "without key")
+    details: dict[str, Any] = {"accuracy_without_key": without, "eps": eps}
+    if key is None:
+        target = target_accuracy(locked, without)
+        locked_fails = without < target - eps
+        details["target"] = target
+        return Verdict((Evidence("locked", without, target - eps, locked_fails, details=details),))
+    with_key = retrain(merge_key(locked, key), data, config, device, progress, "with key")
+    target = target_accuracy(locked, with_key)
+    details |= {"accuracy_with_key": with_key, "target": target}
+    passed = with_key >= target - eps > without and with_key - without > eps
+    if fake1:
+        forged = merge_key(locked, forge_random_key(locked, key.size(), config.seed))
+        details["accuracy_fake1"] = retrain(forged, data, config, device, progress, "random key (fake1)")
+        details["fake1_fails"] = details["accuracy_fake1"] < target - eps
+        passed = passed and details["fake1_fails"]
+    return Verdict((Evidence("key-gap", with_key - without, eps, passed, details=details),))
