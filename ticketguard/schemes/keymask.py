@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +110,8 @@ def split_key(ticket: Ticket, key_density: float, score_name: str = "ewp") -> tu
     )
     metadata = copy.deepcopy(ticket.metadata)
     metadata[METADATA_ENTRY] = {"key_density": key_density, "score": score_name, "key_size": key.size()}
-    locked = Ticket(
-        architecture=ticket.architecture,
-        in_channels=ticket.in_channels,
-        num_classes=ticket.num_classes,
-        input_size=ticket.input_size,
-        dataset=ticket.dataset,
-        classes=list(ticket.classes),
+    locked = replace(
+        ticket,
         mask=locked_mask,
         rewind=_without(ticket.rewind, secret),
         weights=_without(ticket.weights, secret),
@@ -155,13 +150,8 @@ def merge_key(locked: Ticket, key: Key) -> Ticket:
 
     metadata = copy.deepcopy(locked.metadata)
     metadata.pop(METADATA_ENTRY, None)
-    return Ticket(
-        architecture=locked.architecture,
-        in_channels=locked.in_channels,
-        num_classes=locked.num_classes,
-        input_size=locked.input_size,
-        dataset=locked.dataset,
-        classes=list(locked.classes),
+    return replace(
+        locked,
         mask=Mask({name: locked.mask[name] | secret[name] for name in locked.mask}),
         rewind=restored(locked.rewind, key.rewind),
         weights=restored(locked.weights, key.weights),
