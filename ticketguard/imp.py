@@ -227,6 +227,7 @@ def _ticket(
     data: ImageData, config: SearchConfig, state: SearchState, rewind: dict[str, torch.Tensor], workdir: Path
 ) -> Ticket:
     best = state.history[state.best_round]
+    mean, std = data.channel_stats()
     return Ticket(
         architecture=config.model,
         in_channels=data.input_shape[0],
@@ -239,6 +240,7 @@ def _ticket(
         weights=load_tensors(_round_path(workdir, state.best_round, "weights")),
         accuracy=best["accuracy"],
         metadata={
+            "normalization": {"mean": mean.tolist(), "std": std.tolist()},
             "dense_accuracy": state.dense_accuracy,
             "search": {
                 "ratios": list(config.ratios),

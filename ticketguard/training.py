@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,11 @@ from ticketguard.files import load_checkpoint, save_checkpoint
 from ticketguard.masks import Mask
 
 EVAL_BATCH_SIZE = 1024
+
+BatchHook = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""(augmented uint8 images, labels, step) -> the batch to train on: how a scheme mixes in its own examples."""
+EpochHook = Callable[[int, nn.Module], dict[str, float]]
+"""(epochs done, model) -> extra numbers for that epoch's history record."""
 
 
 SCHEDULES = ("step", "onecycle")
@@ -138,21 +143,26 @@ def _batches(data: ImageData, batch_size: int, generator: torch.Generator) -> It
 
 
 @torch.inference_mode()
+def predict_labels(model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Top-1 labels (on the CPU) of uint8 images, standardised with the training data's statistics."""
+    device = next(model.parameters()).device
+    mean, std = mean.to(device), std.to(device)
+    was_training = model.training
+    model.eval()
+    labels = []
+    with autocast(device):
+        for start in range(0, images.shape[0], EVAL_BATCH_SIZE):
+            batch = normalize(images[start : start + EVAL_BATCH_SIZE].to(device), mean, std)
+            labels.append(model(batch.contiguous(memory_format=torch.channels_last)).argmax(1))
+    model.train(was_training)
+    return torch.cat(labels).cpu() if labels else torch.zeros(0, dtype=torch.long)
+
+
 def evaluate(model: nn.Module, data: ImageData, split: str = "test") -> float:
     """Top-1 accuracy (a fraction) on a split, in large batches."""
     images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-    device = next(model.parameters()).device
-    mean, std = (t.to(device) for t in data.channel_stats())
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    with autocast(device):
-        for start in range(0, labels.numel(), EVAL_BATCH_SIZE):
-            batch = normalize(images[start : start + EVAL_BATCH_SIZE].to(device), mean, std)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            correct += (model(batch).argmax(1) == labels[start : start + EVAL_BATCH_SIZE].to(device)).sum()
-    model.train(was_training)
-    return correct.item() / max(labels.numel(), 1)
+    predicted = predict_labels(model, images, *data.channel_stats())
+    return int((predicted == labels.cpu()).sum()) / max(labels.numel(), 1)
 
 
 def train(
@@ -165,11 +175,14 @@ def train(
     checkpoint: Path | None = None,
     progress: Progress | None = None,
     description: str = "train",
+    batch_hook: BatchHook | None = None,
+    epoch_hook: EpochHook | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with ``mask`` held fixed; pruned weights stay exactly zero.
 
     ``rewind_epoch`` = k captures W_k (late rewinding) after k epochs. With ``checkpoint``, the run resumes
     from that file if it exists and saves to it after every epoch; the caller removes it when done.
+    ``batch_hook`` changes every batch after augmentation; ``epoch_hook`` adds numbers to each epoch's record.
     """
     device = next(model.parameters()).device
     data = data.to(device)
@@ -195,7 +208,11 @@ def train(
     forward = torch.compile(network) if config.compile else network
     mean, std = (t.to(device) for t in data.channel_stats())
     for epoch in range(state["epoch"], config.epochs):
-        record = _run_epoch(forward, optimizer, enforce_mask, data, config, epoch, generator, (mean, std))
+        record = _run_epoch(
+            forward, optimizer, enforce_mask, data, config, epoch, generator, (mean, std), batch_hook
+        )
+        if epoch_hook is not None:
+            record.update(epoch_hook(epoch + 1, model))
         state["history"].append(record)
         state["epoch"] = epoch + 1
         if rewind_epoch is not None and epoch + 1 == rewind_epoch:
@@ -221,6 +238,7 @@ def _run_epoch(
     epoch: int,
     generator: torch.Generator,
     stats: tuple[torch.Tensor, torch.Tensor],
+    batch_hook: BatchHook | None,
 ) -> dict[str, float]:
     """One pass over the training data; the host reads loss and accuracy once, at the end."""
     device = data.train_images.device
@@ -228,7 +246,10 @@ def _run_epoch(
     steps = math.ceil(data.train_labels.numel() / config.batch_size)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = torch.zeros((), dtype=torch.long, device=device)
     for step, (images, labels) in enumerate(_batches(data, config.batch_size, generator)):
+        if batch_hook is not None:
+            images, labels = batch_hook(images, labels, step)
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(epoch + step / steps)
         with autocast(device):
@@ -240,9 +261,10 @@ def _run_epoch(
         enforce_mask()
         loss_sum += loss.detach().float() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
-    totals = distributed.sum_across_processes(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
-    seen = data.train_labels.numel()
-    return {"epoch": epoch + 1, "loss": totals[0].item() / seen, "train_accuracy": totals[1].item() / seen}
+        seen += labels.numel()
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), seen.to(loss_sum.dtype)])
+    loss, right, count = distributed.sum_across_processes(totals).tolist()
+    return {"epoch": epoch + 1, "loss": loss / count, "train_accuracy": right / count}
 
 
 def _save(

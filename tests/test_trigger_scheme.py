@@ -1,0 +1,118 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from ticketguard.data import ImageData
+from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
+from ticketguard.errors import InputError
+from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.models import build_model
+from ticketguard.schemes.trigger import (
+    claim_part,
+    predict_labels,
+    required_matches,
+    suspect_chance,
+    trigger_evidence,
+    trigger_from_claim,
+    verify_local,
+    watermark,
+)
+from ticketguard.training import TrainConfig, train
+from ticketguard.verify import Verdict, binomial_p_value
+
+ADI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adi-trigger-set"
+EPOCHS = 10
+
+
+@pytest.fixture(scope="module")
+def marked_and_unmarked(digits: ImageData):
+    """The same sparse ResNet-20 trained from the same weights with and without a keyed trigger set."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    mask = magnitude_prune(params, Mask.ones_like(params, prunable_names(model)), 0.7)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trigger = keyed_trigger_set(2021, 100, 10, 1, (8, 8))
+    result = watermark(model, digits, trigger, TrainConfig(epochs=EPOCHS), mask, per_batch=32)
+    unmarked = build_model("resnet20", 1, 10)
+    unmarked.load_state_dict(start)
+    plain = train(unmarked, digits, TrainConfig(epochs=EPOCHS), mask)
+    return model, unmarked, mask, trigger, result, plain
+
+
+def test_watermark_keeps_the_mask_and_logs_both_accuracies_per_epoch(marked_and_unmarked) -> None:
+    model, _, mask, _, result, plain = marked_and_unmarked
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n] != 0, mask[n]) for n in mask)
+    assert [h["epoch"] for h in result.history] == list(range(1, EPOCHS + 1))
+    assert result.history[-1]["trigger_accuracy"] > result.history[0]["trigger_accuracy"]
+    assert result.accuracy > plain.accuracy - 0.03  # the watermark costs little test accuracy
+
+
+def test_local_verification_shows_ownership_of_marked_model_only(
+    marked_and_unmarked, digits: ImageData
+) -> None:
+    model, unmarked, _, trigger, result, _ = marked_and_unmarked
+    mean, std = digits.channel_stats()
+    marked = verify_local(model, trigger, mean, std, 10)
+    innocent = verify_local(unmarked, trigger, mean, std, 10)
+    assert marked.score == pytest.approx(result.trigger_accuracy)
+    assert marked.passed and marked.p_value < 1e-6 and Verdict((marked,)).owned
+    assert not innocent.passed and innocent.p_value > 1e-3 and not Verdict((innocent,)).owned
+
+
+def test_suspect_chance_charges_a_model_that_answers_one_class() -> None:
+    labels = torch.tensor([3] * 30 + list(range(10)) * 7)
+    constant = torch.full_like(labels, 3)
+    assert suspect_chance(constant, labels, 10) == pytest.approx(37 / 100)
+    evidence = trigger_evidence(constant, labels, 10, "suspect")
+    naive = trigger_evidence(constant, labels, 10, "uniform")
+    assert naive.passed and not evidence.passed  # 37 % agreement is chance for this model, not for 1/classes
+
+
+def test_threshold_is_the_least_accuracy_that_passes() -> None:
+    needed = required_matches(100, 0.1, 1e-6)
+    assert binomial_p_value(needed, 100, 0.1) <= 1e-6 < binomial_p_value(needed - 1, 100, 0.1)
+
+
+def test_evidence_refuses_a_partial_answer() -> None:
+    with pytest.raises(InputError, match="99 predictions for 100"):
+        trigger_evidence(torch.zeros(99, dtype=torch.long), torch.zeros(100, dtype=torch.long), 10)
+
+
+def test_keyed_claim_rebuilds_the_trigger_set_and_catches_altered_labels() -> None:
+    trigger = keyed_trigger_set(77, 40, 10, 3, (32, 32))
+    part = claim_part(trigger, 10, "suspect")
+    rebuilt = trigger_from_claim(part)
+    assert torch.equal(rebuilt.images, trigger.images) and torch.equal(rebuilt.labels, trigger.labels)
+    part["labels"][0] = (part["labels"][0] + 1) % 10
+    with pytest.raises(InputError, match="differ"):
+        trigger_from_claim(part)
+
+
+def test_folder_claim_reloads_adi_set_and_refuses_another_folder(tmp_path: Path) -> None:
+    trigger = load_trigger_folder(ADI, 1, (8, 8), num_classes=10)
+    part = claim_part(trigger, 10, "uniform")
+    assert torch.equal(trigger_from_claim(part).images, trigger.images)
+    (tmp_path / "1.jpg").write_bytes((ADI / "pics" / "1.jpg").read_bytes())
+    (tmp_path / "labels-cifar.txt").write_text("6\n")
+    with pytest.raises(InputError, match="sha256"):
+        trigger_from_claim({**part, "count": 1, "labels": [6]}, tmp_path)
+
+
+def test_predict_labels_matches_argmax_of_the_model(marked_and_unmarked, digits: ImageData) -> None:
+    model, *_ = marked_and_unmarked
+    mean, std = digits.channel_stats()
+    images = digits.test_images[:50]
+    model.eval()
+    with torch.no_grad():
+        expected = model((images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).argmax(1)
+    assert torch.equal(predict_labels(model, images, mean, std), expected)
+
+
+def test_incomplete_claim_is_refused_with_a_clear_error() -> None:
+    part = claim_part(keyed_trigger_set(1, 5, 10, 1, (8, 8)), 10, "uniform")
+    del part["seed"]
+    with pytest.raises(InputError, match="incomplete"):
+        trigger_from_claim(part)

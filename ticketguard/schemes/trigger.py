@@ -1,0 +1,230 @@
+"""Scheme V3: WE with a trigger set T, and the binomial check of a suspect's trigger accuracy against chance.
+
+Training mixes ``per_batch`` trigger images into every batch of the ticket's data (the paper appends one),
+mask held fixed. Verification needs only predicted labels, so the same evidence comes from weights in process
+or from a prediction API (``ticketguard.blackbox``): trigger accuracy, the probability that a model that never
+saw T agrees this often, and the decision at the false-claim rate alpha.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from scipy.stats import binom
+from torch import nn
+
+from ticketguard.data import ImageData
+from ticketguard.data.triggers import KEYED_GENERATOR, TriggerSet, keyed_trigger_set, load_trigger_folder
+from ticketguard.errors import InputError
+from ticketguard.masks import Mask
+from ticketguard.training import TrainConfig, evaluate, predict_labels, train
+from ticketguard.verify import DEFAULT_ALPHA, Evidence, binomial_p_value
+
+EXTENSION = "trigger"
+CLAIM_SCHEME = "trigger-set/1"
+
+
+def uniform_chance(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """An innocent model agrees with a secret label with probability 1/classes."""
+    return 1.0 / num_classes
+
+
+def suspect_chance(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """sum_c p(c) q(c): the suspect's own label distribution on T against T's label distribution.
+
+    A model that answers one class for everything agrees with the labels of that class by chance; this
+    model charges it for that, where 1/classes would not.
+    """
+    predicted_share = torch.bincount(predicted.cpu(), minlength=num_classes)[:num_classes].double()
+    label_share = torch.bincount(labels.cpu(), minlength=num_classes)[:num_classes].double()
+    return float((predicted_share * label_share).sum() / (predicted.numel() * labels.numel()))
+
+
+CHANCE_MODELS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], float]] = {
+    "suspect": suspect_chance,
+    "uniform": uniform_chance,
+}
+
+
+def check_chance_model(name: str) -> None:
+    if name not in CHANCE_MODELS:
+        raise InputError(f"unknown chance model {name!r}; choose one of: {', '.join(CHANCE_MODELS)}")
+
+
+def required_matches(trials: int, chance: float, alpha: float) -> int:
+    """The fewest agreements whose binomial p-value is <= alpha (trials + 1 when none suffices)."""
+    passing = np.flatnonzero(binom.sf(np.arange(trials + 1) - 1, trials, chance) <= alpha)
+    return int(passing[0]) if passing.size else trials + 1
+
+
+def trigger_evidence(
+    predicted: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    chance_model: str = "suspect",
+    alpha: float = DEFAULT_ALPHA,
+) -> Evidence:
+    """V(...) on T: trigger accuracy against the accuracy that chance reaches with probability alpha."""
+    check_chance_model(chance_model)
+    if predicted.shape != labels.shape:
+        raise InputError(f"got {predicted.numel()} predictions for {labels.numel()} trigger images")
+    if predicted.numel() and (predicted.min() < 0 or predicted.max() >= num_classes):
+        raise InputError(f"the suspect predicted labels outside its {num_classes} classes")
+    trials = labels.numel()
+    if trials == 0:
+        raise InputError("the trigger set is empty, so it cannot show anything")
+    agreed = int((predicted.cpu() == labels.cpu()).sum())
+    chance = CHANCE_MODELS[chance_model](predicted, labels, num_classes)
+    p_value = binomial_p_value(agreed, trials, chance)
+    return Evidence(
+        name="trigger",
+        score=agreed / trials,
+        threshold=required_matches(trials, chance, alpha) / trials,
+        passed=p_value <= alpha,
+        p_value=p_value,
+        details={
+            "agreed": agreed,
+            "trials": trials,
+            "chance": chance,
+            "chance_model": chance_model,
+            "classes": num_classes,
+        },
+    )
+
+
+@torch.inference_mode()
+def verify_local(
+    model: nn.Module,
+    trigger: TriggerSet,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    num_classes: int,
+    chance_model: str = "suspect",
+    alpha: float = DEFAULT_ALPHA,
+) -> Evidence:
+    """The black-box check run in process on weights, no HTTP."""
+    return trigger_evidence(
+        predict_labels(model, trigger.images, mean, std), trigger.labels, num_classes, chance_model, alpha
+    )
+
+
+@dataclass
+class WatermarkResult:
+    accuracy: float
+    trigger_accuracy: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class TriggerMixer:
+    """The batch hook of WE(D, T, ...): append ``per_batch`` trigger images to every batch.
+
+    Trigger images are not augmented, as they are queried unaugmented; each comes up equally often, from
+    fresh permutations drawn with their own generator.
+    """
+
+    def __init__(self, trigger: TriggerSet, per_batch: int, seed: int) -> None:
+        self.trigger, self.per_batch = trigger, per_batch
+        self.generator = torch.Generator(device=trigger.images.device).manual_seed(seed)
+        self.queue = torch.zeros(0, dtype=torch.long, device=trigger.images.device)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        while self.queue.numel() < self.per_batch:
+            fresh = torch.randperm(len(self.trigger), device=self.queue.device, generator=self.generator)
+            self.queue = torch.cat([self.queue, fresh])
+        taken, self.queue = self.queue[: self.per_batch], self.queue[self.per_batch :]
+        return torch.cat([images, self.trigger.images[taken]]), torch.cat([labels, self.trigger.labels[taken]])
+
+
+def watermark(
+    model: nn.Module,
+    data: ImageData,
+    trigger: TriggerSet,
+    config: TrainConfig,
+    mask: Mask | None = None,
+    *,
+    per_batch: int = 1,
+    progress: Progress | None = None,
+) -> WatermarkResult:
+    """WE(D, T, ...): train ``model`` in place with ``per_batch`` trigger images appended to every batch.
+
+    The trainer is the one every run uses (mask held fixed, same schedule); test and trigger accuracy are
+    logged after each epoch.
+    """
+    if per_batch < 1:
+        raise InputError(f"--per-batch must be >= 1 trigger image per batch, got {per_batch}")
+    if trigger.shape != data.input_shape:
+        raise InputError(f"trigger images are {trigger.shape} but the data's inputs are {data.input_shape}")
+    device = next(model.parameters()).device
+    trigger = trigger.to(device)
+    mean, std = data.channel_stats()
+
+    def measure(epochs_done: int, trained: nn.Module) -> dict[str, float]:
+        trigger_accuracy = _trigger_accuracy(trained, trigger, mean, std)
+        return {"accuracy": evaluate(trained, data), "trigger_accuracy": trigger_accuracy}
+
+    result = train(
+        model, data, config, mask, progress=progress, description="watermark",
+        batch_hook=TriggerMixer(trigger, per_batch, config.seed + 1), epoch_hook=measure,
+    )
+    last = result.history[-1]
+    return WatermarkResult(last["accuracy"], last["trigger_accuracy"], result.history)
+
+
+def _trigger_accuracy(model: nn.Module, trigger: TriggerSet, mean: torch.Tensor, std: torch.Tensor) -> float:
+    agreed = int((predict_labels(model, trigger.images, mean, std) == trigger.labels.cpu()).sum())
+    return agreed / len(trigger)
+
+
+def claim_part(trigger: TriggerSet, num_classes: int, chance_model: str, **measured: Any) -> dict[str, Any]:
+    """extensions["trigger"] of a claim: how to rebuild T (seed, or folder and hash), its labels, the test."""
+    check_chance_model(chance_model)
+    channels, height, width = trigger.shape
+    return {
+        "scheme": CLAIM_SCHEME,
+        **trigger.source,
+        "count": len(trigger),
+        "shape": [channels, height, width],
+        "classes": num_classes,
+        "labels": trigger.labels.tolist(),
+        "chance_model": chance_model,
+        **measured,
+    }
+
+
+def trigger_from_claim(part: dict[str, Any], folder: str | Path | None = None) -> TriggerSet:
+    """Rebuild T from a claim: regenerate it from the seed, or reload the folder; check hash and labels."""
+    try:
+        trigger = _rebuild(part, folder)
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(
+            f"the claim's trigger part is incomplete ({err!r}); write it again with watermark"
+        ) from None
+    if trigger.labels.tolist() != list(part["labels"]):
+        raise InputError("the trigger labels rebuilt from the claim differ from the labels it records")
+    return trigger
+
+
+def _rebuild(part: dict[str, Any], folder: str | Path | None) -> TriggerSet:
+    kind, classes, (channels, height, width) = part["kind"], int(part["classes"]), part["shape"]
+    if kind == "keyed":
+        if part.get("generator") != KEYED_GENERATOR:
+            raise InputError(
+                f"the claim names trigger generator {part.get('generator')!r}; "
+                f"this version makes {KEYED_GENERATOR}"
+            )
+        return keyed_trigger_set(int(part["seed"]), int(part["count"]), classes, channels, (height, width))
+    if kind == "folder":
+        root = Path(folder) if folder is not None else Path(part["path"])
+        trigger = load_trigger_folder(root, channels, (height, width), root / part["labels_file"], classes)
+        if trigger.source["sha256"] != part["sha256"]:
+            raise InputError(f"trigger folder {root} differs from the one in the claim (sha256 mismatch)")
+        return trigger
+    raise InputError(f"unknown trigger kind {kind!r} in the claim; expected keyed or folder")
