@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="also time the trainer under torch.compile")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -101,9 +102,9 @@ def main() -> None:
     mask = magnitude_prune(params, Mask.ones_like(params, prunable_names(model)), 0.8)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def ours() -> None:
+    def ours(compiled: bool = False) -> None:
         model.load_state_dict(state)
-        train(model, data, TrainConfig(epochs=1, batch_size=args.batch_size), mask)
+        train(model, data, TrainConfig(epochs=1, batch_size=args.batch_size, compile=compiled), mask)
 
     loader = DataLoader(
         PerSampleCifar(data), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
@@ -117,11 +118,15 @@ def main() -> None:
 
     seconds_ours = timed(ours, args.epochs)
     seconds_base = timed(baseline, args.epochs)
+    seconds_compiled = timed(lambda: ours(compiled=True), args.epochs) if args.compile else None
     print(f"{args.model}, batch {args.batch_size}, {images} CIFAR-10 JPEG images, device {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'variant':<36}{'s/epoch':>10}{'images/s':>12}")
     print(f"{'ticketguard trainer':<36}{seconds_ours:>10.2f}{images / seconds_ours:>12.0f}")
     print(f"{f'baseline (DataLoader, {args.workers} workers)':<36}{seconds_base:>10.2f}{images / seconds_base:>12.0f}")
+    if seconds_compiled is not None:
+        print(f"{'ticketguard trainer, --compile':<36}{seconds_compiled:>10.2f}{images / seconds_compiled:>12.0f}")
+        print(f"speed-up with --compile: {seconds_base / seconds_compiled:.2f}x")
     print(f"speed-up: {seconds_base / seconds_ours:.2f}x")
 
 
