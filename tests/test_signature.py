@@ -1,0 +1,266 @@
+"""Scheme V2: QR placement, embedding, extraction with and without a claim, statistics and decoding."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ticketguard import qr
+from ticketguard.attacks import magnitude_pruning, random_pruning
+from ticketguard.data import ImageData
+from ticketguard.errors import InputError
+from ticketguard.masks import Mask, magnitude_prune, prunable_names, squeeze
+from ticketguard.models import build_model
+from ticketguard.schemes import signature as scheme
+from ticketguard.ticket import Ticket
+from ticketguard.training import TrainConfig, evaluate, state_copy, train
+
+PAYLOAD = "ACME-R20-2026"
+
+
+def make_ticket(data: ImageData, seed: int, density: float = 0.3) -> Ticket:
+    """A small real ticket: one epoch of training on digits, magnitude-pruned, rewind = initialisation."""
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 1, 10)
+    rewind = state_copy(model)
+    train(model, data, TrainConfig(epochs=1, seed=seed))
+    trained = state_copy(model)
+    mask = magnitude_prune(trained, Mask.ones_like(trained, prunable_names(model)), 1 - density)
+    mask.apply_(model)
+    return Ticket(
+        "resnet20",
+        1,
+        10,
+        (8, 8),
+        "digits",
+        list(data.classes),
+        mask,
+        rewind,
+        state_copy(model),
+        evaluate(model, data),
+    )
+
+
+def random_mask(arch: str, density: float, seed: int = 0) -> tuple[Mask, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = build_model(arch, 1, 10)
+    weights = state_copy(model)
+    return magnitude_prune(weights, Mask.ones_like(weights, prunable_names(model)), 1 - density), weights
+
+
+def masked(weights: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
+    return {n: t * mask[n] if n in mask else t for n, t in weights.items()}
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits: ImageData) -> ImageData:
+    return digits.subset(40, 20, 0)
+
+
+@pytest.fixture(scope="module")
+def ticket(small_digits: ImageData) -> Ticket:
+    return make_ticket(small_digits, seed=0)
+
+
+@pytest.fixture(scope="module")
+def protected(ticket: Ticket, small_digits: ImageData) -> tuple[Ticket, scheme.Signature]:
+    result, signature, _ = scheme.protect_ticket(
+        ticket, PAYLOAD, small_digits, TrainConfig(epochs=1), copies=2
+    )
+    return result, signature
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50"])
+def test_round_trip_decodes_the_exact_payload_and_keeps_the_density_to_the_weight(arch: str) -> None:
+    mask, weights = random_mask(arch, 0.2)
+    new, signature, report = scheme.embed_signature(mask, weights, weights, PAYLOAD)
+    assert new.kept() == mask.kept()
+    assert report.changed_cells > 0 and report.compensated == abs(
+        report.weights_added - report.weights_removed
+    )
+    reading = scheme.extract(masked(weights, new), signature)
+    assert reading.decoded.text == PAYLOAD
+    assert reading.match_rate == 1.0 and reading.p_value < 1e-30
+
+
+def test_fft_costs_equal_direct_mismatch_counts() -> None:
+    mask, _ = random_mask("resnet20", 0.05)
+    codes = scheme.qr_codes(PAYLOAD)
+    layer = squeeze(mask["blocks.7.conv2.weight"])
+    costs = scheme.placement_costs(layer, codes)
+    positions = torch.from_numpy(codes[0].data_positions.astype(np.int64))
+    generator = torch.Generator().manual_seed(0)
+    for pattern, row, col in torch.stack(
+        [
+            torch.randint(0, 8, (20,), generator=generator),
+            torch.randint(0, costs.shape[1], (20,), generator=generator),
+            torch.randint(0, costs.shape[2], (20,), generator=generator),
+        ],
+        1,
+    ).tolist():
+        region = layer[positions[:, 0] + row, positions[:, 1] + col].numpy()
+        assert costs[pattern, row, col] == np.count_nonzero(region != codes[pattern].data_modules)
+
+
+def test_chosen_placement_is_the_cheapest_over_layers_offsets_patterns_and_polarities() -> None:
+    mask, _ = random_mask("resnet20", 0.05)
+    codes = scheme.qr_codes(PAYLOAD)
+    n = len(codes[0].data_positions)
+    costs = [
+        scheme.placement_costs(squeeze(mask[name]), codes)
+        for name in scheme.candidate_layers(mask, codes[0].spec.size)
+    ]
+    as_dark, as_light = min(float(c.min()) for c in costs), min(n - float(c.max()) for c in costs)
+    best = {
+        polarity: scheme.search_placements(mask, codes, polarity=polarity)[0]
+        for polarity in ("any", "dark", "light")
+    }
+    assert best["any"].changes == min(as_dark, as_light)
+    assert (best["dark"].changes, best["dark"].kept_is_dark) == (as_dark, True)
+    assert (best["light"].changes, best["light"].kept_is_dark) == (as_light, False)
+    with pytest.raises(InputError, match="polarity"):
+        scheme.search_placements(mask, codes, polarity="grey")
+
+
+def test_only_data_modules_are_written_and_fixed_pattern_cells_keep_their_connectivity() -> None:
+    mask, weights = random_mask("resnet20", 0.2)
+    new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD)
+    region, spec = signature.regions[0], signature.spec
+    is_function, _ = qr.function_pattern_matrix(spec)
+    window = (slice(region.row, region.row + spec.size), slice(region.col, region.col + spec.size))
+    before, after = squeeze(mask[region.layer])[window], squeeze(new[region.layer])[window]
+    assert torch.equal(before[torch.from_numpy(is_function)], after[torch.from_numpy(is_function)])
+    assert not torch.equal(before, after)
+
+
+def test_written_connections_keep_at_least_the_requested_weights_per_kernel() -> None:
+    mask, weights = random_mask("resnet20", 0.05)
+    new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD, weights_per_connection=3)
+    region, spec = signature.regions[0], signature.spec
+    positions = torch.from_numpy(qr.data_positions(spec).astype(np.int64))
+    rows, cols = positions[:, 0], positions[:, 1]
+    counts = new[region.layer][rows + region.row, cols + region.col].flatten(1).sum(dim=1)
+    kept = counts > 0
+    assert (counts[kept] >= 3).all()
+
+
+def test_vote_over_copies_decodes_when_one_copy_is_wiped_out() -> None:
+    mask, weights = random_mask("resnet20", 0.2)
+    new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD, copies=3)
+    assert len({r.layer for r in signature.regions}) == 3
+    suspect = masked(weights, new)
+    wiped = signature.regions[0]
+    suspect[wiped.layer] = suspect[wiped.layer].clone()
+    suspect[wiped.layer][wiped.row : wiped.row + 25, wiped.col : wiped.col + 25] = 0
+    alone = replace(signature, regions=signature.regions[:1])
+    assert scheme.extract(suspect, alone).decoded.text != PAYLOAD
+    assert scheme.extract(suspect, signature).decoded.text == PAYLOAD
+
+
+def test_protected_ticket_decodes_after_20pct_magnitude_pruning_and_proves_ownership_at_50pct(
+    protected: tuple[Ticket, scheme.Signature],
+) -> None:
+    ticket, signature = protected
+    weights, _ = magnitude_pruning(ticket.weights, ticket.mask, fraction=0.2)
+    assert scheme.extract(weights, signature).decoded.text == PAYLOAD
+    weights, _ = magnitude_pruning(ticket.weights, ticket.mask, fraction=0.5)
+    verdict, reading = scheme.verify(weights, signature)
+    assert verdict.owned and reading.p_value < 1e-6
+
+
+def test_random_pruning_keeps_the_p_value_tiny(protected: tuple[Ticket, scheme.Signature]) -> None:
+    ticket, signature = protected
+    weights, _ = random_pruning(ticket.weights, ticket.mask, fraction=0.3, seed=1)
+    verdict, reading = scheme.verify(weights, signature)
+    assert verdict.owned and reading.p_value < 1e-6
+
+
+def test_the_ticket_before_embedding_does_not_verify_despite_the_placement_fitting_it_best(
+    ticket: Ticket, protected: tuple[Ticket, scheme.Signature]
+) -> None:
+    _, signature = protected
+    verdict, reading = scheme.verify(ticket.weights, signature)
+    assert not verdict.owned and reading.decoded.text is None
+    assert reading.raw_p_value < reading.p_value
+
+
+def test_unmarked_ticket_never_verifies_and_holds_no_code(
+    protected: tuple[Ticket, scheme.Signature], small_digits: ImageData
+) -> None:
+    _, signature = protected
+    other = make_ticket(small_digits, seed=1)
+    verdict, reading = scheme.verify(other.weights, signature)
+    assert not verdict.owned
+    assert reading.decoded.text is None and reading.p_value > 1e-3
+    assert scheme.blind_extract(other.weights) == []
+
+
+def test_blind_extraction_finds_the_code_without_a_claim(protected: tuple[Ticket, scheme.Signature]) -> None:
+    ticket, signature = protected
+    found = scheme.blind_extract(ticket.weights)
+    assert {(f.layer, f.row, f.col, f.text) for f in found} == {
+        (r.layer, r.row, r.col, PAYLOAD) for r in signature.regions
+    }
+
+
+def test_a_decode_of_another_string_is_a_mismatch_never_a_match() -> None:
+    mask, weights = random_mask("resnet20", 0.2)
+    new, signature, _ = scheme.embed_signature(mask, weights, weights, "ACME-R20-2027")
+    forged = replace(signature, payload=PAYLOAD)
+    verdict, reading = scheme.verify(masked(weights, new), forged)
+    assert reading.decoded.text == "ACME-R20-2027" and reading.mismatch and not verdict.owned
+
+
+def test_comparison_image_is_a_png(tmp_path: Path) -> None:
+    mask, weights = random_mask("resnet20", 0.2)
+    new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD)
+    scheme.save_comparison_image(tmp_path / "code.png", scheme.extract(masked(weights, new), signature))
+    assert (tmp_path / "code.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_zxing_and_reed_solomon_agree_on_every_clean_code() -> None:
+    for payload in ("ACME-R20-2026", "owner@example.com", "1234567890", "Ünïcode"):
+        for code in scheme.qr_codes(payload):
+            fast = qr.decode(code.spec, code.data_modules)
+            fallback = qr.decode(code.spec, code.data_modules, use_zxing=False)
+            assert (fast.method, fallback.method) == ("zxing", "reed-solomon")
+            assert fast.text == fallback.text == payload
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 7), st.booleans(), st.randoms(use_true_random=False))
+def test_decoder_never_crashes_nor_invents_text_on_random_modules(
+    version: int, pattern: int, kept_is_dark: bool, rng
+) -> None:
+    spec = qr.QrSpec(version, "H", pattern)
+    modules = np.array([rng.random() < 0.5 for _ in range(len(qr.data_positions(spec)))])
+    assert scheme.decode_modules(spec, modules, kept_is_dark).text is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.0, 0.4), st.integers(0, 2**31))
+def test_damaged_code_decodes_to_the_payload_or_nothing(loss: float, seed: int) -> None:
+    code = qr.make_qr(PAYLOAD)
+    rng = np.random.default_rng(seed)
+    modules = code.data_modules & (rng.random(len(code.data_modules)) >= loss)
+    assert scheme.decode_modules(code.spec, modules, True).text in (None, PAYLOAD)
+
+
+def test_bad_inputs_get_one_clear_message() -> None:
+    mask, weights = random_mask("resnet20", 0.2)
+    with pytest.raises(InputError, match="holds 7"):
+        scheme.embed_signature(mask, weights, weights, PAYLOAD, version=1)
+    with pytest.raises(InputError, match="at least 65 input and output channels"):
+        scheme.embed_signature(mask, weights, weights, PAYLOAD, version=12)
+    new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD)
+    layer = signature.regions[0].layer
+    with pytest.raises(InputError, match="does not have"):
+        scheme.extract({k: v for k, v in weights.items() if k != layer}, signature)
+    with pytest.raises(InputError, match="shape"):
+        scheme.extract({**weights, layer: weights[layer][:, :32]}, signature)

@@ -1,0 +1,190 @@
+"""The owner's secret claim: what was embedded where, in which shipped ticket, and when; optionally signed.
+
+The Ed25519 signature covers a canonical JSON encoding of the claim body (sorted keys, no spaces, UTF-8), so
+anyone holding the owner's public key can check that the claim is the owner's and unchanged since it was made.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from ticketguard.errors import InputError
+from ticketguard.files import atomic_path, read_json, sha256_file
+from ticketguard.schemes.signature import Signature
+from ticketguard.ticket import MANIFEST
+
+CLAIM_FORMAT = "ticketguard-claim/1"
+PRIVATE_KEY_FILE = "owner.key"
+PUBLIC_KEY_FILE = "owner.pub"
+
+
+@dataclass
+class Claim:
+    """Secret evidence of ownership; ``extensions`` holds the parts of other schemes (e.g. a trigger set)."""
+
+    signature: Signature | None
+    ticket_files: dict[str, str]
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    extensions: dict[str, Any] = field(default_factory=dict)
+    public_key: str | None = None
+    signed: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        """Everything the Ed25519 signature covers."""
+        return {
+            "format": CLAIM_FORMAT,
+            "created": self.created,
+            "signature": None if self.signature is None else self.signature.to_json(),
+            "ticket_files": dict(self.ticket_files),
+            "extensions": dict(self.extensions),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.body()
+        if self.signed is not None:
+            data["ed25519"] = {"public_key": self.public_key, "signature": self.signed}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> Claim:
+        if not isinstance(data, dict) or data.get("format") != CLAIM_FORMAT:
+            raise InputError(f"not a {CLAIM_FORMAT} claim file")
+        signed = data.get("ed25519") or {}
+        signature = data.get("signature")
+        return cls(
+            signature=None if signature is None else Signature.from_json(signature),
+            ticket_files=dict(data.get("ticket_files", {})),
+            created=str(data.get("created", "")),
+            extensions=dict(data.get("extensions", {})),
+            public_key=signed.get("public_key"),
+            signed=signed.get("signature"),
+        )
+
+
+def canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def ticket_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file of the shipped ticket folder, so the claim names exactly what was shipped."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
+    if MANIFEST not in names:
+        raise InputError(f"{folder} is not a ticket folder: {MANIFEST} is missing")
+    return {name: sha256_file(folder / name) for name in names}
+
+
+def sign(claim: Claim, private_key: Ed25519PrivateKey) -> Claim:
+    """Sign the claim body in place with the owner's key; the public key travels with it."""
+    raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    claim.public_key = base64.b64encode(raw).decode()
+    claim.signed = base64.b64encode(private_key.sign(canonical(claim.body()))).decode()
+    return claim
+
+
+def check_signature(claim: Claim, expected_key: Ed25519PublicKey | None = None) -> bool:
+    """True when the claim is signed and it checks out (by ``expected_key`` if given); False if unsigned.
+
+    A signed claim whose signature fails, or that was signed by another key than expected, is bad input.
+    """
+    if claim.signed is None:
+        if expected_key is not None:
+            raise InputError("the claim is not signed, but a public key was given to check it against")
+        return False
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(claim.public_key or "", validate=True))
+        signature = base64.b64decode(claim.signed, validate=True)
+    except ValueError:
+        raise InputError(
+            "the claim's Ed25519 key or signature is not valid base64 of the right length"
+        ) from None
+    if expected_key is not None and _raw(expected_key) != _raw(key):
+        raise InputError("the claim was signed with another key than the given public key")
+    try:
+        key.verify(signature, canonical(claim.body()))
+    except InvalidSignature:
+        raise InputError(
+            "the claim's Ed25519 signature does not match its content: the claim was changed"
+        ) from None
+    return True
+
+
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def save_claim(path: str | Path, claim: Claim) -> None:
+    """Write the claim atomically, readable by its owner only (it is secret)."""
+    with atomic_path(path) as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_text(json.dumps(claim.to_json(), indent=2, ensure_ascii=False) + "\n")
+
+
+def load_claim(path: str | Path) -> Claim:
+    return Claim.from_json(read_json(path))
+
+
+def generate_keys(folder: str | Path) -> tuple[Path, Path]:
+    """A new Ed25519 key pair as PEM: the private key readable by its owner only, both written atomically."""
+    folder = Path(folder)
+    private_key = Ed25519PrivateKey.generate()
+    private_path, public_path = folder / PRIVATE_KEY_FILE, folder / PUBLIC_KEY_FILE
+    if private_path.exists():
+        raise InputError(
+            f"{private_path} exists; move it away or choose another folder, keys are never overwritten"
+        )
+    private_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with atomic_path(private_path) as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_bytes(private_pem)
+    with atomic_path(public_path) as tmp:
+        tmp.write_bytes(public_pem)
+        os.chmod(tmp, 0o644)
+    return private_path, public_path
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(_read_pem(path), password=None)
+    except (ValueError, TypeError):
+        raise InputError(
+            f"{path} is not an unencrypted PEM private key; make one with `ticketguard keygen`"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InputError(f"{path} is not an Ed25519 private key; make one with `ticketguard keygen`")
+    return key
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(_read_pem(path))
+    except ValueError:
+        raise InputError(f"{path} is not a PEM public key; make one with `ticketguard keygen`") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise InputError(f"{path} is not an Ed25519 public key; make one with `ticketguard keygen`")
+    return key
+
+
+def _read_pem(path: str | Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"key file {path} does not exist")
+    data = path.read_bytes()
+    if b"-----BEGIN" not in data:
+        raise InputError(f"{path} is not a PEM key file")
+    return data
