@@ -53,7 +53,7 @@ _NUM_BLOCKS = {
 }
 
 # Data mask conditions (True = invert the module), i = row, j = column.
-_MASKS: tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
+MASK_PATTERNS: tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
     lambda i, j: (i + j) % 2 == 0,
     lambda i, j: i % 2 == 0,
     lambda i, j: j % 3 == 0,
@@ -145,7 +145,7 @@ def make_qr(payload: str, *, error: str = "H", version: int | None = None,
         limit = version or 40
         raise InputError(
             f"signature needs {len(payload.encode('utf-8'))} bytes but QR version {limit} at "
-            f"level {error} holds {_byte_capacity(limit, error)}; use a larger QR version or "
+            f"level {error} holds {byte_capacity(limit, error)}; use a larger QR version or "
             "a shorter signature") from exc
     spec = QrSpec(symbol.version, symbol.error, symbol.mask)
     return QrCode(spec, np.array(symbol.matrix, dtype=bool), data_positions(spec))
@@ -306,7 +306,7 @@ def _total_codewords(version: int) -> int:
     return len(_data_positions(version)) // 8
 
 
-def _byte_capacity(version: int, error: str) -> int:
+def byte_capacity(version: int, error: str) -> int:
     """Bytes that fit in byte mode: data bits minus mode indicator and character count."""
     data_codewords = _total_codewords(version) - (
         _NUM_BLOCKS[error][version - 1] * _EC_PER_BLOCK[error][version - 1])
@@ -336,7 +336,7 @@ def _block_layout(version: int, error: str) -> tuple[int, tuple[np.ndarray, ...]
                          for b, n in enumerate(data_lens))
 
 
-def _data_order(spec: QrSpec) -> np.ndarray:
+def data_codeword_order(spec: QrSpec) -> np.ndarray:
     """Stream index of each data codeword in bit-stream order (block after block)."""
     ec_len, blocks = _block_layout(spec.version, spec.error)
     return np.concatenate([index[:-ec_len] for index in blocks])
@@ -346,7 +346,7 @@ def _codewords(spec: QrSpec, modules: np.ndarray) -> np.ndarray:
     """Unmasked codeword stream (uint8, placement order), remainder bits dropped."""
     n_bits = 8 * _total_codewords(spec.version)
     positions = data_positions(spec)[:n_bits]
-    flip = _MASKS[spec.mask_pattern](positions[:, 0], positions[:, 1])
+    flip = MASK_PATTERNS[spec.mask_pattern](positions[:, 0], positions[:, 1])
     return np.packbits(modules[:n_bits] ^ flip)
 
 
@@ -431,7 +431,7 @@ def _padding_guesses(spec: QrSpec, evidence: _Evidence) -> list[_Evidence]:
     A short payload is followed by known pad codewords; assuming them shortens the code, so
     the same EC codewords cover more damage in the rest.
     """
-    order, guesses = _data_order(spec), []
+    order, guesses = data_codeword_order(spec), []
     for start in range(1, len(order)):
         where = order[start:]
         pads = np.resize(_PAD_CODEWORDS, len(where))
@@ -458,7 +458,7 @@ def _correct_stream(spec: QrSpec, evidence: _Evidence, dark_only_lost: bool) -> 
 
 def _verified_text(spec: QrSpec, stream: np.ndarray) -> str | None:
     """Text of the data codewords, only if re-encoding it gives exactly this stream."""
-    text = _parse_text(np.unpackbits(stream[_data_order(spec)]), spec.version)
+    text = _parse_text(np.unpackbits(stream[data_codeword_order(spec)]), spec.version)
     expected = None if text is None else _reencoded_modules(spec, text)
     if expected is None or not np.array_equal(_codewords(spec, expected), stream):
         return None

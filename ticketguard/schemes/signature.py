@@ -556,12 +556,8 @@ class Found:
 
 
 def _header_positions(spec: qr.QrSpec) -> np.ndarray:
-    """(row, col) of the first bit-stream bits (mode indicator and character count).
-
-    qr.py keeps the bit-stream order, mask functions and capacities private; the blind scan borrows them
-    rather than duplicating ISO/IEC 18004 tables here.
-    """
-    order = qr._data_order(spec)
+    """(row, col) of the first bit-stream bits (mode indicator and character count)."""
+    order = qr.data_codeword_order(spec)
     bits = np.arange(_HEADER_BITS)
     return qr.data_positions(spec)[8 * order[bits // 8] + bits % 8]
 
@@ -571,7 +567,7 @@ def _plausible_headers(bits: torch.Tensor, spec: qr.QrSpec) -> torch.Tensor:
     weights = 2 ** torch.arange(_HEADER_BITS - 1, -1, -1)
     value = (bits.long() * weights.view(-1, 1, 1)).sum(dim=0)
     mode = value >> (_HEADER_BITS - 4)
-    capacity_bits = 8 * qr._byte_capacity(spec.version, spec.error) + 8  # + mode/count bits byte mode spares
+    capacity_bits = 8 * qr.byte_capacity(spec.version, spec.error) + 8  # + mode/count bits byte mode spares
     plausible = torch.zeros_like(value, dtype=torch.bool)
     for mode_value, (count_bits, bits_per_char) in {1: (10, 10 / 3), 2: (9, 5.5), 4: (8, 8.0)}.items():
         count = (value >> (_HEADER_BITS - 4 - count_bits)) & ((1 << count_bits) - 1)
@@ -608,7 +604,7 @@ def _scan_layer(name: str, squeezed: torch.Tensor, version: int, error: str) -> 
     for pattern in PATTERNS:
         spec = qr.QrSpec(version, error, pattern)
         header = _header_positions(spec)
-        flip = torch.from_numpy(qr._MASKS[pattern](header[:, 0], header[:, 1]))
+        flip = torch.from_numpy(qr.MASK_PATTERNS[pattern](header[:, 0], header[:, 1]))
         shifted = torch.stack([squeezed[r : r + rows, c : c + cols] for r, c in header])
         for kept_is_dark in POLARITIES:
             dark = shifted if kept_is_dark else ~shifted
