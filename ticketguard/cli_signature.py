@@ -27,12 +27,14 @@ from ticketguard.claim import (
 )
 from ticketguard.data import dataset_spec, load_dataset
 from ticketguard.errors import InputError
+from ticketguard.blackbox import load_served_model
 from ticketguard.progress import console
 from ticketguard.schemes import signature as scheme
+from ticketguard.schemes.trigger import trigger_from_claim, verify_local
 from ticketguard.suspect import load_suspect
-from ticketguard.ticket import Ticket
+from ticketguard.ticket import MANIFEST, Ticket
 from ticketguard.training import TrainConfig, resolve_device
-from ticketguard.verify import DEFAULT_ALPHA
+from ticketguard.verify import DEFAULT_ALPHA, Evidence, Verdict
 
 commands = typer.Typer()
 
@@ -199,6 +201,9 @@ def _verify(
         raise InputError(f"{claim_path} holds no QR signature")
     weights = load_suspect(suspect).weights
     verdict, reading = scheme.verify(weights, claim.signature, alpha)
+    if "trigger" in claim.extensions:
+        trigger_check = _trigger_evidence(suspect, claim.extensions["trigger"], alpha)
+        verdict = Verdict((*verdict.evidence, trigger_check), alpha)
     if image is not None:
         scheme.save_comparison_image(image, reading)
     report: dict[str, Any] = {**verdict.to_json(), "claim_signed": signed, "claim_created": claim.created}
@@ -209,12 +214,38 @@ def _verify(
     raise typer.Exit(0 if verdict.owned else 1)
 
 
+def _trigger_evidence(suspect: Path, part: dict[str, Any], alpha: float) -> Evidence:
+    """ESWT + T: the claim's trigger set, checked on the suspect's weights in process (no HTTP)."""
+    if not (suspect / MANIFEST).is_file():
+        raise InputError(
+            f"the claim holds a trigger set, and checking it needs the suspect's input statistics, which only a "
+            f"ticket folder records; serve {suspect} with --mean/--std and use `ticketguard query`"
+        )
+    served = load_served_model(suspect)
+    trigger = trigger_from_claim(part)
+    return verify_local(
+        served.model, trigger, served.mean, served.std, served.num_classes, part["chance_model"], alpha
+    )
+
+
+@commands.command("sign")
+def sign_claim(
+    claim: Annotated[Path, typer.Argument(help="The claim file to sign (rewritten in place).")],
+    key: Annotated[Path, typer.Option(help="Ed25519 private key (PEM) from `ticketguard keygen`.")],
+) -> None:
+    """Sign (or re-sign, after watermark added a trigger set) a claim with the owner's Ed25519 key."""
+    signed = sign(load_claim(claim), load_private_key(key))
+    save_claim(claim, signed)
+    console.print(f"claim [bold]{claim}[/] signed")
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _print_verdict(report: dict[str, Any]) -> None:
     evidence = report["evidence"][0]
+    trigger = next((e for e in report["evidence"] if e["name"] == "trigger"), None)
     details = evidence["details"]
     table = Table(title=f"verdict: {report['decision']}", show_header=False)
     decoded = details["decoded"]
@@ -241,6 +272,11 @@ def _print_verdict(report: dict[str, Any]) -> None:
         f"{'signed, signature valid' if report['claim_signed'] else 'unsigned'}, "
         f"created {report['claim_created']}",
     )
+    if trigger is not None:
+        table.add_row(
+            "trigger accuracy",
+            f"{_percent(trigger['score'])}, needed {_percent(trigger['threshold'])}, p-value {trigger['p_value']:.3g}",
+        )
     console.print(table)
 
 

@@ -45,7 +45,7 @@ def open_claim(path: Path) -> Claim:
     if claim.signed is not None:
         raise InputError(
             f"{path} is signed (ed25519), and adding the trigger set would void its signature; write a new "
-            "--claim, or run watermark on the unsigned claim and re-sign it after"
+            "--claim, or run watermark on the unsigned claim and sign it after with `ticketguard sign`"
         )
     return claim
 

@@ -1,0 +1,62 @@
+"""ESWT + T: one claim holding a QR signature and a trigger set is verified on both, with one verdict."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ticketguard.claim import load_claim
+from ticketguard.cli import main
+
+QUICK_FIND = ["--epochs", "3", "--rewind-epoch", "1", "--ratios", "0.5", "--max-rounds", "1"]
+
+
+@pytest.fixture(scope="module")
+def protected(tmp_path_factory) -> Path:
+    """A digits ticket with a QR signature (embed) and a keyed trigger set (watermark) in one claim."""
+    root = tmp_path_factory.mktemp("combined")
+    assert main(["find", "--out", str(root / "ticket"), *QUICK_FIND]) == 0
+    assert main(["embed", str(root / "ticket"), "--signature", "OWNER-1", "--out", str(root / "signed"),
+                 "--claim", str(root / "claim.json"), "--epochs", "3"]) == 0
+    assert main(["watermark", str(root / "signed"), "--trigger-seed", "11", "--per-batch", "32",
+                 "--out", str(root / "marked"), "--claim", str(root / "claim.json"), "--epochs", "6"]) == 0
+    assert main(["keygen", "--out", str(root / "keys")]) == 0
+    return root
+
+
+def test_verify_reports_signature_and_trigger_evidence(protected: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["verify", str(protected / "marked"), "--claim", str(protected / "claim.json"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    evidence = {e["name"]: e for e in report["evidence"]}
+    assert set(evidence) == {"qr-signature", "trigger"}
+    assert evidence["trigger"]["passed"] and evidence["trigger"]["p_value"] < 1e-6
+
+
+def test_ticket_before_watermarking_fails_the_trigger_check(protected: Path, capsys) -> None:
+    capsys.readouterr()
+    main(["verify", str(protected / "ticket"), "--claim", str(protected / "claim.json"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert not report["owned"]
+    assert not next(e for e in report["evidence"] if e["name"] == "trigger")["passed"]
+
+
+def test_sign_after_watermark_makes_a_claim_that_checks_out(protected: Path, tmp_path: Path, capsys) -> None:
+    claim = tmp_path / "claim.json"
+    claim.write_bytes((protected / "claim.json").read_bytes())
+    assert load_claim(claim).signed is None
+    assert main(["sign", str(claim), "--key", str(protected / "keys" / "owner.key")]) == 0
+    assert main(["verify", str(protected / "marked"), "--claim", str(claim),
+                 "--public-key", str(protected / "keys" / "owner.pub")]) == 0
+    tampered = json.loads(claim.read_text())
+    tampered["extensions"]["trigger"]["labels"][0] = (tampered["extensions"]["trigger"]["labels"][0] + 1) % 10
+    claim.write_text(json.dumps(tampered))
+    capsys.readouterr()
+    assert main(["verify", str(protected / "marked"), "--claim", str(claim)]) == 2
+
+
+def test_trigger_claim_on_a_bare_weight_file_asks_for_the_black_box_check(protected: Path, capsys) -> None:
+    capsys.readouterr()
+    code = main(["verify", str(protected / "marked" / "weights.safetensors"), "--claim",
+                 str(protected / "claim.json")])
+    assert code == 2 and "ticketguard query" in capsys.readouterr().err
