@@ -18,11 +18,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ticketguard import cli_evaluate, cli_keymask, cli_signature, cli_trigger, distributed
-from ticketguard.data import ImageData, dataset_spec, load_dataset
+from ticketguard.data import ImageData, dataset_spec
 from ticketguard.errors import InputError
 from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.jobs import run_jobs
 from ticketguard.models import MODELS
+from ticketguard.options import DataDir, Device, Json, TestPerClass, TrainPerClass, subset_data
 from ticketguard.progress import console, progress_bar
 from ticketguard.suspect import load_suspect
 from ticketguard.ticket import MANIFEST, Ticket
@@ -52,7 +53,7 @@ def find(
     = Path("runs/ticket"),
     model: Annotated[str, typer.Option(help=f"Architecture: {', '.join(MODELS)}.")] = SEARCH.model,
     data: Annotated[str, typer.Option(help="Data set: digits (built in), cifar10, cifar100, folder.")] = "digits",
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder or .tar.gz of the data set.")] = None,
+    data_dir: DataDir = None,
     download: Annotated[bool, typer.Option(help="Fetch the official CIFAR archive if DATA_DIR lacks it.")] = False,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per training run (default: 182; digits: 20).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = TRAIN.batch_size,
@@ -68,15 +69,15 @@ def find(
     * SEARCH.eps,
     max_rounds: Annotated[int, typer.Option(help="Stop after this many pruning rounds.")] = SEARCH.max_rounds,
     include_classifier: Annotated[bool, typer.Option(help="Prune the classifier's weights too.")] = False,
-    train_per_class: Annotated[Optional[int], typer.Option(help="Use a class-balanced training subset.")] = None,
-    test_per_class: Annotated[Optional[int], typer.Option(help="Use a class-balanced test subset.")] = None,
+    train_per_class: TrainPerClass = None,
+    test_per_class: TestPerClass = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, batch order and augmentation.")] = TRAIN.seed,
     schedule: Annotated[str, typer.Option(help="Learning-rate schedule: step (paper) or onecycle (short runs).")]
     = TRAIN.schedule,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="Train through torch.compile (pays on GPUs and for ResNet-18/50).")
     ] = TRAIN.compile,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
     restart: Annotated[bool, typer.Option(help="Discard an earlier search in OUT/search instead of resuming.")]
     = False,
     seeds: Annotated[
@@ -147,10 +148,9 @@ class DataSource:
     test_per_class: int | None
 
     def load(self, seed: int) -> ImageData:
-        dataset = load_dataset(self.name, self.folder, self.download)
-        if self.train_per_class or self.test_per_class:
-            dataset = dataset.subset(self.train_per_class, self.test_per_class, seed)
-        return dataset
+        return subset_data(
+            self.name, self.folder, self.train_per_class, self.test_per_class, seed, self.download
+        )
 
 
 def search_job(
@@ -196,7 +196,7 @@ def _print_seed_table(summaries: list[dict[str, Any]]) -> None:
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="A ticket folder, or a model file (.safetensors, .pt, .pth).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: Json = False,
 ) -> None:
     """Show a ticket's or model file's architecture, accuracy, search history and density per layer."""
     report = _ticket_report(path) if (path / MANIFEST).is_file() else _model_file_report(path)

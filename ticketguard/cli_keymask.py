@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ticketguard.data import dataset_spec, load_dataset
+from ticketguard.data import dataset_spec
 from ticketguard.errors import InputError
+from ticketguard.options import DataDir, Device, Epochs, Json, TestPerClass, TrainPerClass, subset_data
 from ticketguard.progress import console, progress_bar
 from ticketguard.schemes.keymask import (
     check_key_density,
@@ -71,17 +72,17 @@ def merge(
 def verify_key_command(
     locked: Annotated[Path, typer.Argument(help="The locked ticket folder.")],
     key: Annotated[Optional[Path], typer.Option(help="Key folder; without it, check the lock only.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder or .tar.gz of the data set.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Retraining epochs (default: data set's).")] = None,
+    data_dir: DataDir = None,
+    epochs: Epochs = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = TRAIN.batch_size,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TRAIN.lr,
     eps: Annotated[float, typer.Option(help="eps_f in accuracy points.")] = 1.0,
     fake1: Annotated[bool, typer.Option(help="Also retrain with a random key (fake1).")] = False,
-    train_per_class: Annotated[Optional[int], typer.Option(help="Class-balanced training subset.")] = None,
-    test_per_class: Annotated[Optional[int], typer.Option(help="Use a class-balanced test subset.")] = None,
+    train_per_class: TrainPerClass = None,
+    test_per_class: TestPerClass = None,
     seed: Annotated[int, typer.Option(help="Seed of both retraining runs.")] = TRAIN.seed,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+    device: Device = "auto",
+    as_json: Json = False,
 ) -> None:
     """Retrain the locked ticket without and with the key; ownership shows as an accuracy gap beyond eps_f.
 
@@ -93,9 +94,7 @@ def verify_key_command(
         ticket, secret = load_pair(locked, key)
     spec = dataset_spec(ticket.dataset)
     config = TrainConfig(epochs=epochs or spec.default_epochs, batch_size=batch_size, lr=lr, seed=seed)
-    data = load_dataset(ticket.dataset, data_dir, False)
-    if train_per_class or test_per_class:
-        data = data.subset(train_per_class, test_per_class, seed)
+    data = subset_data(ticket.dataset, data_dir, train_per_class, test_per_class, seed)
     with progress_bar() as progress:
         verdict = verify_key(ticket, secret, data, config, eps / 100, resolve_device(device), progress, fake1)
     if as_json:

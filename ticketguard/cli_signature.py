@@ -25,9 +25,10 @@ from ticketguard.claim import (
     sign,
     ticket_hashes,
 )
-from ticketguard.data import dataset_spec, load_dataset
+from ticketguard.data import dataset_spec
 from ticketguard.errors import InputError
 from ticketguard.blackbox import load_served_model
+from ticketguard.options import DataDir, Device, Epochs, Json, TrainPerClass, subset_data
 from ticketguard.progress import console
 from ticketguard.schemes import signature as scheme
 from ticketguard.schemes.trigger import trigger_from_claim, verify_local
@@ -40,7 +41,6 @@ commands = typer.Typer()
 
 TRAIN = TrainConfig()
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout for scripts.")]
 ImageOption = Annotated[
     Optional[Path], typer.Option(help="Write the extracted code next to the expected one (PNG).")
 ]
@@ -71,26 +71,18 @@ def embed(
             help="Colour of kept connections: dark (robust to pruning), light, or any (fewest changes)."
         ),
     ] = "dark",
-    data_dir: Annotated[
-        Optional[Path], typer.Option(help="Folder or .tar.gz of the ticket's data set.")
-    ] = None,
-    epochs: Annotated[
-        Optional[int], typer.Option(help="Retraining epochs (default: the data set's).")
-    ] = None,
+    data_dir: DataDir = None,
+    epochs: Epochs = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the retraining.")] = TRAIN.lr,
-    train_per_class: Annotated[
-        Optional[int], typer.Option(help="Retrain on a class-balanced subset.")
-    ] = None,
+    train_per_class: TrainPerClass = None,
     seed: Annotated[int, typer.Option(help="Seed of batch order and augmentation.")] = TRAIN.seed,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Write a QR signature into the ticket's mask, retrain it, save the protected ticket and the claim."""
     claim_path = claim or out.with_name(out.name + ".claim.json")
     private_key = load_private_key(key) if key else None
     ticket = Ticket.load(ticket_path)
-    data = load_dataset(ticket.dataset, data_dir, False)
-    if train_per_class:
-        data = data.subset(train_per_class, None, seed)
+    data = subset_data(ticket.dataset, data_dir, train_per_class, None, seed)
     config = TrainConfig(epochs=epochs or dataset_spec(ticket.dataset).default_epochs, lr=lr, seed=seed)
     started = time.perf_counter()
     protected, found, report = scheme.protect_ticket(
@@ -146,7 +138,7 @@ def extract(
     alpha: Annotated[
         float, typer.Option(help="False-claim probability the decision allows.")
     ] = DEFAULT_ALPHA,
-    as_json: JsonOption = False,
+    as_json: Json = False,
 ) -> None:
     """Read the signature from a suspect: with a claim, decode and test it; without, scan for any code."""
     if claim is not None:
@@ -173,7 +165,7 @@ def verify(
     alpha: Annotated[
         float, typer.Option(help="False-claim probability the decision allows.")
     ] = DEFAULT_ALPHA,
-    as_json: JsonOption = False,
+    as_json: Json = False,
 ) -> None:
     """Decide whether the suspect carries the claimed signature: exit 0 shown, 1 not shown, 2 bad input."""
     _verify(suspect, claim, image, public_key, alpha, as_json)

@@ -13,9 +13,10 @@ from rich.table import Table
 
 from ticketguard.blackbox import PROTOCOLS, Endpoint, ModelServer, load_served_model, query_labels
 from ticketguard.claim import Claim, check_signature, load_claim, save_claim, ticket_hashes
-from ticketguard.data import ImageData, dataset_spec, load_dataset
+from ticketguard.data import ImageData, dataset_spec
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
 from ticketguard.errors import InputError
+from ticketguard.options import DataDir, Device, Epochs, Json, TestPerClass, TrainPerClass, subset_data
 from ticketguard.progress import console, progress_bar
 from ticketguard.schemes.trigger import (
     CHANCE_MODELS,
@@ -72,15 +73,13 @@ def _ticket_data(
     seed: int,
 ) -> ImageData:
     """The data WE trains on: the ticket's data set by default, checked against its inputs and classes."""
-    dataset = load_dataset(data or ticket.dataset, data_dir)
+    dataset = subset_data(data or ticket.dataset, data_dir, train_per_class, test_per_class, seed)
     expected = (ticket.in_channels, *ticket.input_size)
     if dataset.input_shape != expected or dataset.num_classes != ticket.num_classes:
         raise InputError(
             f"the data set has inputs {dataset.input_shape} and {dataset.num_classes} classes, "
             f"but the ticket takes {expected} and {ticket.num_classes}"
         )
-    if train_per_class or test_per_class:
-        return dataset.subset(train_per_class, test_per_class, seed)
     return dataset
 
 
@@ -102,22 +101,20 @@ def watermark(
         str, typer.Option(help="Train from the ticket's rewind W_k or fine-tune its weights.")
     ] = "rewind",
     data: Annotated[Optional[str], typer.Option(help="Data set (default: the ticket's).")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder or .tar.gz of the data set.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: the data set's).")] = None,
+    data_dir: DataDir = None,
+    epochs: Epochs = None,
     batch_size: Annotated[int, typer.Option(help="Batch size of the ticket's data.")] = TRAIN.batch_size,
     lr: Annotated[
         float, typer.Option(help="Peak learning rate (x0.1 at 50% and 75% of the epochs).")
     ] = TRAIN.lr,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = TRAIN.weight_decay,
-    train_per_class: Annotated[
-        Optional[int], typer.Option(help="Use a class-balanced training subset.")
-    ] = None,
-    test_per_class: Annotated[Optional[int], typer.Option(help="Use a class-balanced test subset.")] = None,
+    train_per_class: TrainPerClass = None,
+    test_per_class: TestPerClass = None,
     chance: Annotated[
         str, typer.Option(help=f"Chance model of the claim: {', '.join(CHANCE_MODELS)}.")
     ] = "suspect",
     seed: Annotated[int, typer.Option(help="Seed of batch order and augmentation.")] = TRAIN.seed,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Retrain a ticket with a trigger set mixed into every batch (WE); record the trigger set in a claim."""
     if start not in STARTS:
@@ -224,7 +221,7 @@ def query(
     ] = None,
     chance: Annotated[Optional[str], typer.Option(help="Chance model (default: the claim's).")] = None,
     alpha: Annotated[float, typer.Option(help="False-claim rate of the decision.")] = DEFAULT_ALPHA,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON for scripts.")] = False,
+    as_json: Json = False,
 ) -> None:
     """Ask a suspect's prediction API for the trigger labels; exit 0 if ownership is shown, 1 if not."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the verdict
