@@ -2,6 +2,415 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
 import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from ticketguard import attacks, harness, report
+from ticketguard.claim import Claim, load_claim, save_claim, ticket_hashes
+from ticketguard.data import ImageData, load_dataset
+from ticketguard.data.triggers import keyed_trigger_set
+from ticketguard.errors import InputError
+from ticketguard.files import save_tensors
+from ticketguard.imp import SearchConfig, find_extreme_ticket
+from ticketguard.progress import console, progress_bar
+from ticketguard.schemes import keymask as v1
+from ticketguard.schemes import signature as v2
+from ticketguard.schemes import trigger as v3
+from ticketguard.suspect import load_suspect
+from ticketguard.ticket import MANIFEST, Ticket
+from ticketguard.training import TrainConfig, resolve_device, state_copy
+from ticketguard.verify import DEFAULT_ALPHA
 
 commands = typer.Typer()
+
+DEFENCE = "defence"
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+TRAINING_ATTACKS = ("finetune", "transfer")
+
+
+def _fractions(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(
+            f"{option} must be comma-separated fractions such as 0.05,0.1,0.2, got {text!r}"
+        ) from None
+
+
+def _load_data(
+    name: str, data_dir: Path | None, per_class: tuple[int | None, int | None], seed: int
+) -> ImageData:
+    data = load_dataset(name, data_dir)
+    return data.subset(*per_class, seed) if any(per_class) else data
+
+
+def _transfer_data(name: str | None, data: ImageData, data_dir: Path | None) -> ImageData | None:
+    """``parity`` is the even/odd task on the ticket's own inputs; any other name is a data set."""
+    if name is None:
+        return None
+    return harness.parity_task(data) if name == "parity" else load_dataset(name, data_dir)
+
+
+def _claim_context(claim: Path | None) -> dict[str, Any]:
+    if claim is None:
+        return {}
+    loaded = load_claim(claim)
+    context: dict[str, Any] = {"signature": loaded.signature}
+    threshold = loaded.extensions.get(DEFENCE, {}).get("threshold")
+    if threshold is not None:
+        context["threshold"] = float(threshold)
+    return context
+
+
+@commands.command()
+def attack(
+    suspect: Annotated[Path, typer.Argument(help="Ticket folder, safetensors or torch state_dict file.")],
+    attack_spec: Annotated[
+        str,
+        typer.Option(
+            "--attack",
+            help=(
+                f"Attack ({', '.join(attacks.ATTACKS)}) or a chain such as "
+                "magnitude:fraction=0.1+finetune:epochs=2."
+            ),
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="File (.safetensors) or folder for the attacked model.")],
+    fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            "--fraction",
+            "--ratio",
+            help=("Share of the remaining (pruning) or pruned (add-on, fake2) weights."),
+        ),
+    ] = None,
+    scale: Annotated[
+        Optional[float], typer.Option(help="Added weights' std, in units of the kept weights' std.")
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning / transfer epochs.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Fine-tuning / transfer learning rate.")] = None,
+    free: Annotated[
+        bool, typer.Option(help="Fine-tune every weight (dense), not only the kept ones.")
+    ] = False,
+    threshold: Annotated[
+        Optional[float], typer.Option(help="Defence: prune |W| below t (default: the claim's).")
+    ] = None,
+    key_density: Annotated[
+        Optional[float], typer.Option(help="fake1: the key's share of kept weights.")
+    ] = None,
+    payload: Annotated[Optional[str], typer.Option(help="fake3: the forged text.")] = None,
+    claim: Annotated[
+        Optional[Path], typer.Option(help="The owner's claim: code region (fake3), defence t.")
+    ] = None,
+    data: Annotated[Optional[str], typer.Option(help="Fine-tuning data set (default: the ticket's).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder or .tar.gz of the data set.")] = None,
+    transfer_data: Annotated[
+        Optional[str], typer.Option(help="Transfer target: a data set, or parity.")
+    ] = None,
+    train_per_class: Annotated[
+        Optional[int], typer.Option(help="Fine-tune on a class-balanced subset.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the attack's randomness.")] = 0,
+    device: DeviceOption = "auto",
+) -> None:
+    """Attack a suspect model and write the attacked weights as a new safetensors file."""
+    steps = attacks.parse_chain(attack_spec)
+    is_ticket = (suspect / MANIFEST).is_file()
+    ticket = Ticket.load(suspect) if is_ticket else None
+    if ticket is not None:
+        weights, mask = dict(ticket.weights), ticket.mask
+        key_density = key_density or ticket.metadata.get(v1.METADATA_ENTRY, {}).get("key_density")
+        data = data or ticket.dataset
+    else:
+        loaded = load_suspect(suspect)
+        weights, mask = loaded.weights, loaded.mask
+    options = {
+        "fraction": fraction,
+        "scale": scale,
+        "epochs": epochs,
+        "lr": lr,
+        "payload": payload,
+        "seed": seed,
+        "key_density": key_density,
+        "free": free or None,
+    }
+    context: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    context |= _claim_context(claim)
+    if threshold is not None:
+        context["threshold"] = threshold
+    needs_data = any(step.name in TRAINING_ATTACKS for step in steps)
+    if needs_data:
+        if data is None:
+            raise InputError("fine-tuning needs a data set: give --data (the suspect is not a ticket folder)")
+        context["data"] = _load_data(data, data_dir, (train_per_class, None), seed)
+        context["transfer_data"] = _transfer_data(transfer_data, context["data"], data_dir)
+        context["device"] = resolve_device(device)
+    context = {k: v for k, v in context.items() if v is not None}
+    started = time.perf_counter()
+    attacked, attacked_mask = attacks.chain(weights, mask, steps, context)
+    path = out if out.suffix == ".safetensors" else out / "attacked.safetensors"
+    save_tensors(path, attacked)
+    console.print(
+        f"{' then '.join(map(str, steps))}: weights left {100 * mask.density():.2f}% -> "
+        f"{100 * attacked_mask.density():.2f}%; wrote [bold]{path}[/] "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+
+
+def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title)
+    for column in report.COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*report.display_row(row).values())
+    console.print(table)
+
+
+def _figures(rows: list[dict[str, Any]], signature: v2.Signature | None, out: Path) -> list[Path]:
+    figures = [report.plot_curves(rows, out / "robustness.png")]
+    if signature is not None:
+        figures.append(report.qr_grid(rows, signature, out / "qr-grid.png"))
+    return figures
+
+
+@commands.command()
+def evaluate(
+    ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="The protected ticket folder.")],
+    claim: Annotated[Path, typer.Option(help="The owner's claim (signature, trigger set, defence t).")],
+    out: Annotated[
+        Path, typer.Option(help="Folder for results.json/.csv/.md, the plots and finished points.")
+    ] = Path("runs/evaluate"),
+    prune: Annotated[
+        str, typer.Option(help="Pruning fractions of the remaining weights.")
+    ] = "0.05,0.1,0.2,0.3,0.5",
+    addon: Annotated[
+        str, typer.Option(help="Add-on fractions of the pruned positions.")
+    ] = "0.005,0.01,0.05,0.1",
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tuning attacks.")] = 3,
+    transfer_data: Annotated[
+        Optional[str], typer.Option(help="Also transfer to this data set (or parity).")
+    ] = None,
+    key_density: Annotated[
+        Optional[float], typer.Option(help="fake1 key size (default: the ticket's V1 key).")
+    ] = None,
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="Folder or .tar.gz of the ticket's data set.")
+    ] = None,
+    train_per_class: Annotated[
+        Optional[int], typer.Option(help="Fine-tune on a class-balanced subset.")
+    ] = None,
+    test_per_class: Annotated[
+        Optional[int], typer.Option(help="Measure on a class-balanced test subset.")
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(help="False-claim probability the decisions allow.")
+    ] = DEFAULT_ALPHA,
+    device: DeviceOption = "auto",
+) -> None:
+    """Run an attack grid on a protected ticket and measure accuracy and every piece of evidence."""
+    if not 0 < alpha < 1:
+        raise InputError(f"--alpha must lie in (0, 1), got {alpha}")
+    ticket = Ticket.load(ticket_path)
+    claimed = load_claim(claim)
+    data = _load_data(ticket.dataset, data_dir, (train_per_class, test_per_class), 0)
+    part = claimed.extensions.get(v3.EXTENSION)
+    subject = harness.Subject(
+        ticket,
+        data,
+        claimed.signature,
+        v3.trigger_from_claim(part) if isinstance(part, dict) else None,
+        part.get("chance_model", "suspect") if isinstance(part, dict) else "suspect",
+        key_density or ticket.metadata.get(v1.METADATA_ENTRY, {}).get("key_density"),
+        claimed.extensions.get(DEFENCE, {}).get("threshold"),
+        _transfer_data(transfer_data, data, data_dir),
+        alpha,
+        resolve_device(device),
+    )
+    points = harness.default_grid(
+        _fractions(prune, "--prune"),
+        _fractions(addon, "--addon"),
+        finetune_epochs,
+        subject.transfer_data is not None,
+    )
+    with progress_bar() as progress:
+        rows = harness.run_grid(subject, points, out, progress)
+    paths = harness.write_results(rows, out)
+    figures = _figures(rows, subject.signature, out)
+    _print_rows(rows, f"attacks on {ticket_path}")
+    console.print(f"results in [bold]{paths['md']}[/], figures {', '.join(map(str, figures))}")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's settings: a capped IMP search, V2 + V3 retraining, a V1 key and a small attack grid."""
+
+    rounds: int = 8
+    ratio: float = 0.2
+    epochs: int = 20
+    rewind_epoch: int = 1
+    payload: str = "ACME-R20-2026"
+    trigger_seed: int = 2021
+    trigger_count: int = 100
+    per_batch: int = 8
+    key_density: float = 0.2
+    key_score: str = "ewp"
+    finetune_epochs: int = 3
+    eps: float = 0.01
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    seed: int = 0
+
+
+DEMO = DemoConfig()
+
+
+def _protect(
+    ticket: Ticket, data: ImageData, config: DemoConfig, device: torch.device, progress: Progress, out: Path
+) -> tuple[Ticket, Claim, dict[str, Any]]:
+    """V2 then V3: embed the signature into the mask, retrain from W_k with the trigger set mixed in; also
+    retrain with the signature alone, so each scheme's accuracy cost is measured by itself."""
+    train_config = TrainConfig(epochs=config.epochs, seed=config.seed)
+    signed, signature, embedded = v2.protect_ticket(ticket, config.payload, data, train_config, device=device)
+    trigger = keyed_trigger_set(
+        config.trigger_seed,
+        config.trigger_count,
+        ticket.num_classes,
+        ticket.in_channels,
+        tuple(ticket.input_size),
+    )
+    mean, std = data.channel_stats()
+    unmarked = v3.verify_local(
+        signed.build_model().to(device), trigger.to(device), mean, std, data.num_classes
+    )
+    model = ticket.build_model("rewind").to(device)
+    marked = v3.watermark(
+        model, data, trigger, train_config, signed.mask, per_batch=config.per_batch, progress=progress
+    )
+    protected = replace(
+        signed,
+        weights=state_copy(model),
+        accuracy=marked.accuracy,
+        metadata={**signed.metadata, "normalization": {"mean": mean.tolist(), "std": std.tolist()}},
+    )
+    protected.save(out / "protected")
+    threshold = attacks.defence_threshold(protected.weights, protected.mask)
+    claim = Claim(
+        signature,
+        ticket_hashes(out / "protected"),
+        extensions={
+            v3.EXTENSION: v3.claim_part(
+                trigger,
+                data.num_classes,
+                "suspect",
+                accuracy=marked.accuracy,
+                trigger_accuracy=marked.trigger_accuracy,
+            ),
+            DEFENCE: {"threshold": threshold, "quantile": attacks.DEFENCE_QUANTILE},
+        },
+    )
+    save_claim(out / "claim.json", claim)
+    numbers = {
+        "v2_accuracy": signed.accuracy,
+        "cells_changed": embedded.changed_cells,
+        "accuracy": marked.accuracy,
+        "trigger_accuracy": marked.trigger_accuracy,
+        "unmarked_trigger_accuracy": unmarked.score,
+        "threshold": threshold,
+    }
+    return protected, claim, numbers
+
+
+def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Progress) -> dict[str, Any]:
+    """The whole story on digits; returns the numbers the report shows."""
+    data = _load_data("digits", None, (config.train_per_class, config.test_per_class), config.seed)
+    search = SearchConfig(
+        ratios=(config.ratio,),
+        max_rounds=config.rounds,
+        rewind_epoch=config.rewind_epoch,
+        eps=config.eps,
+        train=TrainConfig(epochs=config.epochs, seed=config.seed),
+    )
+    ticket = find_extreme_ticket(data, search, out / "search", device, progress)
+    ticket.save(out / "ticket")
+    protected, claim, numbers = _protect(ticket, data, config, device, progress, out)
+    locked, key = v1.split_key(protected, config.key_density, config.key_score)
+    v1.save_split(locked, key, out / "split")
+    verdict = v1.verify_key(
+        locked,
+        key,
+        data,
+        TrainConfig(epochs=config.epochs, seed=config.seed),
+        config.eps,
+        device,
+        progress,
+        fake1=True,
+    )
+    part = claim.extensions[v3.EXTENSION]
+    subject = harness.Subject(
+        protected,
+        data,
+        claim.signature,
+        v3.trigger_from_claim(part),
+        "suspect",
+        config.key_density,
+        claim.extensions[DEFENCE]["threshold"],
+        harness.parity_task(data),
+        DEFAULT_ALPHA,
+        device,
+    )
+    points = harness.default_grid(finetune_epochs=config.finetune_epochs, transfer=True)
+    rows = harness.run_grid(subject, points, out / "grid", progress)
+    harness.write_results(rows, out / "grid")
+    return {
+        "ticket": {
+            "density": ticket.mask.density(),
+            "accuracy": ticket.accuracy,
+            "dense_accuracy": ticket.metadata.get("dense_accuracy"),
+            "counts": ticket.metadata.get("search", {}).get("counts"),
+        },
+        "protection": numbers,
+        "signature": claim.signature,
+        "v1": verdict.evidence[0].details | {"owned": verdict.owned, "key_density": config.key_density},
+        "rows": rows,
+    }
+
+
+@commands.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option(help="Report folder: report.md with the tables, PNGs beside it.")
+    ] = Path("runs/demo"),
+    device: DeviceOption = "auto",
+    rounds: Annotated[int, typer.Option(hidden=True)] = DEMO.rounds,
+    epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.epochs,
+    finetune_epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.finetune_epochs,
+    train_per_class: Annotated[Optional[int], typer.Option(hidden=True)] = None,
+    test_per_class: Annotated[Optional[int], typer.Option(hidden=True)] = None,
+) -> None:
+    """The whole story on the built-in digits: find an extreme ticket, sign it (V2), watermark it (V3), split
+    a key (V1), attack it, verify, and write a report with the paper's numbers beside ours."""
+    if rounds < 1 or epochs < 2:
+        raise InputError(f"the demo needs >= 1 round and >= 2 epochs, got {rounds} and {epochs}")
+    config = replace(
+        DEMO,
+        rounds=rounds,
+        epochs=epochs,
+        finetune_epochs=finetune_epochs,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+    )
+    started = time.perf_counter()
+    with progress_bar() as progress:
+        results = run_demo(out, config, resolve_device(device), progress)
+    results["seconds"] = time.perf_counter() - started
+    figures = _figures(results["rows"], results["signature"], out)
+    path = report.write_demo_report(out, results, [f.name for f in figures])
+    _print_rows(results["rows"], "attacks on the protected ticket")
+    console.print(f"demo finished in {results['seconds']:.0f} s; report: [bold]{path}[/]")

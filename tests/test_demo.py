@@ -1,0 +1,43 @@
+"""`ticketguard demo` with tiny settings: the whole story runs and writes its report with the figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ticketguard.cli import main
+
+
+def test_demo_writes_report_with_paper_comparison_and_figures(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--rounds",
+        "1",
+        "--epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--train-per-class",
+        "10",
+        "--test-per-class",
+        "5",
+    ]
+    assert main(argv) == 0
+    assert str(out / "report.md") in capsys.readouterr().err.replace("\n", "")
+    report = (out / "report.md").read_text()
+    for heading in ("beside the paper", "19.369 %", "fake3", "V1: retrained accuracy", "robustness.png"):
+        assert heading in report
+    for figure in ("robustness.png", "qr-grid.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((out / "grid" / "results.json").read_text())
+    assert all(row["error"] is None for row in rows)
+    assert {"fake1", "fake2", "fake3", "add-on", "fine-tuning"} <= {row["family"] for row in rows}
+    assert (out / "claim.json").is_file() and (out / "protected" / "ticket.json").is_file()
+
+
+def test_demo_refuses_too_few_epochs(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1"]) == 2
+    assert "epochs" in capsys.readouterr().err

@@ -1,0 +1,247 @@
+"""The evaluation harness: run an attack grid on a protected ticket and measure every piece of evidence.
+
+Each grid point is a chain of attacks (``attacks.parse_chain``). Per point: weights left, test accuracy, QR
+decode, module match rate and p-value (V2), trigger accuracy and p-value (V3), and the overall decision. Each
+finished point is stored atomically in ``OUT/points/<key>.json`` with the sha256 of the attacked ticket's
+weights, so a rerun on the same ticket skips it; a point that fails is recorded with its error (and retried on
+the next run) while the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+from ticketguard import attacks
+from ticketguard.data import ImageData
+from ticketguard.data.triggers import TriggerSet
+from ticketguard.files import atomic_path, read_json, write_json
+from ticketguard.models import build_model, identify_architecture
+from ticketguard.report import COLUMNS, display_row, markdown_table
+from ticketguard.schemes import signature as v2
+from ticketguard.schemes.trigger import verify_local
+from ticketguard.ticket import Ticket
+from ticketguard.training import evaluate
+from ticketguard.verify import DEFAULT_ALPHA, Evidence, Verdict
+
+log = logging.getLogger(__name__)
+
+POINTS = "points"
+RESULTS = "results"
+
+
+@dataclass
+class Subject:
+    """The protected ticket under attack and the owner's claim: what each grid point is judged against."""
+
+    ticket: Ticket
+    data: ImageData
+    signature: v2.Signature | None = None
+    trigger: TriggerSet | None = None
+    chance_model: str = "suspect"
+    key_density: float | None = None
+    threshold: float | None = None
+    transfer_data: ImageData | None = None
+    alpha: float = DEFAULT_ALPHA
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def fingerprint(self) -> str:
+        """sha256 of the shipped weights: a stored point counts as finished only for the same ticket."""
+        digest = hashlib.sha256()
+        for name in sorted(self.ticket.weights):
+            digest.update(name.encode())
+            digest.update(self.ticket.weights[name].detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def context(self) -> dict[str, Any]:
+        """What attacks may take from the claim and the setting (``attacks.run_step`` picks per attack)."""
+        context = {
+            "data": self.data,
+            "signature": self.signature,
+            "key_density": self.key_density,
+            "threshold": self.threshold,
+            "transfer_data": self.transfer_data,
+            "device": self.device,
+        }
+        return {k: v for k, v in context.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One attack setting: its family (a curve in the plots), strength (x axis) and chain of attacks."""
+
+    family: str
+    strength: float
+    spec: str
+    title: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.title or self.spec.replace("+", " then ")
+
+    @property
+    def key(self) -> str:
+        """A file name that is unique per spec and readable."""
+        digest = hashlib.sha256(self.spec.encode()).hexdigest()[:8]
+        return f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', self.spec)[:60]}-{digest}"
+
+
+def default_grid(
+    prune: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5),
+    addon: tuple[float, ...] = (0.005, 0.01, 0.05, 0.1),
+    finetune_epochs: int = 3,
+    transfer: bool = False,
+) -> list[GridPoint]:
+    """The paper's robustness grid: pruning 5-50 %, add-on 0.5-10 % with and without the owner's defence,
+    fine-tuning (mask fixed, and free with and without the defence), prune 10 % then fine-tune, and the
+    forgeries fake1-3."""
+    points = [GridPoint("none", 0.0, "magnitude:fraction=0", "none (shipped ticket)")]
+    for name in ("magnitude", "random"):
+        points += [GridPoint(f"{name} pruning", f, f"{name}:fraction={f}") for f in prune]
+    points += [GridPoint("add-on", f, f"addon:fraction={f}") for f in addon]
+    points += [GridPoint("add-on + defence", f, f"addon:fraction={f}+defence") for f in addon]
+    tune = f"epochs={finetune_epochs}"
+    points += [
+        GridPoint("fine-tuning", finetune_epochs, f"finetune:{tune}"),
+        GridPoint("dense fine-tuning", finetune_epochs, f"finetune:{tune}:free=true"),
+        GridPoint("dense fine-tuning + defence", finetune_epochs, f"finetune:{tune}:free=true+defence"),
+        GridPoint("prune 10 % + fine-tuning", finetune_epochs, f"magnitude:fraction=0.1+finetune:{tune}"),
+    ]
+    if transfer:
+        points.append(GridPoint("transfer", finetune_epochs, f"transfer:{tune}"))
+    points += [GridPoint(name, 1.0, name) for name in ("fake1", "fake2", "fake3")]
+    return points
+
+
+def _model(weights: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.nn.Module, int] | None:
+    architecture = identify_architecture(weights)
+    if architecture is None:
+        return None
+    model = build_model(*architecture)
+    model.load_state_dict(weights)
+    return model.to(device), architecture[2]
+
+
+def measure(subject: Subject, weights: dict[str, torch.Tensor], density: float) -> dict[str, Any]:
+    """Every number of one row for attacked ``weights``; evidence that does not apply stays None."""
+    row: dict[str, Any] = {
+        "density": density,
+        "accuracy": None,
+        "qr_decodes": None,
+        "match_rate": None,
+        "qr_p_value": None,
+        "qr_modules": None,
+        "trigger_accuracy": None,
+        "trigger_p_value": None,
+    }
+    evidence: list[Evidence] = []
+    built = _model(weights, subject.device)
+    same_task = built is not None and built[1] == subject.data.num_classes
+    if same_task:
+        row["accuracy"] = evaluate(built[0], subject.data)
+    if subject.signature is not None:
+        verdict, reading = v2.verify(weights, subject.signature, subject.alpha)
+        evidence += verdict.evidence
+        row |= {
+            "qr_decodes": reading.decoded.text == subject.signature.payload,
+            "match_rate": reading.match_rate,
+            "qr_p_value": reading.p_value,
+            "qr_modules": "".join("1" if m else "0" for m in reading.voted),
+        }
+    if subject.trigger is not None and same_task:
+        mean, std = subject.data.channel_stats()
+        found = verify_local(
+            built[0],
+            subject.trigger.to(subject.device),
+            mean,
+            std,
+            subject.data.num_classes,
+            subject.chance_model,
+            subject.alpha,
+        )
+        evidence.append(found)
+        row |= {"trigger_accuracy": found.score, "trigger_p_value": found.p_value}
+    row["owned"] = Verdict(tuple(evidence), subject.alpha).owned if evidence else None
+    return row
+
+
+def run_point(subject: Subject, point: GridPoint) -> dict[str, Any]:
+    """Attack the shipped ticket as ``point`` says and measure the result."""
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    weights, mask = attacks.chain(
+        subject.ticket.weights, subject.ticket.mask, attacks.parse_chain(point.spec), subject.context()
+    )
+    row = measure(subject, weights, mask.density())
+    return {**_identity(point), **row, "seconds": time.perf_counter() - started, "error": None}
+
+
+def _identity(point: GridPoint) -> dict[str, Any]:
+    return {"attack": point.label, "family": point.family, "strength": point.strength, "spec": point.spec}
+
+
+def run_grid(
+    subject: Subject, points: list[GridPoint], out: str | Path, progress: Progress | None = None
+) -> list[dict[str, Any]]:
+    """Every point in order, skipping those already stored in ``OUT/points``; failures are rows too."""
+    folder = Path(out) / POINTS
+    task = progress.add_task("attack grid", total=len(points), status="") if progress else None
+    rows, fingerprint = [], subject.fingerprint()
+    for point in points:
+        path = folder / f"{point.key}.json"
+        stored = read_json(path) if path.is_file() else None
+        if stored is not None and stored.get("error") is None and stored.get("ticket") == fingerprint:
+            row = stored
+        else:
+            if progress is not None:
+                progress.update(task, status=point.label)
+            try:
+                row = run_point(subject, point)
+            except Exception as err:  # noqa: BLE001 - a failed point is reported; the grid goes on
+                log.warning("attack %s failed: %s", point.label, err)
+                row = {**_identity(point), "error": f"{type(err).__name__}: {err}"}
+            row["ticket"] = fingerprint
+            write_json(path, row)
+        rows.append(row)
+        if progress is not None:
+            progress.advance(task)
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path]:
+    """results.json (every number), results.csv and results.md (the table as shown), written atomically."""
+    out = Path(out)
+    paths = {kind: out / f"{RESULTS}.{kind}" for kind in ("json", "csv", "md")}
+    write_json(paths["json"], rows)
+    shown = [display_row(row) for row in rows]
+    buffer = io.StringIO()
+    fields = list(dict.fromkeys(k for row in rows for k in row if k != "qr_modules"))
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(paths["csv"]) as tmp:
+        tmp.write_text(buffer.getvalue())
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(markdown_table(shown, list(COLUMNS)) + "\n")
+    return paths
+
+
+def parity_task(data: ImageData) -> ImageData:
+    """Another task on the same inputs (even / odd class), the stand-in data set for transfer on digits."""
+    return replace(
+        data,
+        name=f"{data.name}-parity",
+        classes=("even", "odd"),
+        train_labels=data.train_labels % 2,
+        test_labels=data.test_labels % 2,
+    )
