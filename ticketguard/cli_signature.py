@@ -41,6 +41,10 @@ commands = typer.Typer()
 
 TRAIN = TrainConfig()
 
+PublicKeyOption = Annotated[
+    Optional[Path], typer.Option(help="Owner's public key the claim must be signed with.")
+]
+AlphaOption = Annotated[float, typer.Option(help="False-claim probability the decision allows.")]
 ImageOption = Annotated[
     Optional[Path], typer.Option(help="Write the extracted code next to the expected one (PNG).")
 ]
@@ -132,12 +136,8 @@ def extract(
         Optional[Path], typer.Option(help="The owner's claim; without it, scan for any code.")
     ] = None,
     image: ImageOption = None,
-    public_key: Annotated[
-        Optional[Path], typer.Option(help="Owner's public key the claim must be signed with.")
-    ] = None,
-    alpha: Annotated[
-        float, typer.Option(help="False-claim probability the decision allows.")
-    ] = DEFAULT_ALPHA,
+    public_key: PublicKeyOption = None,
+    alpha: AlphaOption = DEFAULT_ALPHA,
     as_json: Json = False,
 ) -> None:
     """Read the signature from a suspect: with a claim, decode and test it; without, scan for any code."""
@@ -159,12 +159,8 @@ def verify(
     suspect: Annotated[Path, typer.Argument(help="Ticket folder, safetensors or torch state_dict file.")],
     claim: Annotated[Path, typer.Option(help="The owner's claim file.")],
     image: ImageOption = None,
-    public_key: Annotated[
-        Optional[Path], typer.Option(help="Owner's public key the claim must be signed with.")
-    ] = None,
-    alpha: Annotated[
-        float, typer.Option(help="False-claim probability the decision allows.")
-    ] = DEFAULT_ALPHA,
+    public_key: PublicKeyOption = None,
+    alpha: AlphaOption = DEFAULT_ALPHA,
     as_json: Json = False,
 ) -> None:
     """Decide whether the suspect carries the claimed signature: exit 0 shown, 1 not shown, 2 bad input."""
