@@ -19,6 +19,7 @@ from ticketguard.data.triggers import keyed_trigger_set
 from ticketguard.errors import InputError
 from ticketguard.files import save_tensors
 from ticketguard.imp import SearchConfig, find_extreme_ticket
+from ticketguard.options import DataDir, Device, TestPerClass, subset_data
 from ticketguard.progress import console, progress_bar
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
@@ -31,7 +32,6 @@ from ticketguard.verify import DEFAULT_ALPHA
 commands = typer.Typer()
 
 DEFENCE = "defence"
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 TRAINING_ATTACKS = ("finetune", "transfer")
 
 
@@ -42,13 +42,6 @@ def _fractions(text: str, option: str) -> tuple[float, ...]:
         raise InputError(
             f"{option} must be comma-separated fractions such as 0.05,0.1,0.2, got {text!r}"
         ) from None
-
-
-def _load_data(
-    name: str, data_dir: Path | None, per_class: tuple[int | None, int | None], seed: int
-) -> ImageData:
-    data = load_dataset(name, data_dir)
-    return data.subset(*per_class, seed) if any(per_class) else data
 
 
 def _transfer_data(name: str | None, data: ImageData, data_dir: Path | None) -> ImageData | None:
@@ -110,7 +103,7 @@ def attack(
         Optional[Path], typer.Option(help="The owner's claim: code region (fake3), defence t.")
     ] = None,
     data: Annotated[Optional[str], typer.Option(help="Fine-tuning data set (default: the ticket's).")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder or .tar.gz of the data set.")] = None,
+    data_dir: DataDir = None,
     transfer_data: Annotated[
         Optional[str], typer.Option(help="Transfer target: a data set, or parity.")
     ] = None,
@@ -118,7 +111,7 @@ def attack(
         Optional[int], typer.Option(help="Fine-tune on a class-balanced subset.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the attack's randomness.")] = 0,
-    device: DeviceOption = "auto",
+    device: Device = "auto",
 ) -> None:
     """Attack a suspect model and write the attacked weights as a new safetensors file."""
     steps = attacks.parse_chain(attack_spec)
@@ -149,7 +142,7 @@ def attack(
     if needs_data:
         if data is None:
             raise InputError("fine-tuning needs a data set: give --data (the suspect is not a ticket folder)")
-        context["data"] = _load_data(data, data_dir, (train_per_class, None), seed)
+        context["data"] = subset_data(data, data_dir, train_per_class, None, seed)
         context["transfer_data"] = _transfer_data(transfer_data, context["data"], data_dir)
         context["device"] = resolve_device(device)
     context = {k: v for k, v in context.items() if v is not None}
@@ -200,26 +193,22 @@ def evaluate(
     key_density: Annotated[
         Optional[float], typer.Option(help="fake1 key size (default: the ticket's V1 key).")
     ] = None,
-    data_dir: Annotated[
-        Optional[Path], typer.Option(help="Folder or .tar.gz of the ticket's data set.")
-    ] = None,
+    data_dir: DataDir = None,
     train_per_class: Annotated[
         Optional[int], typer.Option(help="Fine-tune on a class-balanced subset.")
     ] = None,
-    test_per_class: Annotated[
-        Optional[int], typer.Option(help="Measure on a class-balanced test subset.")
-    ] = None,
+    test_per_class: TestPerClass = None,
     alpha: Annotated[
         float, typer.Option(help="False-claim probability the decisions allow.")
     ] = DEFAULT_ALPHA,
-    device: DeviceOption = "auto",
+    device: Device = "auto",
 ) -> None:
     """Run an attack grid on a protected ticket and measure accuracy and every piece of evidence."""
     if not 0 < alpha < 1:
         raise InputError(f"--alpha must lie in (0, 1), got {alpha}")
     ticket = Ticket.load(ticket_path)
     claimed = load_claim(claim)
-    data = _load_data(ticket.dataset, data_dir, (train_per_class, test_per_class), 0)
+    data = subset_data(ticket.dataset, data_dir, train_per_class, test_per_class, 0)
     part = claimed.extensions.get(v3.EXTENSION)
     subject = harness.Subject(
         ticket,
@@ -329,7 +318,7 @@ def _protect(
 
 def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Progress) -> dict[str, Any]:
     """The whole story on digits; returns the numbers the report shows."""
-    data = _load_data("digits", None, (config.train_per_class, config.test_per_class), config.seed)
+    data = subset_data("digits", None, config.train_per_class, config.test_per_class, config.seed)
     search = SearchConfig(
         ratios=(config.ratio,),
         max_rounds=config.rounds,
@@ -387,7 +376,7 @@ def demo(
     out: Annotated[
         Path, typer.Option(help="Report folder: report.md with the tables, PNGs beside it.")
     ] = Path("runs/demo"),
-    device: DeviceOption = "auto",
+    device: Device = "auto",
     rounds: Annotated[int, typer.Option(hidden=True)] = DEMO.rounds,
     epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.epochs,
     finetune_epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.finetune_epochs,
