@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import Progress
 from rich.table import Table
 
-from ticketguard import cli_evaluate, cli_keymask, cli_signature, cli_trigger, distributed
+from ticketguard import cli_evaluate, cli_keymask, cli_reproduce, cli_signature, cli_trigger, distributed
 from ticketguard.data import ImageData, dataset_spec
 from ticketguard.errors import InputError
 from ticketguard.imp import SearchConfig, find_extreme_ticket
@@ -271,7 +271,9 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(layers)
 
 
-for group in (cli_keymask.commands, cli_signature.commands, cli_trigger.commands, cli_evaluate.commands):
+for group in (
+    cli_keymask.commands, cli_signature.commands, cli_trigger.commands, cli_evaluate.commands, cli_reproduce.commands
+):
     app.registered_commands += group.registered_commands
 
 
