@@ -6,6 +6,7 @@ retrains the locked ticket from its rewind weights with the same protocol (fake1
 EWP-locked ticket). Writes OUT/fig2.png, OUT/fig2.md and OUT/fig2.json.
 
     python benchmarks/fig2.py                      # digits, 10 epochs per run
+    (ticketguard reproduce fig2 runs the same experiment inside the paper-reproduction report)
     python benchmarks/fig2.py --cifar --per-class 500 --epochs 30 --out runs/fig2-cifar
 """
 
@@ -16,21 +17,17 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from ticketguard.data import ImageData, load_dataset  # noqa: E402
-from ticketguard.data.cifar import load_image_folder  # noqa: E402
-from ticketguard.files import atomic_path, write_json  # noqa: E402
-from ticketguard.imp import SearchConfig, find_extreme_ticket  # noqa: E402
-from ticketguard.progress import console, progress_bar  # noqa: E402
-from ticketguard.schemes.keymask import forge_random_key, merge_key, retrain, split_key  # noqa: E402
-from ticketguard.scores import SCORES  # noqa: E402
-from ticketguard.training import TrainConfig, resolve_device  # noqa: E402
+from ticketguard.data import ImageData, load_dataset
+from ticketguard.data.cifar import load_image_folder
+from ticketguard.files import atomic_path, write_json
+from ticketguard.imp import SearchConfig, find_extreme_ticket
+from ticketguard.progress import console, progress_bar
+from ticketguard.reproduce import key_density_curve, plot_key_density
+from ticketguard.scores import SCORES
+from ticketguard.training import TrainConfig, resolve_device
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CIFAR_JPEG = SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
@@ -57,27 +54,6 @@ def load_data(args: argparse.Namespace) -> ImageData:
     return load_dataset("digits")
 
 
-def plot(results: dict, densities: list[float], path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for name, accuracies in results["without_key"].items():
-        axes.plot([100 * d for d in densities], [100 * a for a in accuracies], marker="o", label=name)
-    axes.plot([100 * d for d in densities], [100 * a for a in results["fake1"]], "k:", marker="x",
-              label="random key added (fake1)")
-    dense, eps = results["dense_accuracy"], results["eps"]
-    axes.axhline(100 * dense, color="gray", label="dense")
-    axes.axhline(100 * (dense - eps), color="gray", linestyle="--", label="dense - eps_f")
-    axes.set_xscale("log")
-    axes.set_xlabel("key relative density n_s (%)")
-    axes.set_ylabel("test accuracy without the key (%)")
-    density = 100 * results["ticket_density"]
-    axes.set_title(f"{results['dataset']} ResNet-20, ticket at {density:.2f}% of weights")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
-    plt.close(figure)
-
-
 def table(results: dict, densities: list[float]) -> str:
     head = "| n_s | " + " | ".join(results["without_key"]) + " | fake1 |"
     rows = [head, "|" + "---|" * (len(results["without_key"]) + 2)]
@@ -101,24 +77,13 @@ def main() -> None:
         search = SearchConfig(ratios=ratios, rewind_epoch=args.rewind_epoch, train=config)
         ticket = find_extreme_ticket(data, search, args.out / "search", device, progress)
         search_seconds = time.perf_counter() - started
-        with_key = retrain(ticket, data, config, device, progress, "ticket (with key)")
-        results = {
-            "dataset": data.name, "epochs": args.epochs, "eps": args.eps / 100,
-            "dense_accuracy": ticket.metadata["dense_accuracy"], "ticket_density": ticket.mask.density(),
-            "ticket_accuracy": ticket.accuracy, "accuracy_with_key": with_key, "densities": densities,
-            "without_key": {name: [] for name in scores}, "fake1": [],
-        }
-        for density in densities:
-            splits = {name: split_key(ticket, density, name) for name in scores}
-            for name, (locked, _) in splits.items():
-                accuracy = retrain(locked, data, config, device, progress, f"{name} n_s={density}")
-                results["without_key"][name].append(accuracy)
-            locked, key = splits.get("ewp", splits[scores[0]])
-            forged = merge_key(locked, forge_random_key(locked, key.size(), seed=1))
-            results["fake1"].append(retrain(forged, data, config, device, progress, f"fake1 n_s={density}"))
-    results["seconds"] = {"search": search_seconds, "total": time.perf_counter() - started}
+        curve = key_density_curve(ticket, data, config, densities, scores, device, progress)
+    results = {
+        "dataset": data.name, "epochs": args.epochs, "eps": args.eps / 100, "ticket_accuracy": ticket.accuracy,
+        **curve, "seconds": {"search": search_seconds, "total": time.perf_counter() - started},
+    }
     write_json(args.out / "fig2.json", results)
-    plot(results, densities, args.out / "fig2.png")
+    plot_key_density(curve, args.eps / 100, args.out / "fig2.png")
     markdown = table(results, densities)
     with atomic_path(args.out / "fig2.md") as tmp:
         tmp.write_text(markdown + "\n")

@@ -194,6 +194,7 @@ def add_on(
     return _switch_on(weights, mask, fraction, scale, seed)
 
 
+DEFENCE_CLAIM_KEY = "defence"  # where a claim records the owner's threshold t
 DEFENCE_QUANTILE = 0.005
 
 

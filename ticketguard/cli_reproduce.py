@@ -2,6 +2,78 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.table import Table
+
+from ticketguard import reproduce
+from ticketguard.options import DataDir, Device
+from ticketguard.progress import console, progress_bar
+from ticketguard.training import resolve_device
 
 commands = typer.Typer()
+
+
+def _print_table(title: str, rows: list[dict[str, str]]) -> None:
+    table = Table(title=title)
+    for column in ("quantity", "paper", "ours"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["quantity"], row["paper"], row["ours"])
+    console.print(table)
+
+
+@commands.command(name="reproduce")
+def reproduce_command(
+    targets: Annotated[
+        list[str] | None,
+        typer.Argument(help=f"Experiments to run ({', '.join(reproduce.EXPERIMENTS)}); default: all."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="Architecture (the paper's tables use resnet20).")] = "resnet20",
+    data: Annotated[str, typer.Option(help="digits (built in), cifar10 or cifar100.")] = "digits",
+    data_dir: DataDir = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Epochs per training run (default: scale x the data set's, at least 2)."),
+    ] = None,
+    scale: Annotated[
+        float,
+        typer.Option(help="Share of the per-class data, epochs, IMP rounds and grids, in (0, 1]; 1 = paper."),
+    ] = 0.1,
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.md, the figures and resumable results.")
+    ] = Path("runs/reproduce"),
+    device: Device = "auto",
+) -> None:
+    """Run the experiments behind the paper's tables and figures and write our numbers beside the paper's."""
+    names = reproduce.check_targets(targets or [])
+    reproduce.check_scale(scale)
+    reproduce.check_data_dir(data, data_dir)
+    started = time.perf_counter()
+    loaded, full_per_class = reproduce.load_scaled(data, data_dir, scale)
+    plan = reproduce.make_plan(model, data, epochs, scale, full_per_class)
+    if plan.train_per_class or plan.test_per_class:
+        loaded = loaded.subset(plan.train_per_class, plan.test_per_class, plan.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    reproduce.check_plan(out, plan)
+    results = {}
+    with progress_bar() as progress:
+        run = reproduce.Run(plan, loaded, out, resolve_device(device), progress)
+        for name in names:
+            results[name] = reproduce.run_experiment(run, name)
+    seconds = time.perf_counter() - started
+    path = reproduce.write_report(out, plan, results, seconds)
+    for name, result in results.items():
+        title = reproduce.EXPERIMENTS[name].title
+        if result.get("error"):
+            console.print(f"[red]{title}: failed: {result['error']}[/]")
+        else:
+            _print_table(title, reproduce.EXPERIMENTS[name].rows(result, plan.model))
+    failed = [name for name, result in results.items() if result.get("error")]
+    console.print(f"reproduce finished in {seconds:.0f} s; report: [bold]{path}[/]")
+    if failed:
+        console.print(f"[red]failed: {', '.join(failed)}[/]")
+        raise typer.Exit(1)

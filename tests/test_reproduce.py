@@ -1,0 +1,69 @@
+"""`ticketguard reproduce` at a tiny scale on digits: every experiment runs, the report shows our numbers beside
+the paper's, a rerun reuses the stored results, and bad input is refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ticketguard import reproduce
+from ticketguard.cli import main
+
+TINY = ["--data", "digits", "--scale", "0.2", "--epochs", "3"]
+
+
+def test_reproduce_writes_every_table_beside_the_papers_numbers(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "reproduce"
+    assert main(["reproduce", *TINY, "--out", str(out)]) == 0
+    assert str(out / "report.md") in capsys.readouterr().err.replace("\n", "")
+    report = (out / "report.md").read_text()
+    for experiment in reproduce.EXPERIMENTS.values():
+        assert f"## {experiment.title}" in report
+    assert "Failed" not in report
+    for number in ("19.369 %", "(5, 1, 8, 1)", "0.29 %", "91 %", "16 %", "91.37 % -> 57.00 %", "5-10 %"):
+        assert f"| {number} |" in report
+    ticket = json.loads((out / "results" / "table1.json").read_text())
+    assert f"| weights left | 19.369 % | {100 * ticket['density']:.2f} % |" in report
+    for figure in ("fig2.png", "robustness.png", "qr-grid.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    attacks = json.loads((out / "results" / "attacks.json").read_text())["rows"]
+    assert {"magnitude pruning", "add-on + defence", "fine-tuning", "fake1", "fake2", "fake3"} <= {
+        row["family"] for row in attacks
+    }
+    assert all(row["error"] is None for row in attacks)
+    shipped = next(row for row in attacks if row["family"] == "none")
+    assert shipped["qr_decodes"] and shipped["owned"]
+
+    stamp = (out / "results" / "fig2.json").stat().st_mtime_ns
+    assert main(["reproduce", "fig2", *TINY, "--out", str(out)]) == 0
+    assert (out / "results" / "fig2.json").stat().st_mtime_ns == stamp
+    assert main(["reproduce", *TINY, "--scale", "0.3", "--out", str(out)]) == 2
+
+
+def test_plan_shrinks_data_epochs_and_grids_with_scale() -> None:
+    small = reproduce.make_plan("resnet20", "cifar10", None, 0.02, (5000, 1000))
+    full = reproduce.make_plan("resnet20", "cifar10", None, 1.0, (5000, 1000))
+    assert (small.train_per_class, small.test_per_class, small.epochs) == (100, 20, 4)
+    assert (full.train_per_class, full.test_per_class, full.epochs) == (None, None, 182)
+    assert full.rewind_epoch == 3 and full.ratios == (0.2, 0.1, 0.05, 0.01)
+    assert len(small.prune) < len(full.prune) and len(small.densities) < len(full.densities)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["reproduce", "table9"], "unknown target"),
+        (["reproduce", "--scale", "0"], "--scale"),
+        (["reproduce", "--scale", "1.5"], "--scale"),
+        (["reproduce", "--data", "cifar10"], "--data-dir"),
+    ],
+)
+def test_reproduce_refuses_bad_input_in_one_line(
+    tmp_path: Path, capsys, argv: list[str], message: str
+) -> None:
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "plan.json").exists()
