@@ -264,3 +264,9 @@ def test_bad_inputs_get_one_clear_message() -> None:
         scheme.extract({k: v for k, v in weights.items() if k != layer}, signature)
     with pytest.raises(InputError, match="shape"):
         scheme.extract({**weights, layer: weights[layer][:, :32]}, signature)
+
+
+def test_embedding_refuses_to_gut_an_extremely_sparse_ticket(digits: ImageData) -> None:
+    ticket = make_ticket(digits, seed=0, density=0.004)
+    with pytest.raises(InputError, match="denser ticket"):
+        scheme.embed_signature(ticket.mask, ticket.weights, ticket.rewind, "ACME-R20-2026")

@@ -42,6 +42,9 @@ POLARITY_CHOICES = {"any": POLARITIES, "dark": (True,), "light": (False,)}
 # With k weights per connection, one-shot magnitude pruning of a fraction f empties the kernel with chance
 # about f^k: 3 weights keep ~87 % of the dark modules at f = 0.5, within what the dark-only decoder corrects.
 DEFAULT_WEIGHTS_PER_CONNECTION = 3
+# Keeping the density exact takes the code's new weights from the rest of the ticket; past this share of it
+# the ticket would be gutted rather than signed.
+MAX_COMPENSATED_SHARE = 0.25
 BLIND_VERSIONS = (1, 2, 3, 4)
 _HEADER_BITS = 14  # mode (4) + the longest character count of versions 1-9 (10)
 
@@ -294,6 +297,13 @@ def _compensate(
         raise InputError(
             "the model has too few weights outside the code regions to keep the density unchanged; "
             "use fewer copies or a larger model"
+        )
+    if surplus > MAX_COMPENSATED_SHARE * int(candidates.sum()):
+        raise InputError(
+            f"the code needs {surplus} more kept weights, and taking them from the other "
+            f"{int(candidates.sum())} would remove {100 * surplus / int(candidates.sum()):.0f} % of the "
+            f"ticket (at most {100 * MAX_COMPENSATED_SHARE:.0f} %); embed into a denser ticket, or use "
+            "--weights-per-connection 1 or a shorter signature"
         )
     source = weights if surplus > 0 else rewind
     magnitude = torch.cat([source[n].detach().abs().float().flatten() for n in names])
