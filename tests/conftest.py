@@ -9,6 +9,10 @@ import torch
 
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
+from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.models import build_model
+from ticketguard.ticket import Ticket
+from ticketguard.training import TrainConfig, evaluate, state_copy, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CIFAR_JPEG = SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
@@ -30,3 +34,26 @@ def cifar_jpeg_subset() -> ImageData:
     """40 training and 40 test images per class of the real CIFAR-10 JPEGs."""
     assert CIFAR_JPEG.is_file(), f"the shared CIFAR-10 JPEG archive is missing at {CIFAR_JPEG}"
     return load_image_folder(CIFAR_JPEG, name="cifar10", per_class=40)
+
+
+def trained_ticket(data: ImageData, seed: int, density: float = 0.3) -> Ticket:
+    """A small real ticket: one epoch of training on digits, magnitude-pruned, rewind = initialisation."""
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 1, 10)
+    rewind = state_copy(model)
+    train(model, data, TrainConfig(epochs=1, seed=seed))
+    trained = state_copy(model)
+    mask = magnitude_prune(trained, Mask.ones_like(trained, prunable_names(model)), 1 - density)
+    mask.apply_(model)
+    return Ticket(
+        "resnet20",
+        1,
+        10,
+        (8, 8),
+        "digits",
+        list(data.classes),
+        mask,
+        rewind,
+        state_copy(model),
+        evaluate(model, data),
+    )

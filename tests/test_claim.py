@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trained_ticket
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ticketguard.claim import (
@@ -24,11 +25,9 @@ from ticketguard.cli import main
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
 from ticketguard.files import save_tensors
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
-from ticketguard.models import build_model
+from ticketguard.masks import magnitude_prune
 from ticketguard.schemes.signature import Region, Signature
 from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, evaluate, state_copy, train
 
 SIGNATURE = Signature(
     "ACME-R20-2026", 2, "H", 3, True, (Region("blocks.7.conv1.weight", 5, 9, (64, 64, 3, 3)),)
@@ -40,25 +39,7 @@ def make_claim() -> Claim:
 
 
 def ticket_folder(data: ImageData, folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = build_model("resnet20", 1, 10)
-    rewind = state_copy(model)
-    train(model, data, TrainConfig(epochs=1, seed=seed))
-    trained = state_copy(model)
-    mask = magnitude_prune(trained, Mask.ones_like(trained, prunable_names(model)), 0.7)
-    mask.apply_(model)
-    Ticket(
-        "resnet20",
-        1,
-        10,
-        (8, 8),
-        "digits",
-        list(data.classes),
-        mask,
-        rewind,
-        state_copy(model),
-        evaluate(model, data),
-    ).save(folder)
+    trained_ticket(data, seed).save(folder)
     return folder
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import trained_ticket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,32 +20,9 @@ from ticketguard.masks import Mask, magnitude_prune, prunable_names, squeeze
 from ticketguard.models import build_model
 from ticketguard.schemes import signature as scheme
 from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, evaluate, state_copy, train
+from ticketguard.training import TrainConfig, state_copy
 
 PAYLOAD = "ACME-R20-2026"
-
-
-def make_ticket(data: ImageData, seed: int, density: float = 0.3) -> Ticket:
-    """A small real ticket: one epoch of training on digits, magnitude-pruned, rewind = initialisation."""
-    torch.manual_seed(seed)
-    model = build_model("resnet20", 1, 10)
-    rewind = state_copy(model)
-    train(model, data, TrainConfig(epochs=1, seed=seed))
-    trained = state_copy(model)
-    mask = magnitude_prune(trained, Mask.ones_like(trained, prunable_names(model)), 1 - density)
-    mask.apply_(model)
-    return Ticket(
-        "resnet20",
-        1,
-        10,
-        (8, 8),
-        "digits",
-        list(data.classes),
-        mask,
-        rewind,
-        state_copy(model),
-        evaluate(model, data),
-    )
 
 
 def random_mask(arch: str, density: float, seed: int = 0) -> tuple[Mask, dict[str, torch.Tensor]]:
@@ -65,7 +43,7 @@ def small_digits(digits: ImageData) -> ImageData:
 
 @pytest.fixture(scope="module")
 def ticket(small_digits: ImageData) -> Ticket:
-    return make_ticket(small_digits, seed=0)
+    return trained_ticket(small_digits, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +172,7 @@ def test_unmarked_ticket_never_verifies_and_holds_no_code(
     protected: tuple[Ticket, scheme.Signature], small_digits: ImageData
 ) -> None:
     _, signature = protected
-    other = make_ticket(small_digits, seed=1)
+    other = trained_ticket(small_digits, seed=1)
     verdict, reading = scheme.verify(other.weights, signature)
     assert not verdict.owned
     assert reading.decoded.text is None and reading.p_value > 1e-3
@@ -267,6 +245,6 @@ def test_bad_inputs_get_one_clear_message() -> None:
 
 
 def test_embedding_refuses_to_gut_an_extremely_sparse_ticket(digits: ImageData) -> None:
-    ticket = make_ticket(digits, seed=0, density=0.004)
+    ticket = trained_ticket(digits, seed=0, density=0.004)
     with pytest.raises(InputError, match="denser ticket"):
         scheme.embed_signature(ticket.mask, ticket.weights, ticket.rewind, "ACME-R20-2026")
