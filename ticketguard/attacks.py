@@ -21,7 +21,7 @@ from ticketguard import qr
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
 from ticketguard.masks import Mask, magnitude_prune, mask_from_zeros
-from ticketguard.models import build_model, identify_architecture
+from ticketguard.models import build_from_state, build_model, identify_architecture
 from ticketguard.schemes.keymask import forge_random_key, merge_key
 from ticketguard.schemes.signature import Signature
 from ticketguard.ticket import Ticket
@@ -79,12 +79,7 @@ def random_pruning(
 
 
 def _model_of(weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    architecture = identify_architecture(dict(weights))
-    if architecture is None:
-        raise InputError("this attack retrains, so it needs weights of a registered architecture")
-    model = build_model(*architecture)
-    model.load_state_dict(dict(weights))
-    return model
+    return build_from_state(dict(weights), "this attack retrains, so it")[0]
 
 
 def _tune(

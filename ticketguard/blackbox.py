@@ -30,7 +30,7 @@ from torch import nn
 import ticketguard
 from ticketguard.data import DATASETS, load_dataset
 from ticketguard.errors import InputError
-from ticketguard.models import build_model
+from ticketguard.models import build_from_state
 from ticketguard.suspect import load_suspect
 from ticketguard.ticket import MANIFEST, Ticket
 
@@ -247,11 +247,7 @@ def load_served_model(
         stats = ticket_normalization(ticket) if mean is None or std is None else None
     else:
         suspect = load_suspect(path)
-        if suspect.architecture is None:
-            raise InputError(f"{path} does not fit any registered architecture, so it cannot be served")
-        arch, channels, classes = suspect.architecture
-        model = build_model(arch, channels, classes)
-        model.load_state_dict(suspect.weights)
+        model, (_, channels, classes) = build_from_state(suspect.weights, f"serving {path}")
         if input_size is None or mean is None or std is None:
             raise InputError(f"serving the model file {path} needs --input-size, --mean and --std")
         size, stats = (input_size, input_size), None

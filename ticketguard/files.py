@@ -53,6 +53,23 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"{path} is not valid JSON ({err})") from None
 
 
+def read_manifest(folder: str | Path, name: str, expected_format: str, kind: str) -> dict[str, Any]:
+    """The JSON manifest of a ticket or key folder, after checking its format tag and every file's sha256."""
+    folder = Path(folder)
+    if not (folder / name).is_file():
+        raise InputError(f"{folder} is not a {kind} folder: {name} is missing")
+    manifest = read_json(folder / name)
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        raise InputError(f"{folder / name} is not a {expected_format} manifest")
+    for file, expected in manifest.get("files", {}).items():
+        path = folder / file
+        if not path.is_file():
+            raise InputError(f"{path} is missing from the {kind} folder")
+        if sha256_file(path) != expected:
+            raise InputError(f"{path} does not match the sha256 in {name}: the file was changed or damaged")
+    return manifest
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -17,7 +17,7 @@ from torch import nn
 
 import ticketguard
 from ticketguard.errors import InputError
-from ticketguard.files import load_tensors, read_json, save_tensors, sha256_file, write_json
+from ticketguard.files import load_tensors, read_manifest, save_tensors, sha256_file, write_json
 from ticketguard.masks import Mask, load_mask, save_mask
 from ticketguard.models import build_model
 
@@ -103,17 +103,7 @@ class Ticket:
     def load(cls, folder: str | Path) -> Ticket:
         """Read a ticket folder, refusing it if any tensor file's sha256 differs from ticket.json."""
         folder = Path(folder)
-        if not (folder / MANIFEST).is_file():
-            raise InputError(f"{folder} is not a ticket folder: {MANIFEST} is missing")
-        manifest = read_json(folder / MANIFEST)
-        if manifest.get("format") != TICKET_FORMAT:
-            raise InputError(f"{folder / MANIFEST} is not a {TICKET_FORMAT} manifest")
-        for name, expected in manifest["files"].items():
-            path = folder / name
-            if not path.is_file():
-                raise InputError(f"{path} is missing from the ticket folder")
-            if sha256_file(path) != expected:
-                raise InputError(f"{path} does not match the sha256 in {MANIFEST}: the file was changed or damaged")
+        manifest = read_manifest(folder, MANIFEST, TICKET_FORMAT, "ticket")
         arch = manifest["architecture"]
         ticket = cls(
             architecture=arch["name"],

@@ -34,6 +34,16 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10) -> nn.Mo
     return MODELS[name](in_channels=in_channels, num_classes=num_classes)
 
 
+def build_from_state(state: dict[str, torch.Tensor], purpose: str) -> tuple[nn.Module, tuple[str, int, int]]:
+    """The registered architecture ``state`` fits, loaded with it; ``purpose`` says why in the error."""
+    architecture = identify_architecture(state)
+    if architecture is None:
+        raise InputError(f"{purpose} needs the weights of a registered architecture ({', '.join(MODELS)})")
+    model = build_model(*architecture)
+    model.load_state_dict(state)
+    return model, architecture
+
+
 def identify_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
     """(name, input channels, classes) of the registered architecture whose state_dict ``state`` fits, if any.
 

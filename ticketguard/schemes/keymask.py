@@ -24,7 +24,7 @@ from rich.progress import Progress
 
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
-from ticketguard.files import load_tensors, read_json, save_tensors, sha256_file, write_json
+from ticketguard.files import load_tensors, read_json, read_manifest, save_tensors, sha256_file, write_json
 from ticketguard.masks import Mask
 from ticketguard.scores import score
 from ticketguard.ticket import MANIFEST, MASK_FILE, WEIGHTS_FILE, Ticket
@@ -202,15 +202,10 @@ def save_key(key: Key, folder: str | Path, binding: Mapping[str, str]) -> Path:
 def load_key(folder: str | Path) -> tuple[Key, dict[str, str]]:
     """Read a key folder and check its own hash; returns the key and the locked hashes it is bound to."""
     folder = Path(folder)
-    if not (folder / KEY_MANIFEST).is_file():
-        raise InputError(f"{folder} is not a key folder: {KEY_MANIFEST} is missing")
-    manifest = read_json(folder / KEY_MANIFEST)
-    if manifest.get("format") != KEY_FORMAT:
-        raise InputError(f"{folder / KEY_MANIFEST} is not a {KEY_FORMAT} manifest")
-    path = folder / KEY_FILE
-    if not path.is_file() or sha256_file(path) != manifest["files"][KEY_FILE]:
-        raise InputError(f"{path} is missing or does not match the sha256 in {KEY_MANIFEST}")
-    tensors = load_tensors(path)
+    manifest = read_manifest(folder, KEY_MANIFEST, KEY_FORMAT, "key")
+    if KEY_FILE not in manifest.get("files", {}):
+        raise InputError(f"{folder / KEY_MANIFEST} does not name {KEY_FILE}")
+    tensors = load_tensors(folder / KEY_FILE)
     names = manifest["tensors"]
     key = Key(
         index={n: tensors[f"{n}.index"].long() for n in names},
