@@ -46,3 +46,10 @@ def test_saved_tensors_are_contiguous_copies(tmp_path) -> None:
     tensor = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
     save_tensors(tmp_path / "t.safetensors", {"x": tensor})
     assert torch.equal(load_tensors(tmp_path / "t.safetensors")["x"], tensor)
+
+
+def test_a_file_that_is_no_checkpoint_is_reported_as_unreadable_not_as_code(tmp_path) -> None:
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(InputError, match="not a readable torch file") as caught:
+        load_tensors(tmp_path / "notes.pt")
+    assert "refused" not in str(caught.value) and len(str(caught.value)) < 200

@@ -115,13 +115,23 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise InputError(
-            f"refused to load {path}: it holds pickled objects other than tensors ({first_line}); "
-            "convert it to safetensors or a plain state_dict"
-        ) from None
+        reason = _unpickler_reason(str(err))
+        if "Unsupported global" in reason:
+            raise InputError(
+                f"refused to load {path}: it holds pickled objects other than tensors ({reason}); "
+                "convert it to safetensors or a plain state_dict"
+            ) from None
+        raise InputError(f"{path} is not a readable torch file ({reason})") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise InputError(f"{path} is not a readable torch file ({err})") from None
+
+
+def _unpickler_reason(message: str) -> str:
+    """The one line of torch's long weights-only error that says what was wrong."""
+    marker = "WeightsUnpickler error:"
+    detail = message.split(marker, 1)[1] if marker in message else message
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    return lines[0].split(". Please use")[0] if lines else "unreadable"
 
 
 def _flatten_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
