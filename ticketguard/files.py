@@ -116,7 +116,7 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = _unpickler_reason(str(err))
-        if "Unsupported global" in reason:
+        if "GLOBAL" in reason:
             raise InputError(
                 f"refused to load {path}: it holds pickled objects other than tensors ({reason}); "
                 "convert it to safetensors or a plain state_dict"
@@ -127,11 +127,18 @@ def _torch_load(path: Path) -> Any:
 
 
 def _unpickler_reason(message: str) -> str:
-    """The one line of torch's long weights-only error that says what was wrong."""
+    """The one line of torch's long weights-only error that says what was wrong.
+
+    A forbidden object is named on a line with "GLOBAL"; other damage follows "WeightsUnpickler error:".
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line]
+    if named:
+        return named[0].split(". Please use")[0].removeprefix("WeightsUnpickler error:").strip()
     marker = "WeightsUnpickler error:"
     detail = message.split(marker, 1)[1] if marker in message else message
-    lines = [line.strip() for line in detail.splitlines() if line.strip()]
-    return lines[0].split(". Please use")[0] if lines else "unreadable"
+    rest = [line.strip() for line in detail.splitlines() if line.strip()]
+    return rest[0] if rest else "unreadable"
 
 
 def _flatten_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
