@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.progress import console
+from ticketguard.cli.output import console
 from ticketguard.scores import SCORES, edge_betweenness, graph_of
 
 

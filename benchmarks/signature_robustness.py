@@ -26,7 +26,9 @@ from ticketguard.data.cifar import load_image_folder
 from ticketguard.files import atomic_path
 from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.models import build_model
-from ticketguard.progress import console
+from ticketguard.cli.output import console
+from ticketguard.protect import SignatureConfig, protect
+from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme
 from ticketguard.ticket import MANIFEST, Ticket
 from ticketguard.training import TrainConfig, evaluate
@@ -60,7 +62,8 @@ def row(
     signature: scheme.Signature,
 ) -> dict[str, object]:
     started = time.perf_counter()
-    verdict, reading = scheme.verify(weights, signature)
+    reading = scheme.extract(weights, signature)
+    verdict = scheme.evidence(reading)
     elapsed = time.perf_counter() - started
     return {
         "attack": label,
@@ -69,7 +72,7 @@ def row(
         "decodes": "yes" if reading.decoded.text == signature.payload else "no",
         "match rate": f"{100 * reading.match_rate:.1f}%",
         "p-value": f"{reading.p_value:.1e}",
-        "owned": "yes" if verdict.owned else "no",
+        "owned": "yes" if verdict.passed else "no",
         "verify s": f"{elapsed:.3f}",
     }
 
@@ -83,7 +86,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=8, help="IMP rounds at ratio 0.2")
     parser.add_argument("--copies", type=int, default=1)
-    parser.add_argument("--polarity", default="dark", choices=sorted(scheme.POLARITY_CHOICES))
+    parser.add_argument("--polarity", default="dark", choices=sorted(placement.POLARITY_CHOICES))
     parser.add_argument("--weights-per-connection", type=int, default=scheme.DEFAULT_WEIGHTS_PER_CONNECTION)
     parser.add_argument(
         "--ticket", type=Path, default=None, help="reuse (or save) the IMP ticket in this folder"
@@ -112,16 +115,17 @@ def main() -> None:
         100 * ticket.accuracy,
         time.perf_counter() - started,
     )
-    protected, signature, report = scheme.protect_ticket(
+    result = protect(
         ticket,
-        args.signature,
         data,
-        TrainConfig(epochs=args.epochs),
-        copies=args.copies,
-        weights_per_connection=args.weights_per_connection,
-        polarity=args.polarity,
+        signature=SignatureConfig(
+            args.signature, copies=args.copies, weights_per_connection=args.weights_per_connection,
+            polarity=args.polarity,
+        ),
+        train_config=TrainConfig(epochs=args.epochs),
     )
-    log.info("embedded %s in %s; %s", args.signature, [r.layer for r in signature.regions], report)
+    protected, signature = result.ticket, result.claim.signature
+    log.info("embedded %s in %s; %s", args.signature, [r.layer for r in signature.regions], result.report["embedding"])
     rows = [
         row(
             "none (protected ticket)", protected, protected.weights, protected.mask.density(), data, signature
@@ -160,7 +164,7 @@ def main() -> None:
         f"accuracy {100 * ticket.accuracy:.2f}% before, {100 * protected.accuracy:.2f}% after embedding + "
         f"retraining ({100 * (protected.accuracy - ticket.accuracy):+.2f} points); QR v{signature.version}-"
         f"{signature.error}, mask {signature.mask_pattern}, kept = "
-        f"{'dark' if signature.kept_is_dark else 'light'}, {report.changed_cells} cells changed"
+        f"{'dark' if signature.kept_is_dark else 'light'}, {result.report['embedding']['changed_cells']} cells changed"
     )
     columns = list(rows[0])
     table = Table(title=header)

@@ -21,7 +21,8 @@ from rich.table import Table
 from ticketguard.attacks import magnitude_pruning
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.progress import console
+from ticketguard.cli.output import console
+from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme
 from ticketguard.training import state_copy
 
@@ -50,12 +51,12 @@ def main() -> None:
     model = build_model(args.model, 3, 10)
     weights = state_copy(model)
     mask = magnitude_prune(weights, Mask.ones_like(weights, prunable_names(model)), 1 - args.density)
-    codes = scheme.qr_codes(args.signature)
+    codes = placement.qr_codes(args.signature)
     k = scheme.DEFAULT_WEIGHTS_PER_CONNECTION
-    layers = scheme.candidate_layers(mask, codes[0].spec.size, k)
-    all_layers = scheme.candidate_layers(mask, codes[0].spec.size)
-    search_s, _ = timed(lambda: scheme.search_placements(mask, codes, weights_per_connection=k), args.repeats)
-    search_all_s, _ = timed(lambda: scheme.search_placements(mask, codes), args.repeats)
+    layers = placement.candidate_layers(mask, codes[0].spec.size, k)
+    all_layers = placement.candidate_layers(mask, codes[0].spec.size)
+    search_s, _ = timed(lambda: placement.search_placements(mask, codes, weights_per_connection=k), args.repeats)
+    search_all_s, _ = timed(lambda: placement.search_placements(mask, codes), args.repeats)
     embed_s, (new, signature, _) = timed(
         lambda: scheme.embed_signature(mask, weights, weights, args.signature), args.repeats
     )

@@ -26,7 +26,7 @@ from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigge
 from ticketguard.files import write_json
 from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.masks import Mask, magnitude_prune
-from ticketguard.progress import console
+from ticketguard.cli.output import console
 from ticketguard.schemes.trigger import verify_local, watermark
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig, evaluate, train

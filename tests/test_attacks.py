@@ -182,9 +182,9 @@ def test_defence_removes_the_add_on_weights_and_few_of_the_owners(sparse) -> Non
 def test_defence_restores_a_code_that_add_on_broke(signed) -> None:
     weights, mask, signature = signed
     attacked, grown = add_on(weights, mask, fraction=0.1, scale=0.01, seed=0)
-    assert v2.verify(attacked, signature)[1].match_rate < 0.95
+    assert v2.extract(attacked, signature).match_rate < 0.95
     defended, _ = magnitude_defence(attacked, grown, threshold=defence_threshold(weights, mask))
-    reading = v2.verify(defended, signature)[1]
+    reading = v2.extract(defended, signature)
     assert reading.decoded.text == PAYLOAD and reading.match_rate > 0.99
 
 
@@ -202,8 +202,9 @@ def test_fake2_fills_every_pruned_position_and_the_code_no_longer_decodes(signed
     weights, mask, signature = signed
     forged, forged_mask = fake2(weights, mask, seed=0)
     assert forged_mask.density() == 1.0
-    verdict, reading = v2.verify(forged, signature)
-    assert reading.decoded.text != PAYLOAD and not verdict.owned
+    reading = v2.extract(forged, signature)
+    verdict = v2.evidence(reading)
+    assert reading.decoded.text != PAYLOAD and not verdict.passed
 
 
 def test_fake2_noise_costs_accuracy(trained, small: ImageData) -> None:
@@ -213,10 +214,11 @@ def test_fake2_noise_costs_accuracy(trained, small: ImageData) -> None:
 
 def test_fake3_writes_the_forged_code_into_the_claimed_region(signed) -> None:
     weights, mask, signature = signed
-    assert v2.verify(weights, signature)[1].decoded.text == PAYLOAD
+    assert v2.extract(weights, signature).decoded.text == PAYLOAD
     forged, forged_mask = fake3(weights, mask, signature=signature, payload="FORGED", seed=0)
-    verdict, reading = v2.verify(forged, signature)
-    assert reading.decoded.text == "FORGED" and reading.mismatch and not verdict.owned
+    reading = v2.extract(forged, signature)
+    verdict = v2.evidence(reading)
+    assert reading.decoded.text == "FORGED" and reading.mismatch and not verdict.passed
     region = signature.regions[0]
     changed = {n for n in mask if not torch.equal(forged_mask[n], mask[n])}
     assert changed == {region.layer}

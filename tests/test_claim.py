@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ticketguard.claim import (
     Claim,
+    DefenceClaim,
     check_signature,
     generate_keys,
     load_claim,
@@ -35,7 +36,7 @@ SIGNATURE = Signature(
 
 
 def make_claim() -> Claim:
-    return Claim(SIGNATURE, {"ticket.json": "ab" * 32}, extensions={"trigger": {"seed": 7}})
+    return Claim(SIGNATURE, {"ticket.json": "ab" * 32}, defence=DefenceClaim(0.01, 0.005))
 
 
 def ticket_folder(data: ImageData, folder: Path, seed: int) -> Path:
@@ -60,7 +61,7 @@ def shipped(digits: ImageData, tmp_path_factory: pytest.TempPathFactory) -> tupl
                 str(root / "protected"),
                 "--claim",
                 str(root / "claim.json"),
-                "--key",
+                "--signing-key",
                 str(root / "keys" / "owner.key"),
                 "--epochs",
                 "1",
@@ -81,7 +82,7 @@ def test_claim_round_trips_through_json_with_extensions(tmp_path: Path) -> None:
     save_claim(tmp_path / "claim.json", make_claim())
     loaded = load_claim(tmp_path / "claim.json")
     assert loaded.body() == make_claim().body() | {"created": loaded.created}
-    assert loaded.signature == SIGNATURE and loaded.extensions == {"trigger": {"seed": 7}}
+    assert loaded.signature == SIGNATURE and loaded.defence == DefenceClaim(0.01, 0.005)
     assert stat.S_IMODE((tmp_path / "claim.json").stat().st_mode) == 0o600
 
 
@@ -173,7 +174,7 @@ def test_cli_verify_refuses_an_unmarked_ticket(
     assert main(["extract", str(unmarked)]) == 1
 
 
-def test_cli_bad_inputs_exit_2(shipped: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_cli_bad_inputs_exit_2(shipped: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
     protected, claim, _ = shipped
     data = json.loads(claim.read_text())
     data["signature"]["payload"] = "EVIL-CORP"
@@ -185,7 +186,9 @@ def test_cli_bad_inputs_exit_2(shipped: tuple[Path, Path, Path], tmp_path: Path)
     data.pop("ed25519")
     data["signature"]["regions"][0]["layer"] = "missing.weight"
     (tmp_path / "unsigned.json").write_text(json.dumps(data))
-    assert main(["verify", str(protected), "--claim", str(tmp_path / "unsigned.json")]) == 2
+    # a region the suspect lacks is evidence that cannot be computed: not shown (exit 1), with the reason
+    assert main(["verify", str(protected), "--claim", str(tmp_path / "unsigned.json"), "--json"]) == 1
+    assert "missing.weight" in json.loads(capsys.readouterr().out)["unavailable"][0]["reason"]
     assert (
         main(
             [

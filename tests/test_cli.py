@@ -34,8 +34,9 @@ def test_find_writes_a_ticket_folder_that_info_describes(ticket_dir: Path, capsy
 
 def test_info_prints_readable_tables(ticket_dir: Path, capsys) -> None:
     assert main(["info", str(ticket_dir)]) == 0
-    err = capsys.readouterr().err
-    assert "search history" in err and "pruning spec" in err and "blocks.0.conv1.weight" in err
+    printed = capsys.readouterr()
+    assert "search history" in printed.out and "pruning spec" in printed.out and "blocks.0.conv1.weight" in printed.out
+    assert "search history" not in printed.err  # results on stdout, so `info X > f` keeps them
 
 
 def test_info_reads_a_torch_prune_checkpoint(tmp_path: Path, capsys) -> None:

@@ -13,11 +13,12 @@ QUICK_FIND = ["--epochs", "3", "--rewind-epoch", "1", "--ratios", "0.5", "--max-
 
 @pytest.fixture(scope="module")
 def protected(tmp_path_factory) -> Path:
-    """A digits ticket with a QR signature (embed) and a keyed trigger set (watermark) in one claim."""
+    """A digits ticket with a QR signature (embed --no-train) and a keyed trigger set (watermark, the one
+    training) in one claim."""
     root = tmp_path_factory.mktemp("combined")
     assert main(["find", "--out", str(root / "ticket"), *QUICK_FIND]) == 0
     assert main(["embed", str(root / "ticket"), "--signature", "OWNER-1", "--out", str(root / "signed"),
-                 "--claim", str(root / "claim.json"), "--epochs", "3"]) == 0
+                 "--claim", str(root / "claim.json"), "--no-train"]) == 0
     assert main(["watermark", str(root / "signed"), "--trigger-seed", "11", "--per-batch", "32",
                  "--out", str(root / "marked"), "--claim", str(root / "claim.json"), "--epochs", "6"]) == 0
     assert main(["keygen", "--out", str(root / "keys")]) == 0
@@ -45,7 +46,7 @@ def test_sign_after_watermark_makes_a_claim_that_checks_out(protected: Path, tmp
     claim = tmp_path / "claim.json"
     claim.write_bytes((protected / "claim.json").read_bytes())
     assert load_claim(claim).signed is None
-    assert main(["sign", str(claim), "--key", str(protected / "keys" / "owner.key")]) == 0
+    assert main(["sign", str(claim), "--signing-key", str(protected / "keys" / "owner.key")]) == 0
     assert main(["verify", str(protected / "marked"), "--claim", str(claim),
                  "--public-key", str(protected / "keys" / "owner.pub")]) == 0
     tampered = json.loads(claim.read_text())
@@ -55,8 +56,23 @@ def test_sign_after_watermark_makes_a_claim_that_checks_out(protected: Path, tmp
     assert main(["verify", str(protected / "marked"), "--claim", str(claim)]) == 2
 
 
-def test_trigger_claim_on_a_bare_weight_file_asks_for_the_black_box_check(protected: Path, capsys) -> None:
+def test_a_bare_weight_file_is_verified_on_both_pieces_of_evidence(protected: Path, capsys) -> None:
     capsys.readouterr()
     code = main(["verify", str(protected / "marked" / "weights.safetensors"), "--claim",
-                 str(protected / "claim.json")])
-    assert code == 2 and "ticketguard query" in capsys.readouterr().err
+                 str(protected / "claim.json"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["unavailable"] == []
+    assert {e["name"]: e["passed"] for e in report["evidence"]} == {"qr-signature": True, "trigger": True}
+
+
+def test_watermark_trains_once_and_records_it(protected: Path) -> None:
+    metadata = json.loads((protected / "marked" / "ticket.json").read_text())["metadata"]
+    assert metadata["protection"]["trained"] is True and metadata["protection"]["start"] == "rewind"
+    signed = json.loads((protected / "signed" / "ticket.json").read_text())
+    assert signed["metadata"]["protection"]["trained"] is False and signed["accuracy"] is None
+
+
+def test_an_unrelated_weight_file_is_not_shown(protected: Path, tmp_path: Path) -> None:
+    assert main(["find", "--out", str(tmp_path / "other"), *QUICK_FIND, "--seed", "5"]) == 0
+    assert main(["verify", str(tmp_path / "other" / "weights.safetensors"), "--claim",
+                 str(protected / "claim.json")]) == 1

@@ -12,7 +12,7 @@ import torch
 
 from ticketguard import harness, report
 from ticketguard.attacks import defence_threshold
-from ticketguard.claim import Claim, save_claim, ticket_hashes
+from ticketguard.claim import Claim, DefenceClaim, save_claim, ticket_hashes
 from ticketguard.cli import main
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import keyed_trigger_set
@@ -54,8 +54,14 @@ def subject(data: ImageData) -> harness.Subject:
         state_copy(model),
         evaluate(model, data),
     )
+    claim = Claim(
+        signature,
+        {},
+        v3.TriggerClaim.of(trigger, 10, data.normalization()),
+        DefenceClaim(defence_threshold(ticket.weights, ticket.mask), 0.005),
+    )
     return harness.Subject(
-        ticket, data, signature, trigger, threshold=defence_threshold(ticket.weights, ticket.mask)
+        ticket, data, claim
     )
 
 
@@ -120,20 +126,13 @@ def test_results_are_written_as_json_csv_and_markdown(subject, tmp_path: Path) -
 def test_plots_and_qr_grid_are_png_files(subject, tmp_path: Path) -> None:
     rows = harness.run_grid(subject, POINTS[:3], tmp_path)
     curves = report.plot_curves(rows, tmp_path / "curves.png")
-    grid = report.qr_grid(rows, subject.signature, tmp_path / "grid.png")
+    grid = report.qr_grid(rows, subject.claim.signature, tmp_path / "grid.png")
     assert curves.read_bytes()[:4] == PNG and grid.read_bytes()[:4] == PNG
 
 
 def test_evaluate_command_runs_the_grid_from_a_ticket_and_claim(subject, tmp_path: Path) -> None:
     folder = subject.ticket.save(tmp_path / "protected")
-    claim = Claim(
-        subject.signature,
-        ticket_hashes(folder),
-        extensions={
-            v3.EXTENSION: v3.claim_part(subject.trigger, 10, "suspect"),
-            "defence": {"threshold": subject.threshold},
-        },
-    )
+    claim = dataclasses.replace(subject.claim, ticket_files=ticket_hashes(folder))
     save_claim(tmp_path / "claim.json", claim)
     out = tmp_path / "eval"
     argv = [
@@ -165,7 +164,7 @@ def test_evaluate_command_runs_the_grid_from_a_ticket_and_claim(subject, tmp_pat
 
 def test_evaluate_command_refuses_bad_fractions(subject, tmp_path: Path, capsys) -> None:
     folder = subject.ticket.save(tmp_path / "protected")
-    save_claim(tmp_path / "claim.json", Claim(subject.signature, ticket_hashes(folder)))
+    save_claim(tmp_path / "claim.json", Claim(subject.claim.signature, ticket_hashes(folder)))
     argv = ["evaluate", str(folder), "--claim", str(tmp_path / "claim.json"), "--prune", "a,b"]
     assert main(argv) == 2
     assert "--prune" in capsys.readouterr().err

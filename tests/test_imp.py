@@ -57,8 +57,7 @@ def test_real_search_on_digits_finds_a_sparser_matching_ticket(digits: ImageData
     history = ticket.metadata["search"]["history"]
     assert len(history) == 4 and history[0]["ratio"] is None
     assert ticket.mask.density() < 1.0
-    mean, std = digits.channel_stats()
-    assert ticket.metadata["normalization"] == {"mean": mean.tolist(), "std": std.tolist()}
+    assert ticket.normalization == digits.normalization()
     assert matches(ticket.accuracy, ticket.metadata["dense_accuracy"], config.eps)
     model = ticket.build_model()
     assert all(torch.equal(dict(model.named_parameters())[n] != 0, ticket.mask[n]) for n in ticket.mask)

@@ -162,7 +162,7 @@ def test_verify_key_reports_the_accuracy_gap_and_the_cli_agrees(
     assert evidence.score == pytest.approx(gap)
     save_split(locked, key, tmp_path / "s")
     capsys.readouterr()
-    args = ["verify-key", str(tmp_path / "s" / "locked"), "--key", str(tmp_path / "s" / "key"), "--epochs", "3",
+    args = ["verify-key", str(tmp_path / "s" / "locked"), "--key-mask", str(tmp_path / "s" / "key"), "--epochs", "3",
             "--batch-size", "64", "--train-per-class", "60", "--test-per-class", "20", "--device", "cpu", "--fake1",
             "--json"]
     assert main(args) == (0 if verdict.owned else 1)

@@ -1,4 +1,7 @@
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -9,3 +12,14 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert commands[0].endswith("ticketguard demo")
     assert commands[1].endswith("python -m pytest")
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_the_from_python_block_runs_as_written_and_shows_ownership(tmp_path: Path, capsys, monkeypatch) -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## From Python"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "runs" / "python" / "owner.claim.json").is_file()
+    assert capsys.readouterr().out.startswith("ownership shown")

@@ -18,7 +18,11 @@ from ticketguard.data import ImageData
 from ticketguard.errors import InputError
 from ticketguard.masks import Mask, magnitude_prune, prunable_names, squeeze
 from ticketguard.models import build_model
+from ticketguard.protect import SignatureConfig, protect
+from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme
+from ticketguard.schemes.blind_scan import blind_extract
+from ticketguard.schemes.signature_figures import save_comparison_image
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig, state_copy
 
@@ -48,10 +52,8 @@ def ticket(small_digits: ImageData) -> Ticket:
 
 @pytest.fixture(scope="module")
 def protected(ticket: Ticket, small_digits: ImageData) -> tuple[Ticket, scheme.Signature]:
-    result, signature, _ = scheme.protect_ticket(
-        ticket, PAYLOAD, small_digits, TrainConfig(epochs=1), copies=2
-    )
-    return result, signature
+    result = protect(ticket, small_digits, signature=SignatureConfig(PAYLOAD, copies=2), train_config=TrainConfig(epochs=1))
+    return result.ticket, result.claim.signature
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50"])
@@ -69,9 +71,9 @@ def test_round_trip_decodes_the_exact_payload_and_keeps_the_density_to_the_weigh
 
 def test_fft_costs_equal_direct_mismatch_counts() -> None:
     mask, _ = random_mask("resnet20", 0.05)
-    codes = scheme.qr_codes(PAYLOAD)
+    codes = placement.qr_codes(PAYLOAD)
     layer = squeeze(mask["blocks.7.conv2.weight"])
-    costs = scheme.placement_costs(layer, codes)
+    costs = placement.placement_costs(layer, codes)
     positions = torch.from_numpy(codes[0].data_positions.astype(np.int64))
     generator = torch.Generator().manual_seed(0)
     for pattern, row, col in torch.stack(
@@ -88,22 +90,22 @@ def test_fft_costs_equal_direct_mismatch_counts() -> None:
 
 def test_chosen_placement_is_the_cheapest_over_layers_offsets_patterns_and_polarities() -> None:
     mask, _ = random_mask("resnet20", 0.05)
-    codes = scheme.qr_codes(PAYLOAD)
+    codes = placement.qr_codes(PAYLOAD)
     n = len(codes[0].data_positions)
     costs = [
-        scheme.placement_costs(squeeze(mask[name]), codes)
-        for name in scheme.candidate_layers(mask, codes[0].spec.size)
+        placement.placement_costs(squeeze(mask[name]), codes)
+        for name in placement.candidate_layers(mask, codes[0].spec.size)
     ]
     as_dark, as_light = min(float(c.min()) for c in costs), min(n - float(c.max()) for c in costs)
     best = {
-        polarity: scheme.search_placements(mask, codes, polarity=polarity)[0]
+        polarity: placement.search_placements(mask, codes, polarity=polarity)[0]
         for polarity in ("any", "dark", "light")
     }
     assert best["any"].changes == min(as_dark, as_light)
     assert (best["dark"].changes, best["dark"].kept_is_dark) == (as_dark, True)
     assert (best["light"].changes, best["light"].kept_is_dark) == (as_light, False)
     with pytest.raises(InputError, match="polarity"):
-        scheme.search_placements(mask, codes, polarity="grey")
+        placement.search_placements(mask, codes, polarity="grey")
 
 
 def test_only_data_modules_are_written_and_fixed_pattern_cells_keep_their_connectivity() -> None:
@@ -148,23 +150,26 @@ def test_protected_ticket_decodes_after_20pct_magnitude_pruning_and_proves_owner
     weights, _ = magnitude_pruning(ticket.weights, ticket.mask, fraction=0.2)
     assert scheme.extract(weights, signature).decoded.text == PAYLOAD
     weights, _ = magnitude_pruning(ticket.weights, ticket.mask, fraction=0.5)
-    verdict, reading = scheme.verify(weights, signature)
-    assert verdict.owned and reading.p_value < 1e-6
+    reading = scheme.extract(weights, signature)
+    verdict = scheme.evidence(reading)
+    assert verdict.passed and reading.p_value < 1e-6
 
 
 def test_random_pruning_keeps_the_p_value_tiny(protected: tuple[Ticket, scheme.Signature]) -> None:
     ticket, signature = protected
     weights, _ = random_pruning(ticket.weights, ticket.mask, fraction=0.3, seed=1)
-    verdict, reading = scheme.verify(weights, signature)
-    assert verdict.owned and reading.p_value < 1e-6
+    reading = scheme.extract(weights, signature)
+    verdict = scheme.evidence(reading)
+    assert verdict.passed and reading.p_value < 1e-6
 
 
 def test_the_ticket_before_embedding_does_not_verify_despite_the_placement_fitting_it_best(
     ticket: Ticket, protected: tuple[Ticket, scheme.Signature]
 ) -> None:
     _, signature = protected
-    verdict, reading = scheme.verify(ticket.weights, signature)
-    assert not verdict.owned and reading.decoded.text is None
+    reading = scheme.extract(ticket.weights, signature)
+    verdict = scheme.evidence(reading)
+    assert not verdict.passed and reading.decoded.text is None
     assert reading.raw_p_value < reading.p_value
 
 
@@ -173,15 +178,16 @@ def test_unmarked_ticket_never_verifies_and_holds_no_code(
 ) -> None:
     _, signature = protected
     other = trained_ticket(small_digits, seed=1)
-    verdict, reading = scheme.verify(other.weights, signature)
-    assert not verdict.owned
+    reading = scheme.extract(other.weights, signature)
+    verdict = scheme.evidence(reading)
+    assert not verdict.passed
     assert reading.decoded.text is None and reading.p_value > 1e-3
-    assert scheme.blind_extract(other.weights) == []
+    assert blind_extract(other.weights) == []
 
 
 def test_blind_extraction_finds_the_code_without_a_claim(protected: tuple[Ticket, scheme.Signature]) -> None:
     ticket, signature = protected
-    found = scheme.blind_extract(ticket.weights)
+    found = blind_extract(ticket.weights)
     assert {(f.layer, f.row, f.col, f.text) for f in found} == {
         (r.layer, r.row, r.col, PAYLOAD) for r in signature.regions
     }
@@ -191,20 +197,21 @@ def test_a_decode_of_another_string_is_a_mismatch_never_a_match() -> None:
     mask, weights = random_mask("resnet20", 0.2)
     new, signature, _ = scheme.embed_signature(mask, weights, weights, "ACME-R20-2027")
     forged = replace(signature, payload=PAYLOAD)
-    verdict, reading = scheme.verify(masked(weights, new), forged)
-    assert reading.decoded.text == "ACME-R20-2027" and reading.mismatch and not verdict.owned
+    reading = scheme.extract(masked(weights, new), forged)
+    verdict = scheme.evidence(reading)
+    assert reading.decoded.text == "ACME-R20-2027" and reading.mismatch and not verdict.passed
 
 
 def test_comparison_image_is_a_png(tmp_path: Path) -> None:
     mask, weights = random_mask("resnet20", 0.2)
     new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD)
-    scheme.save_comparison_image(tmp_path / "code.png", scheme.extract(masked(weights, new), signature))
+    save_comparison_image(tmp_path / "code.png", scheme.extract(masked(weights, new), signature))
     assert (tmp_path / "code.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_zxing_and_reed_solomon_agree_on_every_clean_code() -> None:
     for payload in ("ACME-R20-2026", "owner@example.com", "1234567890", "Ünïcode"):
-        for code in scheme.qr_codes(payload):
+        for code in placement.qr_codes(payload):
             fast = qr.decode(code.spec, code.data_modules)
             fallback = qr.decode(code.spec, code.data_modules, use_zxing=False)
             assert (fast.method, fallback.method) == ("zxing", "reed-solomon")

@@ -9,17 +9,16 @@ from ticketguard.errors import InputError
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes.trigger import (
-    claim_part,
+    TriggerClaim,
     predict_labels,
     required_matches,
     suspect_chance,
     trigger_evidence,
-    trigger_from_claim,
     verify_local,
     watermark,
 )
 from ticketguard.training import TrainConfig, train
-from ticketguard.verify import Verdict, binomial_p_value
+from ticketguard.evidence import Verdict, binomial_p_value
 
 ADI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adi-trigger-set"
 EPOCHS = 10
@@ -83,22 +82,22 @@ def test_evidence_refuses_a_partial_answer() -> None:
 
 def test_keyed_claim_rebuilds_the_trigger_set_and_catches_altered_labels() -> None:
     trigger = keyed_trigger_set(77, 40, 10, 3, (32, 32))
-    part = claim_part(trigger, 10, "suspect")
-    rebuilt = trigger_from_claim(part)
+    part = TriggerClaim.of(trigger, 10, None).to_json()
+    rebuilt = TriggerClaim.from_json(part).trigger_set()
     assert torch.equal(rebuilt.images, trigger.images) and torch.equal(rebuilt.labels, trigger.labels)
     part["labels"][0] = (part["labels"][0] + 1) % 10
     with pytest.raises(InputError, match="differ"):
-        trigger_from_claim(part)
+        TriggerClaim.from_json(part).trigger_set()
 
 
 def test_folder_claim_reloads_adi_set_and_refuses_another_folder(tmp_path: Path) -> None:
     trigger = load_trigger_folder(ADI, 1, (8, 8), num_classes=10)
-    part = claim_part(trigger, 10, "uniform")
-    assert torch.equal(trigger_from_claim(part).images, trigger.images)
+    part = TriggerClaim.of(trigger, 10, None, "uniform").to_json()
+    assert torch.equal(TriggerClaim.from_json(part).trigger_set().images, trigger.images)
     (tmp_path / "1.jpg").write_bytes((ADI / "pics" / "1.jpg").read_bytes())
     (tmp_path / "labels-cifar.txt").write_text("6\n")
     with pytest.raises(InputError, match="sha256"):
-        trigger_from_claim({**part, "count": 1, "labels": [6]}, tmp_path)
+        TriggerClaim.from_json({**part, "count": 1, "labels": [6]}).trigger_set(tmp_path)
 
 
 def test_predict_labels_matches_argmax_of_the_model(marked_and_unmarked, digits: ImageData) -> None:
@@ -112,7 +111,10 @@ def test_predict_labels_matches_argmax_of_the_model(marked_and_unmarked, digits:
 
 
 def test_incomplete_claim_is_refused_with_a_clear_error() -> None:
-    part = claim_part(keyed_trigger_set(1, 5, 10, 1, (8, 8)), 10, "uniform")
+    part = TriggerClaim.of(keyed_trigger_set(1, 5, 10, 1, (8, 8)), 10, None, "uniform").to_json()
     del part["seed"]
     with pytest.raises(InputError, match="incomplete"):
-        trigger_from_claim(part)
+        TriggerClaim.from_json(part).trigger_set()
+    for field, bad in (("classes", "10"), ("labels", [1.5] * 5), ("shape", [1, 8, 2.9]), ("count", True)):
+        with pytest.raises(InputError):
+            TriggerClaim.from_json({**part, field: bad})

@@ -1,3 +1,75 @@
-"""ticketguard: find extremely sparse winning lottery tickets and prove that they are yours."""
+"""ticketguard: find extremely sparse winning lottery tickets and prove that they are yours.
+
+The whole story from Python::
+
+    import ticketguard as tg
+    data = tg.load_dataset("digits")
+    ticket = tg.find_extreme_ticket(data, tg.SearchConfig(), "runs/search")
+    protected = tg.protect(ticket, data, signature="ACME-2026", trigger=tg.keyed_trigger_for(ticket, seed=7))
+    weights, mask = tg.attack(protected.ticket.weights, protected.ticket.mask, "magnitude:fraction=0.2")
+    print(tg.verify(weights, protected.claim).owned)
+"""
 
 __version__ = "0.1.0"
+
+from ticketguard.attacks import ATTACKS, attack
+from ticketguard.claim import Claim, DefenceClaim, generate_keys, load_claim, save_claim, sign
+from ticketguard.data import ImageData, Normalization, load_dataset, load_subset
+from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
+from ticketguard.errors import InputError
+from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict
+from ticketguard.imp import SearchConfig, find_extreme_ticket
+from ticketguard.masks import Mask
+from ticketguard.protect import Protected, SignatureConfig, TriggerConfig, keyed_trigger_for, protect, sign_mask
+from ticketguard.schemes.keymask import Key, merge_key, split_key, verify_key
+from ticketguard.schemes.signature import Signature
+from ticketguard.schemes.trigger import TriggerClaim
+from ticketguard.suspect import Suspect, load_suspect
+from ticketguard.ticket import Ticket
+from ticketguard.training import TrainConfig, train
+from ticketguard.verify import verify
+
+__all__ = [
+    "ATTACKS",
+    "Claim",
+    "DEFAULT_ALPHA",
+    "DefenceClaim",
+    "Evidence",
+    "ImageData",
+    "InputError",
+    "Key",
+    "Mask",
+    "Normalization",
+    "Protected",
+    "SearchConfig",
+    "Signature",
+    "SignatureConfig",
+    "Suspect",
+    "Ticket",
+    "TrainConfig",
+    "TriggerClaim",
+    "TriggerConfig",
+    "TriggerSet",
+    "Unavailable",
+    "Verdict",
+    "__version__",
+    "attack",
+    "find_extreme_ticket",
+    "generate_keys",
+    "keyed_trigger_for",
+    "keyed_trigger_set",
+    "load_claim",
+    "load_dataset",
+    "load_subset",
+    "load_suspect",
+    "load_trigger_folder",
+    "merge_key",
+    "protect",
+    "save_claim",
+    "sign",
+    "sign_mask",
+    "split_key",
+    "train",
+    "verify",
+    "verify_key",
+]

@@ -189,7 +189,6 @@ def add_on(
     return _switch_on(weights, mask, fraction, scale, seed)
 
 
-DEFENCE_CLAIM_KEY = "defence"  # where a claim records the owner's threshold t
 DEFENCE_QUANTILE = 0.005
 
 
@@ -382,3 +381,11 @@ def chain(
     for step in steps:
         result, current = run_step(result, current, step, context)
     return result, current
+
+
+def attack(
+    weights: Mapping[str, torch.Tensor], mask: Mask, spec: str, **context: Any
+) -> tuple[Weights, Mask]:
+    """Run an attack chain written as on the command line, e.g. ``"magnitude:fraction=0.2+finetune:epochs=1"``;
+    ``context`` supplies what attacks may need (data, signature, threshold, device, ...)."""
+    return chain(weights, mask, parse_chain(spec), context)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,32 +22,66 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ticketguard.errors import InputError
 from ticketguard.files import atomic_path, read_json, sha256_file
 from ticketguard.schemes.signature import Signature
+from ticketguard.schemes.trigger import EXTENSION as TRIGGER_KEY
+from ticketguard.schemes.trigger import TriggerClaim
 from ticketguard.ticket import MANIFEST
 
 CLAIM_FORMAT = "ticketguard-claim/1"
 PRIVATE_KEY_FILE = "owner.key"
 PUBLIC_KEY_FILE = "owner.pub"
+DEFENCE_KEY = "defence"
+
+
+@dataclass(frozen=True)
+class DefenceClaim:
+    """The add-on defence's part of the claim: the owner's magnitude threshold t and the quantile it came from."""
+
+    threshold: float
+    quantile: float
+
+    def __post_init__(self) -> None:
+        for name, value in (("threshold", self.threshold), ("quantile", self.quantile)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"the claim's defence {name} must be a finite number, got {value!r}")
+        if self.threshold < 0 or not 0 <= self.quantile < 1:
+            raise InputError(f"the claim's defence needs t >= 0 and a quantile in [0, 1), got {self}")
+
+    def to_json(self) -> dict[str, float]:
+        return {"threshold": self.threshold, "quantile": self.quantile}
+
+    @classmethod
+    def from_json(cls, data: Any) -> DefenceClaim:
+        if not isinstance(data, dict) or "threshold" not in data or "quantile" not in data:
+            raise InputError('the claim\'s defence section must be {"threshold": t, "quantile": q}')
+        return cls(data["threshold"], data["quantile"])
 
 
 @dataclass
 class Claim:
-    """Secret evidence of ownership; ``extensions`` holds the parts of other schemes (e.g. a trigger set)."""
+    """Secret evidence of ownership: the QR signature (V2), the trigger set (V3) and the add-on defence's t,
+    each optional, and the hashes of the shipped ticket they were made for."""
 
     signature: Signature | None
     ticket_files: dict[str, str]
+    trigger: TriggerClaim | None = None
+    defence: DefenceClaim | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    extensions: dict[str, Any] = field(default_factory=dict)
     public_key: str | None = None
     signed: str | None = None
 
     def body(self) -> dict[str, Any]:
         """Everything the Ed25519 signature covers."""
+        extensions: dict[str, Any] = {}
+        if self.trigger is not None:
+            extensions[TRIGGER_KEY] = self.trigger.to_json()
+        if self.defence is not None:
+            extensions[DEFENCE_KEY] = self.defence.to_json()
         return {
             "format": CLAIM_FORMAT,
             "created": self.created,
             "signature": None if self.signature is None else self.signature.to_json(),
             "ticket_files": dict(self.ticket_files),
-            "extensions": dict(self.extensions),
+            "extensions": extensions,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -59,13 +94,20 @@ class Claim:
     def from_json(cls, data: Any) -> Claim:
         if not isinstance(data, dict) or data.get("format") != CLAIM_FORMAT:
             raise InputError(f"not a {CLAIM_FORMAT} claim file")
-        signed = data.get("ed25519") or {}
-        signature = data.get("signature")
+        signed, extensions = data.get("ed25519") or {}, data.get("extensions") or {}
+        files = data.get("ticket_files") or {}
+        if not isinstance(signed, dict) or not isinstance(extensions, dict) or not isinstance(files, dict):
+            raise InputError("the claim's ed25519, extensions and ticket_files sections must be JSON objects")
+        unknown = set(extensions) - {TRIGGER_KEY, DEFENCE_KEY}
+        if unknown:
+            raise InputError(f"the claim holds sections this version does not know: {', '.join(sorted(unknown))}")
+        signature, trigger, defence = data.get("signature"), extensions.get(TRIGGER_KEY), extensions.get(DEFENCE_KEY)
         return cls(
             signature=None if signature is None else Signature.from_json(signature),
-            ticket_files=dict(data.get("ticket_files", {})),
+            ticket_files={str(k): str(v) for k, v in files.items()},
+            trigger=None if trigger is None else TriggerClaim.from_json(trigger),
+            defence=None if defence is None else DefenceClaim.from_json(defence),
             created=str(data.get("created", "")),
-            extensions=dict(data.get("extensions", {})),
             public_key=signed.get("public_key"),
             signed=signed.get("signature"),
         )

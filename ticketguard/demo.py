@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import Progress
 
-from ticketguard import attacks, harness
-from ticketguard.claim import Claim, save_claim, ticket_hashes
-from ticketguard.data import ImageData
-from ticketguard.data.triggers import keyed_trigger_set
+from ticketguard import harness
+from ticketguard.claim import Claim
+from ticketguard.data import ImageData, load_subset
+from ticketguard.evidence import DEFAULT_ALPHA
 from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.options import subset_data
+from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
 from ticketguard.schemes import keymask as v1
-from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, state_copy
-from ticketguard.verify import DEFAULT_ALPHA
+from ticketguard.training import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -47,65 +45,37 @@ class DemoConfig:
 DEMO = DemoConfig()
 
 
-def protect(
+def protect_demo(
     ticket: Ticket, data: ImageData, config: DemoConfig, device: torch.device, progress: Progress, out: Path
 ) -> tuple[Ticket, Claim, dict[str, Any]]:
-    """V2 then V3: embed the signature into the mask, retrain from W_k with the trigger set mixed in; also
-    retrain with the signature alone, so each scheme's accuracy cost is measured by itself."""
+    """V2 + V3 in one retraining (``ticketguard.protect``); the signature alone is also trained once more, only
+    to measure each scheme's accuracy cost by itself, and the unmarked ticket's trigger accuracy is measured."""
     train_config = TrainConfig(epochs=config.epochs, seed=config.seed)
-    signed, signature, embedded = v2.protect_ticket(ticket, config.payload, data, train_config, device=device)
-    trigger = keyed_trigger_set(
-        config.trigger_seed,
-        config.trigger_count,
-        ticket.num_classes,
-        ticket.in_channels,
-        tuple(ticket.input_size),
-    )
+    trigger = keyed_trigger_for(ticket, config.trigger_seed, config.trigger_count)
+    signed_only = protect(ticket, data, signature=config.payload, train_config=train_config, device=device,
+                          progress=progress)
     mean, std = data.channel_stats()
     unmarked = v3.verify_local(
-        signed.build_model().to(device), trigger.to(device), mean, std, data.num_classes
+        signed_only.ticket.build_model().to(device), trigger.to(device), mean, std, data.num_classes
     )
-    model = ticket.build_model("rewind").to(device)
-    marked = v3.watermark(
-        model, data, trigger, train_config, signed.mask, per_batch=config.per_batch, progress=progress
-    )
-    protected = replace(
-        signed,
-        weights=state_copy(model),
-        accuracy=marked.accuracy,
-        metadata={**signed.metadata, "normalization": {"mean": mean.tolist(), "std": std.tolist()}},
-    )
-    protected.save(out / "protected")
-    threshold = attacks.defence_threshold(protected.weights, protected.mask)
-    claim = Claim(
-        signature,
-        ticket_hashes(out / "protected"),
-        extensions={
-            v3.EXTENSION: v3.claim_part(
-                trigger,
-                data.num_classes,
-                "suspect",
-                accuracy=marked.accuracy,
-                trigger_accuracy=marked.trigger_accuracy,
-            ),
-            attacks.DEFENCE_CLAIM_KEY: {"threshold": threshold, "quantile": attacks.DEFENCE_QUANTILE},
-        },
-    )
-    save_claim(out / "claim.json", claim)
+    protected = protect(ticket, data, signature=config.payload, trigger=TriggerConfig(trigger, config.per_batch),
+                        train_config=train_config, device=device, progress=progress)
+    protected.save(out / "protected", out / "claim.json", force=True)
+    embedded = protected.report["embedding"]
     numbers = {
-        "v2_accuracy": signed.accuracy,
-        "cells_changed": embedded.changed_cells,
-        "accuracy": marked.accuracy,
-        "trigger_accuracy": marked.trigger_accuracy,
+        "v2_accuracy": signed_only.ticket.accuracy,
+        "cells_changed": embedded["changed_cells"],
+        "accuracy": protected.ticket.accuracy,
+        "trigger_accuracy": protected.report["trigger_accuracy"],
         "unmarked_trigger_accuracy": unmarked.score,
-        "threshold": threshold,
+        "threshold": protected.report["threshold"],
     }
-    return protected, claim, numbers
+    return protected.ticket, protected.claim, numbers
 
 
 def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Progress) -> dict[str, Any]:
     """The whole story on digits; returns the numbers the report shows."""
-    data = subset_data("digits", None, config.train_per_class, config.test_per_class, config.seed)
+    data = load_subset("digits", None, config.train_per_class, config.test_per_class, config.seed)
     search = SearchConfig(
         ratios=(config.ratio,),
         max_rounds=config.rounds,
@@ -115,7 +85,7 @@ def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Prog
     )
     ticket = find_extreme_ticket(data, search, out / "search", device, progress)
     ticket.save(out / "ticket")
-    protected, claim, numbers = protect(ticket, data, config, device, progress, out)
+    protected, claim, numbers = protect_demo(ticket, data, config, device, progress, out)
     locked, key = v1.split_key(protected, config.key_density, config.key_score)
     v1.save_split(locked, key, out / "split")
     verdict = v1.verify_key(
@@ -128,18 +98,8 @@ def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Prog
         progress,
         fake1=True,
     )
-    part = claim.extensions[v3.EXTENSION]
     subject = harness.Subject(
-        protected,
-        data,
-        claim.signature,
-        v3.trigger_from_claim(part),
-        "suspect",
-        config.key_density,
-        claim.extensions[attacks.DEFENCE_CLAIM_KEY]["threshold"],
-        harness.parity_task(data),
-        DEFAULT_ALPHA,
-        device,
+        protected, data, claim, config.key_density, harness.parity_task(data), DEFAULT_ALPHA, device
     )
     points = harness.default_grid(finetune_epochs=config.finetune_epochs, transfer=True)
     rows = harness.run_grid(subject, points, out / "grid", progress)

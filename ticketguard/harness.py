@@ -23,16 +23,15 @@ import torch
 from rich.progress import Progress
 
 from ticketguard import attacks
+from ticketguard.claim import Claim
 from ticketguard.data import ImageData
-from ticketguard.data.triggers import TriggerSet
+from ticketguard.evidence import DEFAULT_ALPHA
 from ticketguard.files import atomic_path, read_json, write_json
 from ticketguard.models import build_model, identify_architecture
 from ticketguard.report import COLUMNS, display_row, markdown_table
-from ticketguard.schemes import signature as v2
-from ticketguard.schemes.trigger import verify_local
 from ticketguard.ticket import Ticket
 from ticketguard.training import evaluate
-from ticketguard.verify import DEFAULT_ALPHA, Evidence, Verdict
+from ticketguard.verify import verify
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,8 @@ class Subject:
 
     ticket: Ticket
     data: ImageData
-    signature: v2.Signature | None = None
-    trigger: TriggerSet | None = None
-    chance_model: str = "suspect"
+    claim: Claim
     key_density: float | None = None
-    threshold: float | None = None
     transfer_data: ImageData | None = None
     alpha: float = DEFAULT_ALPHA
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -67,9 +63,9 @@ class Subject:
         """What attacks may take from the claim and the setting (``attacks.run_step`` picks per attack)."""
         context = {
             "data": self.data,
-            "signature": self.signature,
+            "signature": self.claim.signature,
             "key_density": self.key_density,
-            "threshold": self.threshold,
+            "threshold": None if self.claim.defence is None else self.claim.defence.threshold,
             "transfer_data": self.transfer_data,
             "device": self.device,
         }
@@ -133,45 +129,24 @@ def _model(weights: dict[str, torch.Tensor], device: torch.device) -> tuple[torc
 
 
 def measure(subject: Subject, weights: dict[str, torch.Tensor], density: float) -> dict[str, Any]:
-    """Every number of one row for attacked ``weights``; evidence that does not apply stays None."""
-    row: dict[str, Any] = {
-        "density": density,
-        "accuracy": None,
-        "qr_decodes": None,
-        "match_rate": None,
-        "qr_p_value": None,
-        "qr_modules": None,
-        "trigger_accuracy": None,
-        "trigger_p_value": None,
-    }
-    evidence: list[Evidence] = []
+    """Every number of one row for attacked ``weights``: accuracy, and the verdict of ``verify`` on them;
+    evidence that does not apply stays None."""
+    row: dict[str, Any] = {"density": density, "accuracy": None}
     built = _model(weights, subject.device)
-    same_task = built is not None and built[1] == subject.data.num_classes
-    if same_task:
+    if built is not None and built[1] == subject.data.num_classes:
         row["accuracy"] = evaluate(built[0], subject.data)
-    if subject.signature is not None:
-        verdict, reading = v2.verify(weights, subject.signature, subject.alpha)
-        evidence += verdict.evidence
-        row |= {
-            "qr_decodes": reading.decoded.text == subject.signature.payload,
-            "match_rate": reading.match_rate,
-            "qr_p_value": reading.p_value,
-            "qr_modules": "".join("1" if m else "0" for m in reading.voted),
-        }
-    if subject.trigger is not None and same_task:
-        mean, std = subject.data.channel_stats()
-        found = verify_local(
-            built[0],
-            subject.trigger.to(subject.device),
-            mean,
-            std,
-            subject.data.num_classes,
-            subject.chance_model,
-            subject.alpha,
-        )
-        evidence.append(found)
-        row |= {"trigger_accuracy": found.score, "trigger_p_value": found.p_value}
-    row["owned"] = Verdict(tuple(evidence), subject.alpha).owned if evidence else None
+    verdict = verify(weights, subject.claim, alpha=subject.alpha, device=subject.device)
+    found = {e.name: e for e in verdict.evidence}
+    qr, trigger = found.get("qr-signature"), found.get("trigger")
+    row |= {
+        "qr_decodes": None if qr is None else qr.details["decodes_to_claim"],
+        "match_rate": None if qr is None else qr.score,
+        "qr_p_value": None if qr is None else qr.p_value,
+        "qr_modules": None if qr is None else qr.details["voted_modules"],
+        "trigger_accuracy": None if trigger is None else trigger.score,
+        "trigger_p_value": None if trigger is None else trigger.p_value,
+        "owned": verdict.owned if verdict.evidence else None,
+    }
     return row
 
 

@@ -100,12 +100,12 @@ def find_extreme_ticket(
     data: ImageData,
     config: SearchConfig,
     workdir: str | Path,
-    device: torch.device,
+    device: torch.device | str = "cpu",
     progress: Progress | None = None,
     restart: bool = False,
 ) -> Ticket:
     """Run (or resume) the extreme-ticket search; returns the ticket of the last matching round."""
-    workdir = Path(workdir)
+    workdir, device = Path(workdir), torch.device(device)
     record = _config_record(config, data)
     if restart and workdir.exists() and distributed.is_main():
         shutil.rmtree(workdir)
@@ -227,7 +227,6 @@ def _ticket(
     data: ImageData, config: SearchConfig, state: SearchState, rewind: dict[str, torch.Tensor], workdir: Path
 ) -> Ticket:
     best = state.history[state.best_round]
-    mean, std = data.channel_stats()
     return Ticket(
         architecture=config.model,
         in_channels=data.input_shape[0],
@@ -240,7 +239,6 @@ def _ticket(
         weights=load_tensors(_round_path(workdir, state.best_round, "weights")),
         accuracy=best["accuracy"],
         metadata={
-            "normalization": {"mean": mean.tolist(), "std": std.tolist()},
             "dense_accuracy": state.dense_accuracy,
             "search": {
                 "ratios": list(config.ratios),
@@ -251,4 +249,5 @@ def _ticket(
             },
             "config": state.config,
         },
+        normalization=data.normalization(),
     )

@@ -10,11 +10,17 @@ import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import Progress
 
+from ticketguard import distributed
+from ticketguard.data import ImageData, load_subset
 from ticketguard.errors import InputError
+from ticketguard.imp import SearchConfig, find_extreme_ticket
 
 
 def job_devices(count: int) -> list[str]:
@@ -63,3 +69,35 @@ def _run_on_ray(function: Callable[..., Any], jobs: Sequence[dict[str, Any]], ad
     task = ray.remote(num_gpus=gpus)(function)
     device = "cuda" if gpus else "cpu"
     return ray.get([task.remote(**job, device=device) for job in jobs])
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What a search job needs to load its data in its own process."""
+
+    name: str
+    folder: Path | None = None
+    download: bool = False
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+
+    def load(self, seed: int) -> ImageData:
+        return load_subset(self.name, self.folder, self.train_per_class, self.test_per_class, seed, self.download)
+
+
+def search_job(
+    source: DataSource,
+    config: SearchConfig,
+    out: Path,
+    restart: bool,
+    device: str,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """One whole extreme-ticket search into ``out``; returns the ticket's summary (main process only writes)."""
+    dataset = source.load(config.train.seed)
+    ticket = find_extreme_ticket(dataset, config, out / "search", torch.device(device), progress, restart)
+    if distributed.is_main():
+        ticket.save(out)
+    return {"out": str(out), "seed": config.train.seed, "accuracy": ticket.accuracy,
+            "dense_accuracy": ticket.metadata["dense_accuracy"], "density": ticket.mask.density(),
+            "pruning_spec": ticket.metadata["search"]["counts"]}

@@ -23,7 +23,7 @@ from rich.progress import Progress
 
 from ticketguard import harness, report
 from ticketguard.claim import load_claim
-from ticketguard.demo import DEMO, protect
+from ticketguard.demo import DEMO, protect_demo
 from ticketguard.data import ImageData, dataset_spec, load_dataset
 from ticketguard.data.cifar import load_image_folder
 from ticketguard.errors import InputError
@@ -31,11 +31,10 @@ from ticketguard.files import atomic_path, read_json, write_json
 from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.models import MODELS
 from ticketguard.schemes import keymask as v1
-from ticketguard.schemes import trigger as v3
 from ticketguard.scores import SCORES
 from ticketguard.ticket import MANIFEST, Ticket
 from ticketguard.training import TrainConfig
-from ticketguard.verify import DEFAULT_ALPHA
+from ticketguard.evidence import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ class Run:
             else:
                 config = replace(DEMO, epochs=self.plan.epochs, seed=self.plan.seed)
                 try:
-                    protected, _, numbers = protect(
+                    protected, _, numbers = protect_demo(
                         self.ticket(), self.data, config, self.device, self.progress, self.out
                     )
                 except Exception as err:
@@ -218,18 +217,8 @@ class Run:
         """Attack the protected ticket; points are shared by experiments through ``grid/points``."""
         protected, _ = self.protected()
         claim = load_claim(self.out / "claim.json")
-        part = claim.extensions[v3.EXTENSION]
         subject = harness.Subject(
-            protected,
-            self.data,
-            claim.signature,
-            v3.trigger_from_claim(part),
-            "suspect",
-            self.plan.key_density,
-            claim.extensions["defence"]["threshold"],
-            None,
-            DEFAULT_ALPHA,
-            self.device,
+            protected, self.data, claim, self.plan.key_density, None, DEFAULT_ALPHA, self.device
         )
         return harness.run_grid(subject, points, self.out / "grid", self.progress)
 

@@ -7,7 +7,7 @@ half-written by a killed process, is refused on load instead of being trusted.
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 import ticketguard
+from ticketguard.data import DATASETS, Normalization
 from ticketguard.errors import InputError
 from ticketguard.files import load_tensors, read_manifest, save_tensors, sha256_file, write_json
 from ticketguard.masks import Mask, load_mask, save_mask
 from ticketguard.models import build_model
+from ticketguard.training import TrainConfig
 
 TICKET_FORMAT = "ticketguard-ticket/1"
 MANIFEST = "ticket.json"
@@ -43,6 +45,22 @@ class Ticket:
     weights: dict[str, torch.Tensor]
     accuracy: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    normalization: Normalization | None = None
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The training run that made this ticket (as its search recorded it), with ``overrides`` that are not
+        None applied: later retrainings follow the ticket's settings unless the user says otherwise."""
+        recorded = self.metadata.get("config", {}).get("train")
+        known = {f.name for f in fields(TrainConfig)}
+        base = {k: v for k, v in recorded.items() if k in known} if isinstance(recorded, dict) else {}
+        if "milestones" in base:
+            base["milestones"] = tuple(base["milestones"])
+        if self.dataset in DATASETS:
+            base.setdefault("epochs", DATASETS[self.dataset].default_epochs)
+        try:
+            return TrainConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+        except TypeError as err:
+            raise InputError(f"the ticket's recorded training settings are malformed ({err})") from None
 
     def build_model(self, state: str = "weights") -> nn.Module:
         """The architecture loaded with the trained (``weights``) or rewind (``rewind``) state, mask applied."""
@@ -88,6 +106,7 @@ class Ticket:
             "density": self.mask.density(),
             "layer_density": self.mask.layer_densities(),
             "metadata": self.metadata,
+            "normalization": None if self.normalization is None else self.normalization.to_json(),
             "files": {name: sha256_file(folder / name) for name in (MASK_FILE, REWIND_FILE, WEIGHTS_FILE)},
             "versions": {
                 "ticketguard": ticketguard.__version__,
@@ -117,6 +136,13 @@ class Ticket:
             weights=load_tensors(folder / WEIGHTS_FILE),
             accuracy=manifest.get("accuracy"),
             metadata=manifest.get("metadata", {}),
+            normalization=_recorded_normalization(manifest),
         )
         ticket.validate()
         return ticket
+
+
+def _recorded_normalization(manifest: dict[str, Any]) -> Normalization | None:
+    """The manifest's normalisation; tickets written before it was a field kept it in their metadata."""
+    recorded = manifest.get("normalization") or manifest.get("metadata", {}).get("normalization")
+    return None if recorded is None else Normalization.from_json(recorded)

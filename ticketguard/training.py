@@ -62,8 +62,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
+        for name in ("lr", "momentum", "weight_decay", "lr_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
             raise InputError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise InputError(
+                f"momentum must lie in [0, 1) and weight decay be >= 0, got {self.momentum} and {self.weight_decay}"
+            )
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
 

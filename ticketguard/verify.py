@@ -1,81 +1,114 @@
-"""V(...): evidence and verdicts. A decision is a value with its score, threshold and false-claim probability."""
+"""verify(): every piece of evidence a claim supports, read from a suspect, combined into one verdict.
+
+This is the one place evidence is combined. A piece the claim supports but the suspect does not allow to
+compute (a layer it lacks, an architecture that cannot be rebuilt for the trigger check) is listed as
+unavailable with its reason, and the other pieces still decide.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
 
-from scipy.stats import binom
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-DEFAULT_ALPHA = 1e-6
+from ticketguard.claim import Claim, check_signature, load_claim
+from ticketguard.data import Normalization
+from ticketguard.errors import InputError
+from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
+from ticketguard.masks import mask_from_zeros
+from ticketguard.models import build_from_state
+from ticketguard.schemes import signature as v2
+from ticketguard.schemes import trigger as v3
+from ticketguard.schemes.signature_figures import save_comparison_image
+from ticketguard.suspect import Suspect, load_suspect
+from ticketguard.ticket import MANIFEST, Ticket
 
-
-def binomial_p_value(successes: int, trials: int, chance: float) -> float:
-    """P(X >= successes) for X ~ Binomial(trials, chance): how often chance alone would score this well."""
-    if trials <= 0:
-        return 1.0
-    if not 0.0 <= chance <= 1.0:
-        raise ValueError(f"chance must lie in [0, 1], got {chance}")
-    return float(binom.sf(successes - 1, trials, chance))
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """One check: its score against a threshold, and the probability that an innocent model passes it."""
-
-    name: str
-    score: float
-    threshold: float
-    passed: bool
-    p_value: float | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+SuspectLike = Suspect | Mapping[str, torch.Tensor] | str | Path
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """All evidence and the overall decision: ownership is shown when any check passes at the corrected level.
+def verify(
+    suspect: SuspectLike,
+    claim: Claim | str | Path,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    public_key: Ed25519PublicKey | None = None,
+    trigger_folder: str | Path | None = None,
+    qr_image: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> Verdict:
+    """V(...): does ``suspect`` (a path, a loaded ``Suspect`` or a state_dict) carry what ``claim`` records?
 
-    Checks with a p-value pass only below alpha / (number of such checks) (Bonferroni), so the stated
-    false-claim probability bounds the whole verdict, not one check.
+    ``public_key``: the claim must be signed with it. ``trigger_folder``: where a folder trigger set lives now.
+    ``qr_image``: also write the extracted QR code beside the expected one (PNG).
     """
-
-    evidence: tuple[Evidence, ...]
-    alpha: float = DEFAULT_ALPHA
-
-    @property
-    def tested(self) -> int:
-        return sum(e.p_value is not None for e in self.evidence)
-
-    def decisive(self) -> list[Evidence]:
-        level = self.alpha / max(self.tested, 1)
-        return [e for e in self.evidence if e.passed and (e.p_value is None or e.p_value <= level)]
-
-    @property
-    def owned(self) -> bool:
-        return bool(self.decisive())
-
-    @property
-    def false_claim_probability(self) -> float | None:
-        """Bonferroni bound over the decisive checks with p-values; None when no such check decided."""
-        p_values = [e.p_value for e in self.decisive() if e.p_value is not None]
-        return min(1.0, min(p_values) * self.tested) if p_values else None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "decision": "ownership shown" if self.owned else "ownership not shown",
-            "owned": self.owned,
-            "alpha": self.alpha,
-            "false_claim_probability": self.false_claim_probability,
-            "evidence": [asdict(e) for e in self.evidence],
-        }
+    check_alpha(alpha)
+    claim = claim if isinstance(claim, Claim) else load_claim(claim)
+    signed = check_signature(claim, public_key)
+    if claim.signature is None and claim.trigger is None:
+        raise InputError("the claim holds neither a QR signature nor a trigger set, so it cannot show anything")
+    loaded = _as_suspect(suspect)
+    evidence: list[Evidence] = []
+    unavailable: list[Unavailable] = []
+    if claim.signature is not None:
+        try:
+            reading = v2.extract(loaded.weights, claim.signature, alpha)
+        except InputError as err:
+            unavailable.append(Unavailable("qr-signature", str(err)))
+        else:
+            evidence.append(v2.evidence(reading, alpha))
+            if qr_image is not None:
+                save_comparison_image(qr_image, reading)
+    if claim.trigger is not None:
+        try:
+            evidence.append(_trigger_evidence(loaded, suspect, claim.trigger, alpha, trigger_folder, device))
+        except InputError as err:
+            unavailable.append(Unavailable("trigger", str(err)))
+    details = {"claim_signed": signed, "claim_created": claim.created, "suspect_source": loaded.source}
+    return Verdict(tuple(evidence), alpha, tuple(unavailable), details)
 
 
-def fidelity(accuracy: float, target: float, eps: float) -> Evidence:
-    """F(...): the protected model keeps its accuracy within eps_f of the target A_f."""
-    return Evidence(
-        name="fidelity",
-        score=accuracy,
-        threshold=target - eps,
-        passed=accuracy >= target - eps,
-        details={"target": target, "eps": eps},
+def _as_suspect(suspect: SuspectLike) -> Suspect:
+    if isinstance(suspect, Suspect):
+        return suspect
+    if isinstance(suspect, (str, Path)):
+        return load_suspect(suspect)
+    weights = {name: tensor.detach().cpu() for name, tensor in suspect.items()}
+    matrices = [n for n, t in weights.items() if t.dim() > 1 and t.is_floating_point()]
+    return Suspect(weights, mask_from_zeros(weights, matrices), None, "state_dict")
+
+
+def _trigger_evidence(
+    loaded: Suspect,
+    original: SuspectLike,
+    claim: v3.TriggerClaim,
+    alpha: float,
+    folder: str | Path | None,
+    device: torch.device | str | None,
+) -> Evidence:
+    """ESWT + T in process: rebuild the suspect from its weights and ask it for the trigger labels."""
+    model, (_, channels, classes) = build_from_state(loaded.weights, "checking the trigger set in process")
+    if (channels, classes) != (claim.shape[0], claim.classes):
+        raise InputError(
+            f"the suspect takes {channels} channel(s) and predicts {classes} classes, but the trigger set has "
+            f"{claim.shape[0]} and {claim.classes}"
+        )
+    normalization = claim.normalization or _ticket_normalization(original)
+    trigger = claim.trigger_set(folder)
+    mean, std = normalization.tensors()
+    model = model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
+    return v3.verify_local(model, trigger.to(next(model.parameters()).device), mean, std, classes,
+                           claim.chance_model, alpha)
+
+
+def _ticket_normalization(original: SuspectLike) -> Normalization:
+    """Claims written before they recorded the normalisation: a ticket folder still records its own."""
+    if isinstance(original, (str, Path)) and (Path(original) / MANIFEST).is_file():
+        recorded = Ticket.load(original).normalization
+        if recorded is not None:
+            return recorded
+    raise InputError(
+        "the claim does not record the input normalisation its owner trained with (it predates that field); "
+        "serve the suspect and check it with `ticketguard query`, or protect the ticket again"
     )

@@ -6,9 +6,54 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ticketguard.errors import InputError
+
+MAX_CHANNELS = 64
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std of pixels in [0, 1] that a model was trained with; its inputs are standardised
+    with them, so a model is only queried correctly by someone who knows them."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.mean) <= MAX_CHANNELS or len(self.mean) != len(self.std):
+            raise InputError(
+                f"a normalisation needs one mean and one std per channel (1 to {MAX_CHANNELS}), got "
+                f"{len(self.mean)} and {len(self.std)}"
+            )
+        values = (*self.mean, *self.std)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            raise InputError(f"a normalisation's means and stds must be finite numbers, got {values}")
+        if min(self.std) <= 0:
+            raise InputError(f"a normalisation's stds must be positive, got {self.std}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Normalization:
+        if not isinstance(data, Mapping) or not isinstance(data.get("mean"), list) or not isinstance(
+            data.get("std"), list
+        ):
+            raise InputError('a normalisation must be {"mean": [...], "std": [...]}')
+        return cls(tuple(data["mean"]), tuple(data["std"]))
 
 
 @dataclass(frozen=True)
@@ -46,6 +91,10 @@ class ImageData:
         """Per-channel mean and std of the training images in [0, 1], used to normalise every batch."""
         pixels = self.train_images.transpose(0, 1).flatten(1).float() / 255
         return pixels.mean(dim=1), pixels.std(dim=1).clamp_min(1e-3)
+
+    def normalization(self) -> Normalization:
+        mean, std = self.channel_stats()
+        return Normalization(tuple(mean.tolist()), tuple(std.tolist()))
 
     def to(self, device: torch.device | str) -> ImageData:
         return replace(
@@ -137,3 +186,21 @@ def dataset_spec(name: str) -> DatasetSpec:
 def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> ImageData:
     """Load a registered data set by name; CIFAR and image folders read from ``root``."""
     return dataset_spec(name).load(Path(root) if root is not None else None, download)
+
+
+def load_subset(
+    name: str,
+    root: str | Path | None = None,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+    seed: int = 0,
+    download: bool = False,
+) -> ImageData:
+    """A registered data set, cut to class-balanced subsets when asked (quick runs on a CPU)."""
+    data = load_dataset(name, root, download)
+    for what, count in (("training", train_per_class), ("test", test_per_class)):
+        if count is not None and count < 1:
+            raise InputError(f"the {what} subset needs >= 1 image per class, got {count}")
+    if train_per_class or test_per_class:
+        data = data.subset(train_per_class, test_per_class, seed)
+    return data

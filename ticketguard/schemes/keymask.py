@@ -29,7 +29,7 @@ from ticketguard.masks import Mask
 from ticketguard.scores import score
 from ticketguard.ticket import MANIFEST, MASK_FILE, WEIGHTS_FILE, Ticket
 from ticketguard.training import TrainConfig, train
-from ticketguard.verify import Evidence, Verdict
+from ticketguard.evidence import Evidence, Verdict
 
 KEY_FORMAT = "ticketguard-key/1"
 KEY_MANIFEST = "key.json"

@@ -11,42 +11,31 @@ stays provable after the code no longer decodes.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from scipy.stats import binom
 
 from ticketguard import qr
-from ticketguard.data import ImageData
 from ticketguard.errors import InputError
-from ticketguard.files import atomic_path
 from ticketguard.masks import Mask, squeeze
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, state_copy, train
-from ticketguard.verify import DEFAULT_ALPHA, Evidence, Verdict
+from ticketguard.schemes.placement import (
+    Placement,
+    placement_count,
+    qr_codes,
+    search_placements,
+)
+from ticketguard.evidence import DEFAULT_ALPHA, Evidence
 
-log = logging.getLogger(__name__)
-
-PATTERNS = range(8)
-POLARITIES = (True, False)
-# kept = dark lets the decoder trust every dark module, since pruning only removes connections; kept = light
-# may need fewer changes but turns pruning damage into plain errors (digits ResNet-20: kept = light no longer
-# decodes after 5 % magnitude pruning, kept = dark still does after 30 %), so "dark" is the default.
-POLARITY_CHOICES = {"any": POLARITIES, "dark": (True,), "light": (False,)}
 # With k weights per connection, one-shot magnitude pruning of a fraction f empties the kernel with chance
 # about f^k: 3 weights keep ~87 % of the dark modules at f = 0.5, within what the dark-only decoder corrects.
 DEFAULT_WEIGHTS_PER_CONNECTION = 3
 # Keeping the density exact takes the code's new weights from the rest of the ticket; past this share of it
 # the ticket would be gutted rather than signed.
 MAX_COMPENSATED_SHARE = 0.25
-BLIND_VERSIONS = (1, 2, 3, 4)
-_HEADER_BITS = 14  # mode (4) + the longest character count of versions 1-9 (10)
 
 
 @dataclass(frozen=True)
@@ -100,18 +89,6 @@ class Signature:
 
 
 @dataclass(frozen=True)
-class Placement:
-    """A candidate: layer, offset, QR mask pattern, polarity and the number of (out, in) cells to change."""
-
-    layer: str
-    row: int
-    col: int
-    mask_pattern: int
-    kept_is_dark: bool
-    changes: int
-
-
-@dataclass(frozen=True)
 class EmbedReport:
     """What embedding changed: cells flipped per copy, weights switched on and off, compensation."""
 
@@ -150,106 +127,6 @@ class Reading:
     def mismatch(self) -> bool:
         """A decode that yields another string than the claimed one is never a match."""
         return self.decoded.text is not None and self.decoded.text != self.signature.payload
-
-
-def qr_codes(payload: str, *, error: str = "H", version: int | None = None) -> list[qr.QrCode]:
-    """The payload's code under each of the 8 mask patterns at one version (default: smallest fitting)."""
-    version = version or qr.make_qr(payload, error=error).spec.version
-    return [qr.make_qr(payload, error=error, version=version, mask_pattern=m) for m in PATTERNS]
-
-
-def candidate_layers(mask: Mask, size: int, weights_per_connection: int = 1) -> list[str]:
-    """Conv layers whose squeezed (out, in) map holds a size x size code; InputError when none does.
-
-    Layers whose kernels hold at least ``weights_per_connection`` weights come first: only they can make a
-    connection robust to pruning (a 1x1 kernel has one weight), so the others are used only when none fits.
-    """
-    convs = [name for name, t in mask.items() if t.dim() == 4]
-    layers = [name for name in convs if min(mask[name].shape[:2]) >= size]
-    if not layers:
-        largest = max((min(mask[n].shape[:2]) for n in convs), default=0)
-        raise InputError(
-            f"the QR code needs a conv layer with at least {size} input and output channels, but the largest "
-            f"has {largest}; use a shorter signature, a lower error level or a wider model"
-        )
-    robust = [name for name in layers if mask[name][0, 0].numel() >= weights_per_connection]
-    return robust or layers
-
-
-def _templates(codes: Sequence[qr.QrCode]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pattern, template T_m = P - 2 D_m (P: data positions, D_m: dark data modules) and sum D_m."""
-    size = codes[0].spec.size
-    positions = torch.from_numpy(codes[0].data_positions.astype(np.int64))
-    dark = torch.from_numpy(np.stack([code.data_modules for code in codes])).float()
-    templates = torch.zeros(len(codes), size, size)
-    templates[:, positions[:, 0], positions[:, 1]] = 1.0 - 2.0 * dark
-    return templates, dark.sum(dim=1)
-
-
-def placement_costs(
-    squeezed: torch.Tensor,
-    codes: Sequence[qr.QrCode],
-    spectra: dict[tuple[int, int], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Cells to change for kept = dark at every offset, (8 patterns, rows, cols), from one FFT correlation.
-
-    With S the squeezed map, P the data positions and D the dark data modules, changes(kept = dark) =
-    sum D + sum S (P - 2 D) over the code, and changes(kept = light) = n - changes(kept = dark), so one
-    cross-correlation of S with the 8 templates P - 2 D scores every offset and pattern (float32 is exact
-    after rounding: every sum is a small integer). ``spectra`` caches template spectra per layer shape.
-    """
-    templates, dark_count = _templates(codes)
-    size = templates.shape[-1]
-    rows, cols = squeezed.shape
-    spectra = {} if spectra is None else spectra
-    if (rows, cols) not in spectra:
-        spectra[rows, cols] = torch.fft.rfft2(templates, s=(rows, cols)).conj()
-    signal = torch.fft.rfft2(squeezed.float())
-    sums = torch.fft.irfft2(signal * spectra[rows, cols], s=(rows, cols))[
-        :, : rows - size + 1, : cols - size + 1
-    ]
-    return (sums + dark_count.view(-1, 1, 1)).round_()
-
-
-def search_placements(
-    mask: Mask,
-    codes: Sequence[qr.QrCode],
-    copies: int = 1,
-    weights_per_connection: int = 1,
-    polarity: str = "dark",
-) -> list[Placement]:
-    """The cheapest placements of ``copies`` copies in distinct layers sharing one mask pattern and polarity
-    (``polarity``: any, dark or light, the colour that kept connections take)."""
-    if polarity not in POLARITY_CHOICES:
-        raise InputError(f"polarity must be one of {', '.join(POLARITY_CHOICES)}, got {polarity!r}")
-    layers = candidate_layers(mask, codes[0].spec.size, weights_per_connection)
-    if copies > len(layers):
-        raise InputError(
-            f"{copies} copies need {copies} conv layers large enough for the code, but only "
-            f"{len(layers)} are; use --copies {len(layers)} or fewer"
-        )
-    n_modules = len(codes[0].data_positions)
-    best_cost, best_offset, spectra = [], [], {}
-    for name in layers:
-        as_dark = placement_costs(squeeze(mask[name].cpu()), codes, spectra).flatten(1)
-        fewest, at_fewest = as_dark.min(dim=1)
-        most, at_most = as_dark.max(dim=1)
-        best_cost.append(torch.stack([fewest, n_modules - most], dim=1))
-        best_offset.append(torch.stack([at_fewest, at_most], dim=1))
-    cost = torch.stack(best_cost)  # (layers, 8 patterns, 2 polarities)
-    chosen_cost, chosen_layers = cost.topk(copies, dim=0, largest=False)
-    total = chosen_cost.sum(dim=0)
-    allowed = torch.tensor([kept_is_dark in POLARITY_CHOICES[polarity] for kept_is_dark in POLARITIES])
-    pattern, column = divmod(int(torch.where(allowed, total, torch.inf).argmin()), 2)
-    size = codes[0].spec.size
-    placements = []
-    for index in chosen_layers[:, pattern, column].tolist():
-        name = layers[index]
-        row, col = divmod(int(best_offset[index][pattern, column]), mask[name].shape[1] - size + 1)
-        placements.append(
-            Placement(name, row, col, pattern, POLARITIES[column], int(cost[index, pattern, column]))
-        )
-    return placements
 
 
 def _region_cells(placement: Placement | Region, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,50 +243,6 @@ def embed_signature(
     return result, signature, report
 
 
-def protect_ticket(
-    ticket: Ticket,
-    payload: str,
-    data: ImageData,
-    config: TrainConfig,
-    *,
-    error: str = "H",
-    version: int | None = None,
-    copies: int = 1,
-    weights_per_connection: int = DEFAULT_WEIGHTS_PER_CONNECTION,
-    polarity: str = "dark",
-    device: torch.device | None = None,
-) -> tuple[Ticket, Signature, EmbedReport]:
-    """Alg. 2: embed the signature into the ticket's mask, then WE: retrain from W_k with the new mask."""
-    mask, signature, report = embed_signature(
-        ticket.mask,
-        ticket.weights,
-        ticket.rewind,
-        payload,
-        error=error,
-        version=version,
-        copies=copies,
-        weights_per_connection=weights_per_connection,
-        polarity=polarity,
-    )
-    model = ticket.build_model("rewind").to(device or torch.device("cpu"))
-    result = train(model, data, config, mask, description="retrain with signature")
-    weights = state_copy(model)
-    protected = Ticket(
-        ticket.architecture,
-        ticket.in_channels,
-        ticket.num_classes,
-        ticket.input_size,
-        ticket.dataset,
-        ticket.classes,
-        mask,
-        ticket.rewind,
-        weights,
-        result.accuracy,
-        dict(ticket.metadata),
-    )
-    return protected, signature, report
-
-
 def _squeezed_kept(weights: Mapping[str, torch.Tensor], region: Region) -> torch.Tensor:
     """The suspect's (out, in) connectivity in the claimed layer: a weight is kept if it is non-zero."""
     if region.layer not in weights:
@@ -496,18 +329,6 @@ def extract(
     )
 
 
-def placement_count(weights: Mapping[str, torch.Tensor], size: int, copies: int) -> float:
-    """Bonferroni factor for the placement search: 16 pattern/polarity choices times the offsets of every
-    large-enough conv layer, per copy. The owner picked the region that already fitted the mask best, and a
-    forger would search the same space, so the match p-value is multiplied by this count."""
-    offsets = sum(
-        (t.shape[0] - size + 1) * (t.shape[1] - size + 1)
-        for t in weights.values()
-        if t.dim() == 4 and min(t.shape[:2]) >= size
-    )
-    return float(len(PATTERNS) * len(POLARITIES) * max(offsets, 1) ** copies)
-
-
 def decode_modules(
     spec: qr.QrSpec, modules: np.ndarray, kept_is_dark: bool, unreliable: np.ndarray | None = None
 ) -> qr.DecodeResult:
@@ -538,116 +359,8 @@ def evidence(reading: Reading, alpha: float = DEFAULT_ALPHA) -> Evidence:
             "uncorrected_p_value": reading.raw_p_value,
             "placements_searched": reading.placements,
             "modules": reading.trials,
+            "voted_modules": "".join("1" if m else "0" for m in reading.voted),
             "layer_densities": reading.densities,
             "regions": [asdict(r) for r in reading.signature.regions],
         },
     )
-
-
-def verify(
-    weights: Mapping[str, torch.Tensor], signature: Signature, alpha: float = DEFAULT_ALPHA
-) -> tuple[Verdict, Reading]:
-    reading = extract(weights, signature, alpha)
-    return Verdict((evidence(reading, alpha),), alpha), reading
-
-
-@dataclass(frozen=True)
-class Found:
-    """A code found without a claim: where, with which QR parameters, and its text."""
-
-    layer: str
-    row: int
-    col: int
-    version: int
-    mask_pattern: int
-    kept_is_dark: bool
-    text: str
-    method: str
-
-
-def _header_positions(spec: qr.QrSpec) -> np.ndarray:
-    """(row, col) of the first bit-stream bits (mode indicator and character count)."""
-    order = qr.data_codeword_order(spec)
-    bits = np.arange(_HEADER_BITS)
-    return qr.data_positions(spec)[8 * order[bits // 8] + bits % 8]
-
-
-def _plausible_headers(bits: torch.Tensor, spec: qr.QrSpec) -> torch.Tensor:
-    """Offsets whose unmasked header names a known mode with a character count that fits the version."""
-    weights = 2 ** torch.arange(_HEADER_BITS - 1, -1, -1)
-    value = (bits.long() * weights.view(-1, 1, 1)).sum(dim=0)
-    mode = value >> (_HEADER_BITS - 4)
-    capacity_bits = 8 * qr.byte_capacity(spec.version, spec.error) + 8  # + mode/count bits byte mode spares
-    plausible = torch.zeros_like(value, dtype=torch.bool)
-    for mode_value, (count_bits, bits_per_char) in {1: (10, 10 / 3), 2: (9, 5.5), 4: (8, 8.0)}.items():
-        count = (value >> (_HEADER_BITS - 4 - count_bits)) & ((1 << count_bits) - 1)
-        plausible |= (mode == mode_value) & (count >= 1) & (count * bits_per_char <= capacity_bits)
-    return plausible
-
-
-def blind_extract(
-    weights: Mapping[str, torch.Tensor], versions: Sequence[int] = BLIND_VERSIONS, error: str = "H"
-) -> list[Found]:
-    """Scan every conv layer, offset, mask pattern and polarity for a code that decodes (no claim needed).
-
-    A vectorised header check (mode and length plausible) over all offsets picks the few candidates worth a
-    full decode. Damaged codes whose header was hit are missed: the claim-based check covers those.
-    """
-    if any(not 1 <= v <= 9 for v in versions):
-        raise InputError(f"the blind scan covers QR versions 1 to 9, got {list(versions)}")
-    found = []
-    layers = [n for n, t in weights.items() if t.dim() == 4 and t.is_floating_point()]
-    for name in layers:
-        squeezed = squeeze(weights[name].detach().cpu() != 0)
-        for version in versions:
-            size = 17 + 4 * version
-            if min(squeezed.shape) < size:
-                continue
-            found += _scan_layer(name, squeezed, version, error)
-    return found
-
-
-def _scan_layer(name: str, squeezed: torch.Tensor, version: int, error: str) -> list[Found]:
-    size = 17 + 4 * version
-    rows, cols = squeezed.shape[0] - size + 1, squeezed.shape[1] - size + 1
-    hits = []
-    for pattern in PATTERNS:
-        spec = qr.QrSpec(version, error, pattern)
-        header = _header_positions(spec)
-        flip = torch.from_numpy(qr.MASK_PATTERNS[pattern](header[:, 0], header[:, 1]))
-        shifted = torch.stack([squeezed[r : r + rows, c : c + cols] for r, c in header])
-        for kept_is_dark in POLARITIES:
-            dark = shifted if kept_is_dark else ~shifted
-            plausible = _plausible_headers(dark ^ flip.view(-1, 1, 1), spec)
-            for row, col in plausible.nonzero().tolist():
-                placement = Region(name, row, col, tuple(squeezed.shape))
-                modules = read_region(squeezed, placement, spec, kept_is_dark)
-                result = qr.decode(spec, modules, dark_only_lost=False)
-                if result.text is not None:
-                    hits.append(
-                        Found(name, row, col, version, pattern, kept_is_dark, result.text, result.method)
-                    )
-    return hits
-
-
-def save_comparison_image(path: str | Path, reading: Reading) -> None:
-    """PNG of the extracted code (voted, fixed patterns restored; modules that differ in red) next to the
-    expected one."""
-    spec = reading.signature.spec
-    figure = Figure(figsize=(6, 3.2))
-    expected = np.pad(qr.assemble(spec, reading.expected), 2)
-    extracted = np.pad(qr.assemble(spec, reading.voted), 2)
-    red = np.array([0.85, 0.1, 0.1])
-    panels = (("extracted", extracted, extracted != expected), ("expected", expected, np.zeros_like(expected)))
-    for index, (title, modules, wrong) in enumerate(panels, start=1):
-        image = np.where(modules[..., None], 0.0, 1.0) * np.ones(3)
-        image[wrong] = red
-        axes = figure.add_subplot(1, 2, index)
-        axes.imshow(image, interpolation="nearest")
-        axes.set_title(title)
-        axes.set_axis_off()
-    decoded = reading.decoded.text if reading.decoded.text is not None else "no decode"
-    figure.suptitle(f"{decoded!s} | match {100 * reading.match_rate:.1f} % | p = {reading.p_value:.2g}")
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    log.info("wrote %s", path)

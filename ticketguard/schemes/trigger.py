@@ -19,12 +19,12 @@ from rich.progress import Progress
 from scipy.stats import binom
 from torch import nn
 
-from ticketguard.data import ImageData
+from ticketguard.data import ImageData, Normalization
 from ticketguard.data.triggers import KEYED_GENERATOR, TriggerSet, keyed_trigger_set, load_trigger_folder
 from ticketguard.errors import InputError
 from ticketguard.masks import Mask
 from ticketguard.training import TrainConfig, evaluate, predict_labels, train
-from ticketguard.verify import DEFAULT_ALPHA, Evidence, binomial_p_value
+from ticketguard.evidence import DEFAULT_ALPHA, Evidence, binomial_p_value
 
 EXTENSION = "trigger"
 CLAIM_SCHEME = "trigger-set/1"
@@ -181,50 +181,126 @@ def _trigger_accuracy(model: nn.Module, trigger: TriggerSet, mean: torch.Tensor,
     return agreed / len(trigger)
 
 
-def claim_part(trigger: TriggerSet, num_classes: int, chance_model: str, **measured: Any) -> dict[str, Any]:
-    """extensions["trigger"] of a claim: how to rebuild T (seed, or folder and hash), its labels, the test."""
-    check_chance_model(chance_model)
-    channels, height, width = trigger.shape
-    return {
-        "scheme": CLAIM_SCHEME,
-        **trigger.source,
-        "count": len(trigger),
-        "shape": [channels, height, width],
-        "classes": num_classes,
-        "labels": trigger.labels.tolist(),
-        "chance_model": chance_model,
-        **measured,
-    }
+MAX_TRIGGER_IMAGES = 100_000
+_KNOWN_KEYS = {"scheme", "count", "shape", "classes", "labels", "chance_model", "normalization"}
+_SOURCE_KEYS = {"kind", "seed", "generator", "path", "labels_file", "sha256"}
 
 
-def trigger_from_claim(part: dict[str, Any], folder: str | Path | None = None) -> TriggerSet:
-    """Rebuild T from a claim: regenerate it from the seed, or reload the folder; check hash and labels."""
-    try:
-        trigger = _rebuild(part, folder)
-    except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
-        raise InputError(
-            f"the claim's trigger part is incomplete ({err!r}); write it again with watermark"
-        ) from None
-    if trigger.labels.tolist() != list(part["labels"]):
-        raise InputError("the trigger labels rebuilt from the claim differ from the labels it records")
-    return trigger
+@dataclass(frozen=True)
+class TriggerClaim:
+    """The scheme's part of the owner's claim: how to rebuild T (a seed, or a folder and its hash), its secret
+    labels, the input normalisation the owner trained with (so T can be checked on bare weights), the chance
+    model of the test, and the numbers measured when it was made."""
 
+    source: dict[str, Any]
+    labels: tuple[int, ...]
+    shape: tuple[int, int, int]
+    classes: int
+    normalization: Normalization | None = None
+    chance_model: str = "suspect"
+    measured: dict[str, Any] = field(default_factory=dict)
 
-def _rebuild(part: dict[str, Any], folder: str | Path | None) -> TriggerSet:
-    kind, classes, (channels, height, width) = part["kind"], int(part["classes"]), part["shape"]
-    if kind == "keyed":
-        if part.get("generator") != KEYED_GENERATOR:
-            raise InputError(
-                f"the claim names trigger generator {part.get('generator')!r}; "
-                f"this version makes {KEYED_GENERATOR}"
+    def __post_init__(self) -> None:
+        check_chance_model(self.chance_model)
+        if not 1 <= len(self.labels) <= MAX_TRIGGER_IMAGES:
+            raise InputError(f"a trigger set needs 1 to {MAX_TRIGGER_IMAGES} labels, got {len(self.labels)}")
+        if not 2 <= self.classes <= MAX_TRIGGER_IMAGES or not all(0 <= y < self.classes for y in self.labels):
+            raise InputError(f"the trigger labels must lie in [0, classes), with 2 <= classes, got {self.classes}")
+        if self.normalization is not None and self.normalization.channels != self.shape[0]:
+            raise InputError("the trigger claim's normalisation does not have one value per image channel")
+
+    @classmethod
+    def of(
+        cls,
+        trigger: TriggerSet,
+        num_classes: int,
+        normalization: Normalization | None,
+        chance_model: str = "suspect",
+        **measured: Any,
+    ) -> TriggerClaim:
+        return cls(
+            dict(trigger.source), tuple(trigger.labels.tolist()), trigger.shape, num_classes, normalization,
+            chance_model, measured,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON section; keys absent from a claim stay absent, so a signed claim reads back byte-equal."""
+        data = {
+            "scheme": CLAIM_SCHEME,
+            **self.source,
+            "count": len(self.labels),
+            "shape": list(self.shape),
+            "classes": self.classes,
+            "labels": list(self.labels),
+            "chance_model": self.chance_model,
+            **self.measured,
+        }
+        if self.normalization is not None:
+            data["normalization"] = self.normalization.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> TriggerClaim:
+        if not isinstance(data, dict):
+            raise InputError("the claim's trigger section must be a JSON object")
+        try:
+            shape = tuple(_integer(v, "shape") for v in data["shape"])
+            labels = data["labels"]
+            if not isinstance(labels, list) or len(labels) != _integer(data.get("count", len(labels)), "count"):
+                raise InputError("the claim's trigger labels must be a list of count integers")
+            if len(shape) != 3 or not 1 <= shape[0] <= 4 or not all(1 <= v <= 4096 for v in shape[1:]):
+                raise InputError(f"the claim's trigger shape must be [channels 1-4, height, width], got {shape}")
+            normalization = data.get("normalization")
+            measured = {k: v for k, v in data.items() if k not in _KNOWN_KEYS | _SOURCE_KEYS}
+            if any(not isinstance(v, (int, float, str, type(None))) for v in measured.values()):
+                raise InputError("the claim's trigger section holds values that are not numbers or text")
+            return cls(
+                {k: data[k] for k in _SOURCE_KEYS if k in data},
+                tuple(_integer(y, "labels") for y in labels),
+                shape,  # type: ignore[arg-type]
+                _integer(data["classes"], "classes"),
+                None if normalization is None else Normalization.from_json(normalization),
+                str(data.get("chance_model", "suspect")),
+                measured,
             )
-        return keyed_trigger_set(int(part["seed"]), int(part["count"]), classes, channels, (height, width))
+        except (KeyError, TypeError) as err:
+            raise InputError(f"the claim's trigger section is incomplete ({err!r}); write it again") from None
+
+    def trigger_set(self, folder: str | Path | None = None) -> TriggerSet:
+        """Rebuild T: regenerate it from the seed, or reload the folder; check hash and labels."""
+        try:
+            trigger = _rebuild(self, folder)
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, InputError):
+                raise
+            raise InputError(f"the claim's trigger source is incomplete ({err!r}); write it again") from None
+        if tuple(trigger.labels.tolist()) != self.labels:
+            raise InputError("the trigger labels rebuilt from the claim differ from the labels it records")
+        return trigger
+
+
+def _integer(value: Any, what: str) -> int:
+    """JSON integers only: 2.9, "88", true and 1e400 are refused instead of silently converted."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"the claim's trigger {what} must hold integers, got {value!r}")
+    return value
+
+
+def _rebuild(claim: TriggerClaim, folder: str | Path | None) -> TriggerSet:
+    source, (channels, height, width) = claim.source, claim.shape
+    kind = source.get("kind")
+    if kind == "keyed":
+        if source.get("generator") != KEYED_GENERATOR:
+            raise InputError(
+                f"the claim names trigger generator {source.get('generator')!r}; this version makes {KEYED_GENERATOR}"
+            )
+        seed = _integer(source["seed"], "seed")
+        return keyed_trigger_set(seed, len(claim.labels), claim.classes, channels, (height, width))
     if kind == "folder":
-        root = Path(folder) if folder is not None else Path(part["path"])
-        trigger = load_trigger_folder(root, channels, (height, width), root / part["labels_file"], classes)
-        if trigger.source["sha256"] != part["sha256"]:
+        root = Path(folder) if folder is not None else Path(str(source["path"]))
+        labels_file = root / str(source["labels_file"])
+        trigger = load_trigger_folder(root, channels, (height, width), labels_file, claim.classes)
+        if trigger.source["sha256"] != source["sha256"]:
             raise InputError(f"trigger folder {root} differs from the one in the claim (sha256 mismatch)")
         return trigger
     raise InputError(f"unknown trigger kind {kind!r} in the claim; expected keyed or folder")

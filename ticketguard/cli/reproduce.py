@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from ticketguard import reproduce
-from ticketguard.options import DataDir, Device
-from ticketguard.progress import console, progress_bar
+from ticketguard.cli.options import DataDir, Device
+from ticketguard.cli.output import console, progress_bar, results as shown
 from ticketguard.training import resolve_device
 
 commands = typer.Typer()
@@ -23,7 +23,7 @@ def _print_table(title: str, rows: list[dict[str, str]]) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(row["quantity"], row["paper"], row["ours"])
-    console.print(table)
+    shown.print(table)
 
 
 @commands.command(name="reproduce")

@@ -12,19 +12,18 @@ from rich.table import Table
 
 from ticketguard import attacks, harness, report
 from ticketguard.claim import load_claim
-from ticketguard.data import ImageData, load_dataset
-from ticketguard.errors import InputError
-from ticketguard.files import save_tensors
-from ticketguard.options import DataDir, Device, TestPerClass, subset_data
+from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Json, TestPerClass
+from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
+from ticketguard.data import ImageData, load_dataset, load_subset
 from ticketguard.demo import DEMO, run_demo
-from ticketguard.progress import console, progress_bar
+from ticketguard.errors import InputError
+from ticketguard.evidence import check_alpha
+from ticketguard.files import save_tensors
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
-from ticketguard.schemes import trigger as v3
 from ticketguard.suspect import load_suspect
 from ticketguard.ticket import MANIFEST, Ticket
 from ticketguard.training import resolve_device
-from ticketguard.verify import DEFAULT_ALPHA
 
 commands = typer.Typer()
 
@@ -52,9 +51,8 @@ def _claim_context(claim: Path | None) -> dict[str, Any]:
         return {}
     loaded = load_claim(claim)
     context: dict[str, Any] = {"signature": loaded.signature}
-    threshold = loaded.extensions.get(attacks.DEFENCE_CLAIM_KEY, {}).get("threshold")
-    if threshold is not None:
-        context["threshold"] = float(threshold)
+    if loaded.defence is not None:
+        context["threshold"] = loaded.defence.threshold
     return context
 
 
@@ -80,8 +78,8 @@ def attack(
             help=("Share of the remaining (pruning) or pruned (add-on, fake2) weights."),
         ),
     ] = None,
-    scale: Annotated[
-        Optional[float], typer.Option(help="Added weights' std, in units of the kept weights' std.")
+    weight_scale: Annotated[
+        Optional[float], typer.Option(help="Add-on/fake weights' std, in units of the kept weights' std.")
     ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning / transfer epochs.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Fine-tuning / transfer learning rate.")] = None,
@@ -108,6 +106,7 @@ def attack(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the attack's randomness.")] = 0,
     device: Device = "auto",
+    as_json: Json = False,
 ) -> None:
     """Attack a suspect model and write the attacked weights as a new safetensors file."""
     steps = attacks.parse_chain(attack_spec)
@@ -122,7 +121,7 @@ def attack(
         weights, mask = loaded.weights, loaded.mask
     options = {
         "fraction": fraction,
-        "scale": scale,
+        "scale": weight_scale,
         "epochs": epochs,
         "lr": lr,
         "payload": payload,
@@ -138,7 +137,7 @@ def attack(
     if needs_data:
         if data is None:
             raise InputError("fine-tuning needs a data set: give --data (the suspect is not a ticket folder)")
-        context["data"] = subset_data(data, data_dir, train_per_class, None, seed)
+        context["data"] = load_subset(data, data_dir, train_per_class, None, seed)
         context["transfer_data"] = _transfer_data(transfer_data, context["data"], data_dir)
         context["device"] = resolve_device(device)
     context = {k: v for k, v in context.items() if v is not None}
@@ -146,11 +145,13 @@ def attack(
     attacked, attacked_mask = attacks.chain(weights, mask, steps, context)
     path = out if out.suffix == ".safetensors" else out / "attacked.safetensors"
     save_tensors(path, attacked)
-    console.print(
-        f"{' then '.join(map(str, steps))}: weights left {100 * mask.density():.2f}% -> "
-        f"{100 * attacked_mask.density():.2f}%; wrote [bold]{path}[/] "
-        f"in {time.perf_counter() - started:.1f} s"
-    )
+    summary = {"attack": " then ".join(map(str, steps)), "out": str(path), "density_before": mask.density(),
+               "density": attacked_mask.density(), "seconds": time.perf_counter() - started}
+    if as_json:
+        emit_json(summary)
+    else:
+        results.print(f"{summary['attack']}: weights left {percent(mask.density())} -> "
+                      f"{percent(attacked_mask.density())}; wrote [bold]{path}[/] in {summary['seconds']:.1f} s")
 
 
 def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
@@ -159,7 +160,7 @@ def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*report.display_row(row).values())
-    console.print(table)
+    results.print(table)
 
 
 def _figures(rows: list[dict[str, Any]], signature: v2.Signature | None, out: Path) -> list[Path]:
@@ -194,26 +195,20 @@ def evaluate(
         Optional[int], typer.Option(help="Fine-tune on a class-balanced subset.")
     ] = None,
     test_per_class: TestPerClass = None,
-    alpha: Annotated[
-        float, typer.Option(help="False-claim probability the decisions allow.")
-    ] = DEFAULT_ALPHA,
+    alpha: Alpha = ALPHA,
     device: Device = "auto",
+    as_json: Json = False,
 ) -> None:
     """Run an attack grid on a protected ticket and measure accuracy and every piece of evidence."""
-    if not 0 < alpha < 1:
-        raise InputError(f"--alpha must lie in (0, 1), got {alpha}")
+    check_alpha(alpha)
     ticket = Ticket.load(ticket_path)
     claimed = load_claim(claim)
-    data = subset_data(ticket.dataset, data_dir, train_per_class, test_per_class, 0)
-    part = claimed.extensions.get(v3.EXTENSION)
+    data = load_subset(ticket.dataset, data_dir, train_per_class, test_per_class, 0)
     subject = harness.Subject(
         ticket,
         data,
-        claimed.signature,
-        v3.trigger_from_claim(part) if isinstance(part, dict) else None,
-        part.get("chance_model", "suspect") if isinstance(part, dict) else "suspect",
+        claimed,
         key_density or ticket.metadata.get(v1.METADATA_ENTRY, {}).get("key_density"),
-        claimed.extensions.get(attacks.DEFENCE_CLAIM_KEY, {}).get("threshold"),
         _transfer_data(transfer_data, data, data_dir),
         alpha,
         resolve_device(device),
@@ -227,8 +222,11 @@ def evaluate(
     with progress_bar() as progress:
         rows = harness.run_grid(subject, points, out, progress)
     paths = harness.write_results(rows, out)
-    figures = _figures(rows, subject.signature, out)
-    _print_rows(rows, f"attacks on {ticket_path}")
+    figures = _figures(rows, claimed.signature, out)
+    if as_json:
+        emit_json({"rows": rows, "results": {k: str(v) for k, v in paths.items()}})
+    else:
+        _print_rows(rows, f"attacks on {ticket_path}")
     console.print(f"results in [bold]{paths['md']}[/], figures {', '.join(map(str, figures))}")
 
 
@@ -243,6 +241,7 @@ def demo(
     finetune_epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.finetune_epochs,
     train_per_class: Annotated[Optional[int], typer.Option(hidden=True)] = None,
     test_per_class: Annotated[Optional[int], typer.Option(hidden=True)] = None,
+    as_json: Json = False,
 ) -> None:
     """The whole story on the built-in digits: find an extreme ticket, sign it (V2), watermark it (V3), split
     a key (V1), attack it, verify, and write a report with the paper's numbers beside ours."""
@@ -258,9 +257,12 @@ def demo(
     )
     started = time.perf_counter()
     with progress_bar() as progress:
-        results = run_demo(out, config, resolve_device(device), progress)
-    results["seconds"] = time.perf_counter() - started
-    figures = _figures(results["rows"], results["signature"], out)
-    path = report.write_demo_report(out, results, [f.name for f in figures])
-    _print_rows(results["rows"], "attacks on the protected ticket")
-    console.print(f"demo finished in {results['seconds']:.0f} s; report: [bold]{path}[/]")
+        outcome = run_demo(out, config, resolve_device(device), progress)
+    outcome["seconds"] = time.perf_counter() - started
+    figures = _figures(outcome["rows"], outcome["signature"], out)
+    path = report.write_demo_report(out, outcome, [f.name for f in figures])
+    if as_json:
+        emit_json({"report": str(path), "seconds": outcome["seconds"], "rows": outcome["rows"]})
+    else:
+        _print_rows(outcome["rows"], "attacks on the protected ticket")
+    console.print(f"demo finished in {outcome['seconds']:.0f} s; report: [bold]{path}[/]")

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from ticketguard.data import dataset_spec
+from ticketguard.cli.options import (
+    BatchSize, DataDir, Device, Epochs, Json, Lr, Seed, TestPerClass, TrainPerClass, training_overrides,
+)
+from ticketguard.cli.output import emit_json, percent, progress_bar, results
+from ticketguard.data import load_subset
 from ticketguard.errors import InputError
-from ticketguard.options import DataDir, Device, Epochs, Json, TestPerClass, TrainPerClass, subset_data
-from ticketguard.progress import console, progress_bar
 from ticketguard.schemes.keymask import (
     check_key_density,
     load_pair,
@@ -23,11 +24,9 @@ from ticketguard.schemes.keymask import (
 )
 from ticketguard.scores import SCORES
 from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, resolve_device
+from ticketguard.training import resolve_device
 
 commands = typer.Typer()
-
-TRAIN = TrainConfig()
 
 
 def _refuse_existing(folder: Path) -> None:
@@ -41,6 +40,7 @@ def split(
     out: Annotated[Path, typer.Option(help="Folder to write OUT/locked (to ship) and OUT/key (to license).")],
     score: Annotated[str, typer.Option(help=f"Score of the key weights: {', '.join(SCORES)}.")] = "ewp",
     key_density: Annotated[float, typer.Option(help="n_s: the key's share of kept weights.")] = 0.05,
+    as_json: Json = False,
 ) -> None:
     """Split a ticket into a locked ticket and a key mask of its highest-scoring weights (Algorithm 1)."""
     check_key_density(key_density)
@@ -49,10 +49,12 @@ def split(
     _refuse_existing(out)
     locked, key = split_key(Ticket.load(ticket), key_density, score)
     locked_folder, key_folder = save_split(locked, key, out)
-    console.print(
-        f"locked ticket [bold]{locked_folder}[/] ({100 * locked.mask.density():.3f}% of weights left), "
-        f"key [bold]{key_folder}[/] ({key.size()} weights, score {score})"
-    )
+    if as_json:
+        emit_json({"locked": str(locked_folder), "key": str(key_folder), "score": score,
+                   "locked_density": locked.mask.density(), "key_weights": key.size()})
+    else:
+        results.print(f"locked ticket [bold]{locked_folder}[/] ({percent(locked.mask.density(), 3)} of weights "
+                      f"left), key [bold]{key_folder}[/] ({key.size()} weights, score {score})")
 
 
 @commands.command()
@@ -60,27 +62,33 @@ def merge(
     locked: Annotated[Path, typer.Argument(help="The locked ticket folder.")],
     key: Annotated[Path, typer.Argument(help="The key folder split from it.")],
     out: Annotated[Path, typer.Option(help="Ticket folder to write.")],
+    as_json: Json = False,
 ) -> None:
     """Add a key back to its locked ticket; the result is the original ticket, bit for bit."""
     _refuse_existing(out)
     ticket = merge_key(*load_pair(locked, key))
     ticket.save(out)
-    console.print(f"ticket [bold]{out}[/] restored ({100 * ticket.mask.density():.3f}% of weights left)")
+    if as_json:
+        emit_json({"ticket": str(out), "density": ticket.mask.density()})
+    else:
+        results.print(f"ticket [bold]{out}[/] restored ({percent(ticket.mask.density(), 3)} of weights left)")
 
 
 @commands.command("verify-key")
 def verify_key_command(
     locked: Annotated[Path, typer.Argument(help="The locked ticket folder.")],
-    key: Annotated[Optional[Path], typer.Option(help="Key folder; without it, check the lock only.")] = None,
+    key_mask: Annotated[
+        Optional[Path], typer.Option(help="Key-mask folder (from split); without it, check the lock only.")
+    ] = None,
     data_dir: DataDir = None,
     epochs: Epochs = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = TRAIN.batch_size,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TRAIN.lr,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
     eps: Annotated[float, typer.Option(help="eps_f in accuracy points.")] = 1.0,
     fake1: Annotated[bool, typer.Option(help="Also retrain with a random key (fake1).")] = False,
     train_per_class: TrainPerClass = None,
     test_per_class: TestPerClass = None,
-    seed: Annotated[int, typer.Option(help="Seed of both retraining runs.")] = TRAIN.seed,
+    seed: Seed = None,
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
@@ -88,17 +96,16 @@ def verify_key_command(
 
     Without --key only the lock is checked: exit 0 when the locked ticket misses the target by more than eps_f.
     """
-    if key is None:
+    if key_mask is None:
         ticket, secret = Ticket.load(locked), None
     else:
-        ticket, secret = load_pair(locked, key)
-    spec = dataset_spec(ticket.dataset)
-    config = TrainConfig(epochs=epochs or spec.default_epochs, batch_size=batch_size, lr=lr, seed=seed)
-    data = subset_data(ticket.dataset, data_dir, train_per_class, test_per_class, seed)
+        ticket, secret = load_pair(locked, key_mask)
+    config = ticket.train_config(**training_overrides(epochs, batch_size, lr, None, None, seed, None))
+    data = load_subset(ticket.dataset, data_dir, train_per_class, test_per_class, config.seed)
     with progress_bar() as progress:
         verdict = verify_key(ticket, secret, data, config, eps / 100, resolve_device(device), progress, fake1)
     if as_json:
-        typer.echo(json.dumps(verdict.to_json(), indent=2))
+        emit_json(verdict.to_json())
     else:
         _print_verdict(verdict.to_json())
     raise typer.Exit(0 if verdict.owned else 1)
@@ -111,4 +118,4 @@ def _print_verdict(report: dict) -> None:
         shown = f"{100 * value:.2f}%" if isinstance(value, float) else str(value)
         table.add_row(name.replace("_", " "), shown)
     table.add_row("gap" if evidence["name"] == "key-gap" else "accuracy", f"{100 * evidence['score']:.2f}")
-    console.print(table)
+    results.print(table)

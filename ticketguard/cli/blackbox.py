@@ -1,0 +1,133 @@
+"""CLI commands of the black-box check (V3 through a prediction API): serve a model, query a suspect's API."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ticketguard.blackbox import PROTOCOLS, Endpoint, ModelServer, load_served_model, query_labels
+from ticketguard.claim import check_signature, load_claim, load_public_key
+from ticketguard.cli.options import ALPHA, Alpha, Json, PublicKey
+from ticketguard.cli.output import console, emit_json, print_verdict
+from ticketguard.errors import InputError
+from ticketguard.evidence import Verdict, check_alpha
+from ticketguard.schemes.trigger import TriggerClaim, check_chance_model, trigger_evidence
+
+commands = typer.Typer()
+
+ENDPOINT = Endpoint("http://127.0.0.1:8080")
+
+
+def _claim_trigger(path: Path, public_key: Path | None) -> tuple[TriggerClaim, bool]:
+    """The trigger part of a claim, and whether an Ed25519 signature vouches for it (a bad one is refused)."""
+    claim = load_claim(path)
+    signed = check_signature(claim, load_public_key(public_key) if public_key else None)
+    if claim.trigger is None:
+        raise InputError(f"{path} holds no trigger set; make one with `ticketguard protect` or `watermark`")
+    return claim.trigger, signed
+
+
+@commands.command()
+def query(
+    url: Annotated[str, typer.Argument(help="The suspect's server URL, or its full infer/predict URL.")],
+    claim: Annotated[Path, typer.Option(help="Claim JSON with the trigger set (extensions.trigger).")],
+    protocol: Annotated[
+        str, typer.Option(help=f"API: {', '.join(PROTOCOLS)} (Open Inference v2, plain JSON).")
+    ] = ENDPOINT.protocol,
+    model: Annotated[
+        str, typer.Option(help="Model name in the v2 path /v2/models/NAME/infer.")
+    ] = ENDPOINT.model,
+    input_name: Annotated[str, typer.Option(help="v2 input tensor name.")] = ENDPOINT.input_name,
+    output_name: Annotated[
+        Optional[str], typer.Option(help="v2 output to read (default: the first).")
+    ] = None,
+    request_field: Annotated[
+        str, typer.Option(help="JSON request field holding the images.")
+    ] = ENDPOINT.request_field,
+    response_field: Annotated[
+        str, typer.Option(help="JSON answer field with labels or scores.")
+    ] = ENDPOINT.response_field,
+    batch_size: Annotated[int, typer.Option(help="Images per request.")] = ENDPOINT.batch_size,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = ENDPOINT.timeout_s,
+    retries: Annotated[
+        int, typer.Option(help="Retries per request after a network error or overload.")
+    ] = ENDPOINT.retries,
+    pixel_max: Annotated[
+        float, typer.Option(help="Pixels are sent in [0, PIXEL_MAX] (1 or 255).")
+    ] = ENDPOINT.pixel_max,
+    trigger: Annotated[
+        Optional[Path], typer.Option(help="Trigger folder, if it moved since the claim.")
+    ] = None,
+    chance: Annotated[Optional[str], typer.Option(help="Chance model (default: the claim's).")] = None,
+    alpha: Alpha = ALPHA,
+    public_key: PublicKey = None,
+    as_json: Json = False,
+) -> None:
+    """Ask a suspect's prediction API for the trigger labels; exit 0 if ownership is shown, 1 if not."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the verdict
+    endpoint = Endpoint(
+        url,
+        protocol,
+        model,
+        input_name,
+        output_name,
+        request_field,
+        response_field,
+        batch_size,
+        timeout,
+        retries,
+        pixel_max,
+    )
+    check_alpha(alpha)
+    if chance is not None:
+        check_chance_model(chance)
+    part, signed = _claim_trigger(claim, public_key)
+    triggers = part.trigger_set(trigger)
+    predicted = query_labels(endpoint, triggers.images)
+    evidence = trigger_evidence(predicted, triggers.labels, part.classes, chance or part.chance_model, alpha)
+    verdict = Verdict((evidence,), alpha, details={"url": endpoint.infer_url(), "claim_signed": signed})
+    if as_json:
+        emit_json(verdict.to_json())
+    else:
+        print_verdict(verdict.to_json(), f"trigger check of {endpoint.infer_url()}")
+    raise typer.Exit(0 if verdict.owned else 1)
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise InputError(
+            f"{option} must be comma-separated numbers such as 0.49,0.48,0.45, got {text!r}"
+        ) from None
+
+
+@commands.command()
+def serve(
+    path: Annotated[Path, typer.Argument(help="A ticket folder, or a model file (.safetensors, .pt, .pth).")],
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one).")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    name: Annotated[str, typer.Option(help="Model name in /v2/models/NAME.")] = ENDPOINT.model,
+    input_size: Annotated[
+        Optional[int], typer.Option(help="Input height = width (needed for model files).")
+    ] = None,
+    mean: Annotated[
+        Optional[str], typer.Option(help="Channel means of pixels in [0, 1], comma-separated.")
+    ] = None,
+    std: Annotated[Optional[str], typer.Option(help="Channel standard deviations, comma-separated.")] = None,
+) -> None:
+    """Serve a model over the Open Inference Protocol v2 (and KServe v1 predict) until interrupted."""
+    served = load_served_model(path, name, input_size, _floats(mean, "--mean"), _floats(std, "--std"))
+    server = ModelServer(served, host, port)
+    console.print(f"serving [bold]{path}[/] as {server.url}/v2/models/{name} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+    finally:
+        server.stop()

@@ -1,0 +1,85 @@
+"""What the CLI shows: results on stdout (tables or --json), logs and progress bars on stderr."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+"""Logs, progress and errors: stderr, so that `ticketguard info X > f` keeps only the result."""
+results = Console()
+"""Results: stdout."""
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+    )
+
+
+def percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def emit_json(data: Any) -> None:
+    """Machine-readable result on stdout; non-finite numbers become null so that it stays valid JSON."""
+    results.print_json(json.dumps(_finite(data), default=str), highlight=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_verdict(report: dict[str, Any], title: str) -> None:
+    """One table for every verifying command: each piece of evidence, what was unavailable, the decision."""
+    table = Table(title=f"{title}: {report['decision']}")
+    for column in ("evidence", "score", "needed", "p-value", "passed", "details"):
+        table.add_column(column)
+    for item in report["evidence"]:
+        p_value = item.get("p_value")
+        table.add_row(
+            item["name"], percent(item["score"]), percent(item["threshold"]),
+            "-" if p_value is None else f"{p_value:.3g}", "yes" if item["passed"] else "no",
+            _evidence_details(item),
+        )
+    for item in report.get("unavailable", []):
+        table.add_row(item["name"], "-", "-", "-", "n/a", f"not computed: {item['reason']}")
+    results.print(table)
+    level = report.get("false_claim_probability")
+    summary = f"alpha {report['alpha']:g}"
+    if level is not None:
+        summary += f"; false-claim probability {level:.3g}"
+    if "claim_signed" in report:
+        summary += f"; claim {'signed, signature valid' if report['claim_signed'] else 'unsigned'}"
+        summary += f", created {report.get('claim_created')}"
+    results.print(summary, highlight=False)
+
+
+def _evidence_details(item: dict[str, Any]) -> str:
+    details = item.get("details", {})
+    if item["name"] == "qr-signature":
+        decoded = details.get("decoded")
+        state = "no decode" if decoded is None else (
+            f"decodes {decoded!r}" + ("" if details.get("decodes_to_claim") else " (NOT the claimed payload)")
+        )
+        return f"{state}; {details.get('matches')}/{details.get('modules')} modules match"
+    if item["name"] == "trigger":
+        return f"{details.get('agreed')}/{details.get('trials')} agree; chance {percent(details.get('chance'), 1)}"
+    return ", ".join(f"{k} {percent(v) if isinstance(v, float) else v}" for k, v in details.items())

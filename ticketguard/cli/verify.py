@@ -1,0 +1,118 @@
+"""CLI commands that check a suspect against a claim (verify, extract) and manage the owner's keys (keygen, sign).
+
+``verify`` and ``extract --claim`` exit 0 when ownership is shown, 1 when not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ticketguard.claim import generate_keys, load_claim, load_private_key, load_public_key, save_claim, sign
+from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey
+from ticketguard.cli.output import console, emit_json, print_verdict, results
+from ticketguard.errors import InputError
+from ticketguard.schemes.blind_scan import Found, blind_extract
+from ticketguard.suspect import load_suspect
+from ticketguard.training import resolve_device
+from ticketguard.verify import verify as verify_suspect
+
+commands = typer.Typer()
+
+Suspect = Annotated[Path, typer.Argument(help="Ticket folder, safetensors or torch state_dict file.")]
+Image = Annotated[Optional[Path], typer.Option(help="Write the extracted QR code next to the expected one (PNG).")]
+TriggerFolder = Annotated[Optional[Path], typer.Option(help="Where the claim's trigger folder lives now, if it moved.")]
+
+
+@commands.command()
+def verify(
+    suspect: Suspect,
+    claim: Annotated[Path, typer.Option(help="The owner's claim file.")],
+    image: Image = None,
+    public_key: PublicKey = None,
+    trigger_folder: TriggerFolder = None,
+    alpha: Alpha = ALPHA,
+    device: Device = "auto",
+    as_json: Json = False,
+) -> None:
+    """Check every piece of evidence the claim holds (QR signature, trigger set) on a suspect's weights:
+    exit 0 ownership shown, 1 not shown, 2 bad input."""
+    _verify(suspect, claim, image, public_key, trigger_folder, alpha, device, as_json)
+
+
+@commands.command()
+def extract(
+    suspect: Suspect,
+    claim: Annotated[Optional[Path], typer.Option(help="The owner's claim; without it, scan for any code.")] = None,
+    image: Image = None,
+    public_key: PublicKey = None,
+    alpha: Alpha = ALPHA,
+    as_json: Json = False,
+) -> None:
+    """Read the signature from a suspect: with a claim, verify it; without, scan every conv layer for any code."""
+    if claim is not None:
+        _verify(suspect, claim, image, public_key, None, alpha, "cpu", as_json)
+        return
+    if image is not None:
+        raise InputError("--image needs --claim: without one there is no expected code to compare with")
+    found = blind_extract(load_suspect(suspect).weights)
+    if as_json:
+        emit_json({"found": [asdict(f) for f in found]})
+    else:
+        _print_found(found)
+    raise typer.Exit(0 if found else 1)
+
+
+def _verify(suspect: Path, claim: Path, image: Path | None, public_key: Path | None, trigger_folder: Path | None,
+            alpha: float, device: str, as_json: bool) -> None:
+    verdict = verify_suspect(
+        suspect, claim, alpha=alpha, public_key=load_public_key(public_key) if public_key else None,
+        trigger_folder=trigger_folder, qr_image=image, device=resolve_device(device),
+    )
+    report = {"suspect": str(suspect), **verdict.to_json()}
+    if as_json:
+        emit_json(report)
+    else:
+        print_verdict(report, f"verify {suspect}")
+    raise typer.Exit(0 if verdict.owned else 1)
+
+
+def _print_found(found: list[Found]) -> None:
+    if not found:
+        results.print("no decodable QR code found in any conv layer")
+        return
+    table = Table(title="QR codes found")
+    for column in ("layer", "offset", "QR", "kept", "text", "decoder"):
+        table.add_column(column)
+    for item in found:
+        table.add_row(item.layer, f"({item.row}, {item.col})", f"v{item.version} mask {item.mask_pattern}",
+                      "dark" if item.kept_is_dark else "light", item.text, item.method)
+    results.print(table)
+
+
+@commands.command()
+def keygen(
+    out: Annotated[Path, typer.Option(help="Folder for owner.key (private, mode 0600) and owner.pub.")] = Path("."),
+    as_json: Json = False,
+) -> None:
+    """Make an Ed25519 key pair for signing claims (an existing key is never overwritten)."""
+    private_path, public_path = generate_keys(out)
+    if as_json:
+        emit_json({"private_key": str(private_path), "public_key": str(public_path)})
+    else:
+        results.print(f"private key {private_path} (keep secret), public key {public_path} (share)")
+
+
+@commands.command("sign")
+def sign_claim(
+    claim: Annotated[Path, typer.Argument(help="The claim file to sign (rewritten in place).")],
+    signing_key: Annotated[Path, typer.Option("--signing-key", help="Ed25519 private key (PEM) from `ticketguard keygen`.")],
+) -> None:
+    """Sign (or re-sign, after watermark extended it) a claim with the owner's Ed25519 key."""
+    signed = sign(load_claim(claim), load_private_key(signing_key))
+    save_claim(claim, signed)
+    console.print(f"claim [bold]{claim}[/] signed")

@@ -1,0 +1,148 @@
+"""Where V2 puts its code: every large-enough conv layer, offset, QR mask pattern and polarity is scored with one
+FFT cross-correlation per layer, and the placement needing the fewest changes to the squeezed mask wins.
+
+The same search space prices the match p-value: the owner (and a forger) could have picked any of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ticketguard import qr
+from ticketguard.errors import InputError
+from ticketguard.masks import Mask, squeeze
+
+PATTERNS = range(8)
+POLARITIES = (True, False)
+# kept = dark lets the decoder trust every dark module, since pruning only removes connections; kept = light
+# may need fewer changes but turns pruning damage into plain errors (digits ResNet-20: kept = light no longer
+# decodes after 5 % magnitude pruning, kept = dark still does after 30 %), so "dark" is the default.
+POLARITY_CHOICES = {"any": POLARITIES, "dark": (True,), "light": (False,)}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A candidate: layer, offset, QR mask pattern, polarity and the number of (out, in) cells to change."""
+
+    layer: str
+    row: int
+    col: int
+    mask_pattern: int
+    kept_is_dark: bool
+    changes: int
+
+
+def qr_codes(payload: str, *, error: str = "H", version: int | None = None) -> list[qr.QrCode]:
+    """The payload's code under each of the 8 mask patterns at one version (default: smallest fitting)."""
+    version = version or qr.make_qr(payload, error=error).spec.version
+    return [qr.make_qr(payload, error=error, version=version, mask_pattern=m) for m in PATTERNS]
+
+
+def candidate_layers(mask: Mask, size: int, weights_per_connection: int = 1) -> list[str]:
+    """Conv layers whose squeezed (out, in) map holds a size x size code; InputError when none does.
+
+    Layers whose kernels hold at least ``weights_per_connection`` weights come first: only they can make a
+    connection robust to pruning (a 1x1 kernel has one weight), so the others are used only when none fits.
+    """
+    convs = [name for name, t in mask.items() if t.dim() == 4]
+    layers = [name for name in convs if min(mask[name].shape[:2]) >= size]
+    if not layers:
+        largest = max((min(mask[n].shape[:2]) for n in convs), default=0)
+        raise InputError(
+            f"the QR code needs a conv layer with at least {size} input and output channels, but the largest "
+            f"has {largest}; use a shorter signature, a lower error level or a wider model"
+        )
+    robust = [name for name in layers if mask[name][0, 0].numel() >= weights_per_connection]
+    return robust or layers
+
+
+def _templates(codes: Sequence[qr.QrCode]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pattern, template T_m = P - 2 D_m (P: data positions, D_m: dark data modules) and sum D_m."""
+    size = codes[0].spec.size
+    positions = torch.from_numpy(codes[0].data_positions.astype(np.int64))
+    dark = torch.from_numpy(np.stack([code.data_modules for code in codes])).float()
+    templates = torch.zeros(len(codes), size, size)
+    templates[:, positions[:, 0], positions[:, 1]] = 1.0 - 2.0 * dark
+    return templates, dark.sum(dim=1)
+
+
+def placement_costs(
+    squeezed: torch.Tensor,
+    codes: Sequence[qr.QrCode],
+    spectra: dict[tuple[int, int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Cells to change for kept = dark at every offset, (8 patterns, rows, cols), from one FFT correlation.
+
+    With S the squeezed map, P the data positions and D the dark data modules, changes(kept = dark) =
+    sum D + sum S (P - 2 D) over the code, and changes(kept = light) = n - changes(kept = dark), so one
+    cross-correlation of S with the 8 templates P - 2 D scores every offset and pattern (float32 is exact
+    after rounding: every sum is a small integer). ``spectra`` caches template spectra per layer shape.
+    """
+    templates, dark_count = _templates(codes)
+    size = templates.shape[-1]
+    rows, cols = squeezed.shape
+    spectra = {} if spectra is None else spectra
+    if (rows, cols) not in spectra:
+        spectra[rows, cols] = torch.fft.rfft2(templates, s=(rows, cols)).conj()
+    signal = torch.fft.rfft2(squeezed.float())
+    sums = torch.fft.irfft2(signal * spectra[rows, cols], s=(rows, cols))[
+        :, : rows - size + 1, : cols - size + 1
+    ]
+    return (sums + dark_count.view(-1, 1, 1)).round_()
+
+
+def search_placements(
+    mask: Mask,
+    codes: Sequence[qr.QrCode],
+    copies: int = 1,
+    weights_per_connection: int = 1,
+    polarity: str = "dark",
+) -> list[Placement]:
+    """The cheapest placements of ``copies`` copies in distinct layers sharing one mask pattern and polarity
+    (``polarity``: any, dark or light, the colour that kept connections take)."""
+    if polarity not in POLARITY_CHOICES:
+        raise InputError(f"polarity must be one of {', '.join(POLARITY_CHOICES)}, got {polarity!r}")
+    layers = candidate_layers(mask, codes[0].spec.size, weights_per_connection)
+    if copies > len(layers):
+        raise InputError(
+            f"{copies} copies need {copies} conv layers large enough for the code, but only "
+            f"{len(layers)} are; use --copies {len(layers)} or fewer"
+        )
+    n_modules = len(codes[0].data_positions)
+    best_cost, best_offset, spectra = [], [], {}
+    for name in layers:
+        as_dark = placement_costs(squeeze(mask[name].cpu()), codes, spectra).flatten(1)
+        fewest, at_fewest = as_dark.min(dim=1)
+        most, at_most = as_dark.max(dim=1)
+        best_cost.append(torch.stack([fewest, n_modules - most], dim=1))
+        best_offset.append(torch.stack([at_fewest, at_most], dim=1))
+    cost = torch.stack(best_cost)  # (layers, 8 patterns, 2 polarities)
+    chosen_cost, chosen_layers = cost.topk(copies, dim=0, largest=False)
+    total = chosen_cost.sum(dim=0)
+    allowed = torch.tensor([kept_is_dark in POLARITY_CHOICES[polarity] for kept_is_dark in POLARITIES])
+    pattern, column = divmod(int(torch.where(allowed, total, torch.inf).argmin()), 2)
+    size = codes[0].spec.size
+    placements = []
+    for index in chosen_layers[:, pattern, column].tolist():
+        name = layers[index]
+        row, col = divmod(int(best_offset[index][pattern, column]), mask[name].shape[1] - size + 1)
+        placements.append(
+            Placement(name, row, col, pattern, POLARITIES[column], int(cost[index, pattern, column]))
+        )
+    return placements
+
+
+def placement_count(weights: Mapping[str, torch.Tensor], size: int, copies: int) -> float:
+    """Bonferroni factor for the placement search: 16 pattern/polarity choices times the offsets of every
+    large-enough conv layer, per copy. The owner picked the region that already fitted the mask best, and a
+    forger would search the same space, so the match p-value is multiplied by this count."""
+    offsets = sum(
+        (t.shape[0] - size + 1) * (t.shape[1] - size + 1)
+        for t in weights.values()
+        if t.dim() == 4 and min(t.shape[:2]) >= size
+    )
+    return float(len(PATTERNS) * len(POLARITIES) * max(offsets, 1) ** copies)
