@@ -21,6 +21,8 @@ import torch
 
 from ticketguard.errors import InputError
 
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -151,4 +153,13 @@ def _flatten_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise InputError(f"{path} holds entries that are not named tensors: {', '.join(bad[:5])}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return _strip_wrapper_prefixes(dict(obj))
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the prefixes that training wrappers put on every key (DDP's ``module.``, a Lightning module's
+    ``model.``, torch.compile's ``_orig_mod.``), nested or not; a prefix that only some keys share names a
+    real layer and stays."""
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
