@@ -57,3 +57,14 @@ def trained_ticket(data: ImageData, seed: int, density: float = 0.3) -> Ticket:
         state_copy(model),
         evaluate(model, data),
     )
+
+
+def randomise_batchnorm(model: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so that transforms through BatchNorm are tested."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)

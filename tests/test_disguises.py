@@ -17,6 +17,8 @@ from ticketguard.disguises import (
     rescale,
     widen,
 )
+from conftest import randomise_batchnorm
+
 from ticketguard.errors import InputError
 from ticketguard.masks import Mask, mask_from_zeros, prunable_names
 from ticketguard.models import build_model, identify_architecture
@@ -29,13 +31,7 @@ def sparse_model(name: str, in_channels: int, seed: int = 0) -> Sparse:
     """A random model with non-trivial BatchNorm statistics and a random 30 % mask, in eval mode."""
     torch.manual_seed(seed)
     model = build_model(name, in_channels, 10)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-1, 1)
-                module.running_var.uniform_(0.5, 2)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
+    randomise_batchnorm(model)
     generator = torch.Generator().manual_seed(seed)
     shapes = {name: model.get_parameter(name).shape for name in prunable_names(model)}
     mask = Mask({name: torch.rand(shape, generator=generator) < 0.3 for name, shape in shapes.items()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from conftest import randomise_batchnorm
 from torch import nn
 
 from ticketguard.disguises import export_onnx, fold_bn, rename
@@ -25,13 +26,7 @@ def sparse() -> tuple[nn.Module, dict[str, torch.Tensor], Mask]:
     """ResNet-20 with non-trivial BatchNorm statistics, 70 % magnitude-pruned, in eval mode."""
     torch.manual_seed(0)
     model = build_model("resnet20", 1, 10)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-1, 1)
-                module.running_var.uniform_(0.5, 2)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
+    randomise_batchnorm(model)
     weights = model.state_dict()
     mask = magnitude_prune(weights, Mask.ones_like(weights, prunable_names(model)), 0.7)
     mask.apply_(model)
