@@ -252,8 +252,22 @@ def unused_port() -> int:
 
 def test_watermark_extends_the_claim_of_embed_and_refuses_a_signed_one(tickets, tmp_path: Path) -> None:
     path = tmp_path / "claim.json"
-    assert main(["embed", str(tickets["plain"]), "--payload", "ME", "--no-train", "--out", str(tmp_path / "s"),
-                 "--claim", str(path)]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(tickets["plain"]),
+                "--payload",
+                "ME",
+                "--no-train",
+                "--out",
+                str(tmp_path / "s"),
+                "--claim",
+                str(path),
+            ]
+        )
+        == 0
+    )
     args = ["watermark", str(tmp_path / "s"), "--claim", str(path), "--trigger-seed", "5", "--epochs", "1"]
     args += ["--train-per-class", "5", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0  # the signature in the mask passes the self-check
@@ -466,6 +480,16 @@ def test_a_batch_over_the_cap_is_refused_with_413() -> None:
         status, answer = exchange(running.url, post_json(v2_input(257)))
         assert exchange(running.url, post_json(v2_input(256)))[0] == 200
     assert status == 413 and "257 images" in answer["error"]
+
+
+def test_a_refused_body_is_drained_so_a_client_that_sends_it_all_reads_the_answer() -> None:
+    body = b"[" + b"0.123456789," * 1_000_000 + b"0]"  # 12 MB: more than the socket buffers hold
+    with tiny_server(max_body_bytes=64 << 10) as running:
+        client = http.client.HTTPConnection(*_address(running.url), timeout=5)
+        client.request("POST", INFER, body=body)  # a reset here, had the server closed on an unread body
+        response = client.getresponse()
+        assert response.status == 413 and "limit of 65536 bytes" in json.loads(response.read())["error"]
+        client.close()
 
 
 @pytest.mark.parametrize(("length", "status"), [("abc", 400), ("-5", 400), ("1_0", 400), (None, 411)])

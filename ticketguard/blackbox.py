@@ -252,9 +252,8 @@ class _Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ticketguard-deadlines", daemon=True)
                 self._thread.start()
-            if (
-                self._due[0][2] is deadline
-            ):  # the watchdog sleeps until the earliest deadline: wake it earlier
+            # the thread sleeps until the earliest deadline; only a new earliest one needs to wake it
+            if self._due[0][2] is deadline:
                 self._wake.notify()
 
     def _run(self) -> None:
@@ -468,7 +467,7 @@ class ServerLimits:
     max_body_bytes: int = 8 << 20  # a request of 100 CIFAR-10 images in JSON takes about 6 MB
     max_batch: int = MAX_BATCH
     socket_timeout_s: float = 10.0  # silence allowed on a connection: idle keep-alive, a stalled send
-    request_timeout_s: float = 30.0  # the request line, headers and body must all be in by then
+    request_timeout_s: float = 30.0  # from when the server waits for a request until its whole body is in
     max_connections: int = 64  # one thread each; beyond them a new connection gets a quick 503
     listen_backlog: int = 128  # connections the OS holds before accept, so a burst is not reset
 
