@@ -9,7 +9,7 @@ trigger set with the input normalisation the owner trained with, and the add-on 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.progress import Progress
 
 from ticketguard import attacks
-from ticketguard.claim import Claim, DefenceClaim, save_claim, sign, ticket_hashes
+from ticketguard.claim import Claim, DefenceClaim, load_claim, save_claim, sign, ticket_hashes
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set
 from ticketguard.errors import InputError
@@ -103,13 +103,28 @@ def check_destinations(out: Path, claim_path: Path, force: bool, extend_claim: b
     and refuse a claim path inside the ticket folder."""
     if claim_path.is_dir():
         raise InputError(f"the claim path {claim_path} is a folder; give a file name such as owner.claim.json")
-    if out.resolve() == claim_path.resolve().parent or out.resolve() in claim_path.resolve().parents:
+    if out.resolve() in claim_path.resolve().parents:
         raise InputError(f"the claim {claim_path} would lie inside the ticket folder {out}; keep it apart")
     if not force:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InputError(f"{out} already exists and is not empty; choose another --out or give --force")
         if claim_path.exists() and not extend_claim:
             raise InputError(f"the claim {claim_path} already exists; choose another --claim or give --force")
+
+
+def signature_to_carry(claim_path: Path, ticket_path: Path) -> v2.Signature | None:
+    """The signature of an unsigned claim made by embed for this very ticket, which watermark carries over."""
+    if not claim_path.exists():
+        return None
+    existing = load_claim(claim_path)
+    if existing.signed is not None:
+        raise InputError(
+            f"{claim_path} is signed, and extending it would void its signature; use `ticketguard protect` "
+            "for both schemes at once, or extend the unsigned claim and sign it after with `ticketguard sign`"
+        )
+    if existing.ticket_files != ticket_hashes(ticket_path):
+        raise InputError(f"{claim_path} was made for another ticket than {ticket_path}; choose another --claim")
+    return existing.signature
 
 
 def keyed_trigger_for(ticket: Ticket, seed: int, count: int = 100) -> TriggerSet:
@@ -129,7 +144,7 @@ def sign_mask(ticket: Ticket, signing: SignatureConfig) -> tuple[Ticket, v2.Sign
     weights = {name: tensor * mask[name] if name in mask else tensor.clone() for name, tensor in ticket.rewind.items()}
     untrained = replace(
         ticket, mask=mask, weights=weights, accuracy=None,
-        metadata={**ticket.metadata, "protection": {"trained": False, "embedding": embedded.__dict__}},
+        metadata={**ticket.metadata, "protection": {"trained": False, "embedding": asdict(embedded)}},
     )
     return untrained, found, embedded
 
@@ -169,7 +184,7 @@ def protect(
         if start == "weights":
             raise InputError("a new signature changes the mask, so training starts from W_k: use start=rewind")
         ticket, signature_found, embedded = sign_mask(ticket, signing)
-        report["embedding"] = embedded.__dict__
+        report["embedding"] = asdict(embedded)
     elif ticket.metadata.get("protection", {}).get("trained") is False and start == "weights":
         raise InputError("the ticket's mask was signed but never trained, so its weights cannot be fine-tuned")
     mask = ticket.mask

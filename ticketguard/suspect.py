@@ -16,6 +16,7 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from ticketguard.data import Normalization
 from ticketguard.errors import InputError
 from ticketguard.files import load_tensors
 from ticketguard.masks import Mask, fold_pruning_reparametrisation, mask_from_zeros
@@ -50,6 +51,7 @@ class Suspect:
     ``mask`` covers every weight matrix and conv kernel (dim > 1): for a suspect, nothing says which layers
     its owner pruned, so the verifier looks at all of them. ``graph`` holds an ONNX suspect's weighted nodes
     in graph (topological) order; None for state_dicts, whose names already say where each tensor goes.
+    ``normalization`` is known only for a ticket folder, which records it.
     """
 
     weights: dict[str, torch.Tensor]
@@ -57,24 +59,34 @@ class Suspect:
     architecture: tuple[str, int, int] | None
     source: str
     graph: list[GraphNode] | None = None
+    normalization: Normalization | None = None
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: dict[str, torch.Tensor],
+        source: str,
+        graph: list[GraphNode] | None = None,
+        normalization: Normalization | None = None,
+    ) -> Suspect:
+        """The suspect these weights make: every floating matrix masked by its non-zeros."""
+        matrices = [name for name, tensor in weights.items() if tensor.dim() > 1 and tensor.is_floating_point()]
+        return cls(
+            weights, mask_from_zeros(weights, matrices), identify_architecture(weights), source, graph, normalization
+        )
 
 
 def load_suspect(path: str | Path) -> Suspect:
     """Read a ticket folder, an ONNX file, a safetensors file or a torch file (never unpickling code)."""
     path = Path(path)
-    graph = None
     if (path / MANIFEST).is_file():
         ticket = Ticket.load(path)
-        weights = dict(ticket.weights)
-        source = "ticket"
-    elif path.suffix == ONNX_SUFFIX:
+        return Suspect.from_weights(dict(ticket.weights), "ticket", normalization=ticket.normalization)
+    if path.suffix == ONNX_SUFFIX:
         weights, graph = load_onnx(path)
-        source = "onnx"
-    else:
-        weights, prune_mask = fold_pruning_reparametrisation(load_tensors(path))
-        source = "zeros" if prune_mask is None else "torch.nn.utils.prune"
-    matrices = [name for name, tensor in weights.items() if tensor.dim() > 1 and tensor.is_floating_point()]
-    return Suspect(weights, mask_from_zeros(weights, matrices), identify_architecture(weights), source, graph)
+        return Suspect.from_weights(weights, "onnx", graph)
+    weights, prune_mask = fold_pruning_reparametrisation(load_tensors(path))
+    return Suspect.from_weights(weights, "zeros" if prune_mask is None else "torch.nn.utils.prune")
 
 
 def load_onnx(path: Path) -> tuple[dict[str, torch.Tensor], list[GraphNode]]:

@@ -13,17 +13,15 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ticketguard.blackbox import Endpoint, query_labels
 from ticketguard.claim import Claim, check_signature, load_claim
-from ticketguard.data import Normalization
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
-from ticketguard.masks import mask_from_zeros
 from ticketguard.models import build_from_state
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.schemes.signature_figures import save_comparison_image
 from ticketguard.suspect import Suspect, load_suspect
-from ticketguard.ticket import MANIFEST, Ticket
 
 SuspectLike = Suspect | Mapping[str, torch.Tensor] | str | Path
 
@@ -62,11 +60,36 @@ def verify(
                 save_comparison_image(qr_image, reading)
     if claim.trigger is not None:
         try:
-            evidence.append(_trigger_evidence(loaded, suspect, claim.trigger, alpha, trigger_folder, device))
+            evidence.append(_trigger_evidence(loaded, claim.trigger, alpha, trigger_folder, device))
         except InputError as err:
             unavailable.append(Unavailable("trigger", str(err)))
     details = {"claim_signed": signed, "claim_created": claim.created, "suspect_source": loaded.source}
     return Verdict(tuple(evidence), alpha, tuple(unavailable), details)
+
+
+def verify_endpoint(
+    endpoint: Endpoint,
+    claim: Claim | str | Path,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    public_key: Ed25519PublicKey | None = None,
+    trigger_folder: str | Path | None = None,
+    chance_model: str | None = None,
+) -> Verdict:
+    """ESWT + T through a prediction API: the claim's trigger images sent to ``endpoint``, the answers tested
+    against chance (``chance_model`` overrides the claim's)."""
+    check_alpha(alpha)
+    claim = claim if isinstance(claim, Claim) else load_claim(claim)
+    signed = check_signature(claim, public_key)
+    if claim.trigger is None:
+        raise InputError("the claim holds no trigger set; make one with `ticketguard protect` or `watermark`")
+    chance = chance_model or claim.trigger.chance_model
+    v3.check_chance_model(chance)
+    trigger = claim.trigger.trigger_set(trigger_folder)
+    predicted = query_labels(endpoint, trigger.images)
+    found = v3.trigger_evidence(predicted, trigger.labels, claim.trigger.classes, chance, alpha)
+    return Verdict((found,), alpha, details={"url": endpoint.infer_url(), "claim_signed": signed,
+                                              "claim_created": claim.created})
 
 
 def _as_suspect(suspect: SuspectLike) -> Suspect:
@@ -74,14 +97,11 @@ def _as_suspect(suspect: SuspectLike) -> Suspect:
         return suspect
     if isinstance(suspect, (str, Path)):
         return load_suspect(suspect)
-    weights = {name: tensor.detach().cpu() for name, tensor in suspect.items()}
-    matrices = [n for n, t in weights.items() if t.dim() > 1 and t.is_floating_point()]
-    return Suspect(weights, mask_from_zeros(weights, matrices), None, "state_dict")
+    return Suspect.from_weights({name: tensor.detach().cpu() for name, tensor in suspect.items()}, "state_dict")
 
 
 def _trigger_evidence(
     loaded: Suspect,
-    original: SuspectLike,
     claim: v3.TriggerClaim,
     alpha: float,
     folder: str | Path | None,
@@ -94,21 +114,15 @@ def _trigger_evidence(
             f"the suspect takes {channels} channel(s) and predicts {classes} classes, but the trigger set has "
             f"{claim.shape[0]} and {claim.classes}"
         )
-    normalization = claim.normalization or _ticket_normalization(original)
+    # claims written before they recorded the normalisation: a ticket folder still records its own
+    normalization = claim.normalization or loaded.normalization
+    if normalization is None:
+        raise InputError(
+            "the claim does not record the input normalisation its owner trained with (it predates that "
+            "field); serve the suspect and check it with `ticketguard query`, or protect the ticket again"
+        )
     trigger = claim.trigger_set(folder)
     mean, std = normalization.tensors()
     model = model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
     return v3.verify_local(model, trigger.to(next(model.parameters()).device), mean, std, classes,
                            claim.chance_model, alpha)
-
-
-def _ticket_normalization(original: SuspectLike) -> Normalization:
-    """Claims written before they recorded the normalisation: a ticket folder still records its own."""
-    if isinstance(original, (str, Path)) and (Path(original) / MANIFEST).is_file():
-        recorded = Ticket.load(original).normalization
-        if recorded is not None:
-            return recorded
-    raise InputError(
-        "the claim does not record the input normalisation its owner trained with (it predates that field); "
-        "serve the suspect and check it with `ticketguard query`, or protect the ticket again"
-    )

@@ -8,26 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from ticketguard.blackbox import PROTOCOLS, Endpoint, ModelServer, load_served_model, query_labels
-from ticketguard.claim import check_signature, load_claim, load_public_key
+from ticketguard.blackbox import PROTOCOLS, Endpoint, ModelServer, load_served_model
+from ticketguard.claim import load_public_key
 from ticketguard.cli.options import ALPHA, Alpha, Json, PublicKey
 from ticketguard.cli.output import console, emit_json, print_verdict
 from ticketguard.errors import InputError
-from ticketguard.evidence import Verdict, check_alpha
-from ticketguard.schemes.trigger import TriggerClaim, check_chance_model, trigger_evidence
+from ticketguard.verify import verify_endpoint
 
 commands = typer.Typer()
 
 ENDPOINT = Endpoint("http://127.0.0.1:8080")
-
-
-def _claim_trigger(path: Path, public_key: Path | None) -> tuple[TriggerClaim, bool]:
-    """The trigger part of a claim, and whether an Ed25519 signature vouches for it (a bad one is refused)."""
-    claim = load_claim(path)
-    signed = check_signature(claim, load_public_key(public_key) if public_key else None)
-    if claim.trigger is None:
-        raise InputError(f"{path} holds no trigger set; make one with `ticketguard protect` or `watermark`")
-    return claim.trigger, signed
 
 
 @commands.command()
@@ -81,14 +71,10 @@ def query(
         retries,
         pixel_max,
     )
-    check_alpha(alpha)
-    if chance is not None:
-        check_chance_model(chance)
-    part, signed = _claim_trigger(claim, public_key)
-    triggers = part.trigger_set(trigger)
-    predicted = query_labels(endpoint, triggers.images)
-    evidence = trigger_evidence(predicted, triggers.labels, part.classes, chance or part.chance_model, alpha)
-    verdict = Verdict((evidence,), alpha, details={"url": endpoint.infer_url(), "claim_signed": signed})
+    verdict = verify_endpoint(
+        endpoint, claim, alpha=alpha, public_key=load_public_key(public_key) if public_key else None,
+        trigger_folder=trigger, chance_model=chance,
+    )
     if as_json:
         emit_json(verdict.to_json())
     else:

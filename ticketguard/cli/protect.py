@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.table import Table
 
-from ticketguard.claim import Claim, load_claim, load_private_key, ticket_hashes
+from ticketguard.claim import Claim, load_private_key
 from ticketguard.cli.options import (
     Alpha, ALPHA, BatchSize, DataDir, Device, Epochs, Force, Json, Lr, Momentum, Schedule, Seed, SigningKey,
     TestPerClass, TrainPerClass, WeightDecay, training_overrides,
@@ -24,6 +25,7 @@ from ticketguard.data.triggers import TriggerSet, load_trigger_folder
 from ticketguard.errors import InputError
 from ticketguard.protect import (
     STARTS, Protected, SignatureConfig, TriggerConfig, check_destinations, keyed_trigger_for, protect, sign_mask,
+    signature_to_carry,
 )
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes.trigger import CHANCE_MODELS
@@ -69,9 +71,16 @@ def _claim_path(out: Path, claim: Path | None) -> Path:
     return claim or out.with_name(out.name + ".claim.json")
 
 
-def _run(ticket: Ticket, data: ImageData, device: str, **settings: Any) -> Protected:
+def _protect_and_save(
+    ticket: Ticket, data: ImageData, device: str, out: Path, claim_path: Path, key: Ed25519PrivateKey | None,
+    force: bool, as_json: bool, **settings: Any,
+) -> None:
+    """The one retraining (with a progress bar), then the ticket and claim written, then the result printed."""
+    started = time.perf_counter()
     with progress_bar() as progress:
-        return protect(ticket, data, device=resolve_device(device), progress=progress, **settings)
+        protected = protect(ticket, data, device=resolve_device(device), progress=progress, **settings)
+    protected.save(out, claim_path, key, force)
+    _finish(_report(protected, out, claim_path, key is not None, time.perf_counter() - started), as_json)
 
 
 def _report(protected: Protected, out: Path, claim_path: Path, signed: bool, seconds: float) -> dict[str, Any]:
@@ -155,10 +164,8 @@ def protect_command(
     signing = None if payload is None else SignatureConfig(payload, qr_version, error, copies, weights_per_connection, polarity)
     config = ticket.train_config(**training_overrides(epochs, batch_size, lr, momentum, weight_decay, seed, schedule))
     dataset = _data(ticket, data, data_dir, train_per_class, test_per_class, config.seed)
-    started = time.perf_counter()
-    protected = _run(ticket, dataset, device, signature=signing, trigger=marking, train_config=config, alpha=alpha)
-    protected.save(out, claim_path, key, force)
-    _finish(_report(protected, out, claim_path, key is not None, time.perf_counter() - started), as_json)
+    _protect_and_save(ticket, dataset, device, out, claim_path, key, force, as_json,
+                      signature=signing, trigger=marking, train_config=config, alpha=alpha)
 
 
 @commands.command()
@@ -204,10 +211,8 @@ def embed(
         return
     config = ticket.train_config(**training_overrides(epochs, batch_size, lr, momentum, weight_decay, seed, schedule))
     dataset = _data(ticket, None, data_dir, train_per_class, None, config.seed)
-    started = time.perf_counter()
-    protected = _run(ticket, dataset, device, signature=signing, train_config=config, alpha=alpha)
-    protected.save(out, claim_path, key, force)
-    _finish(_report(protected, out, claim_path, key is not None, time.perf_counter() - started), as_json)
+    _protect_and_save(ticket, dataset, device, out, claim_path, key, force, as_json,
+                      signature=signing, train_config=config, alpha=alpha)
 
 
 @commands.command()
@@ -241,29 +246,12 @@ def watermark(
     """Retrain a ticket with a trigger set mixed into every batch (V3); the claim keeps a signature from embed."""
     if start not in STARTS:
         raise InputError(f"--start must be one of {', '.join(STARTS)}, got {start!r}")
-    existing = _existing_signature(claim, ticket_path)
+    existing = signature_to_carry(claim, ticket_path)
     check_destinations(out, claim, force, extend_claim=existing is not None)
     ticket = Ticket.load(ticket_path)
     marking = TriggerConfig(_trigger(ticket, trigger, trigger_labels, trigger_seed, trigger_count), per_batch, chance)
     config = ticket.train_config(**training_overrides(epochs, batch_size, lr, momentum, weight_decay, seed, schedule))
     dataset = _data(ticket, data, data_dir, train_per_class, test_per_class, config.seed)
-    started = time.perf_counter()
-    protected = _run(ticket, dataset, device, trigger=marking, train_config=config, start=start,
-                     existing=existing, alpha=alpha)
-    protected.save(out, claim, None, True)
-    _finish(_report(protected, out, claim, False, time.perf_counter() - started), as_json)
-
-
-def _existing_signature(claim_path: Path, ticket_path: Path) -> v2.Signature | None:
-    """The signature of an unsigned claim made by embed for this very ticket, which watermark carries over."""
-    if not claim_path.exists():
-        return None
-    existing = load_claim(claim_path)
-    if existing.signed is not None:
-        raise InputError(
-            f"{claim_path} is signed, and extending it would void its signature; use `ticketguard protect` "
-            "for both schemes at once, or extend the unsigned claim and sign it after with `ticketguard sign`"
-        )
-    if existing.ticket_files != ticket_hashes(ticket_path):
-        raise InputError(f"{claim_path} was made for another ticket than {ticket_path}; choose another --claim")
-    return existing.signature
+    # an extended claim is rewritten on purpose; the ticket folder was checked above
+    _protect_and_save(ticket, dataset, device, out, claim, None, True, as_json,
+                      trigger=marking, train_config=config, start=start, existing=existing, alpha=alpha)
