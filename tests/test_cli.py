@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.utils.prune as torch_prune
 
+import ticketguard
 from ticketguard.cli import main
 from ticketguard.models import build_model
 from ticketguard.ticket import WEIGHTS_FILE
@@ -100,3 +101,20 @@ def test_tampered_ticket_is_refused_by_info(ticket_dir: Path, tmp_path: Path, ca
     (copy / "mask.safetensors").write_bytes(bytes(data))
     assert main(["info", str(copy)]) == 2
     assert "sha256" in capsys.readouterr().err
+
+
+def test_version_short_help_and_flags_shown_as_flags(capsys) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"ticketguard {ticketguard.__version__}"
+    assert main(["verify", "-h"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--json" in help_text and "<bool>" not in help_text and "--public-key" in help_text
+
+
+@pytest.mark.parametrize("alpha", ["0", "1", "2", "nan", "-0.1"])
+def test_a_false_claim_level_outside_zero_one_is_bad_input(ticket_dir: Path, tmp_path: Path, alpha: str, capsys) -> None:
+    claim = tmp_path / "claim.json"
+    claim.write_text('{"format": "ticketguard-claim/1", "signature": null, "ticket_files": {}, "extensions": {}}')
+    assert main(["verify", str(ticket_dir), "--claim", str(claim), "--alpha", alpha]) == 2
+    err = capsys.readouterr().err
+    assert "must lie in (0, 1)" in err and "Traceback" not in err

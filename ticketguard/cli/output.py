@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ticketguard.paper import percent
+
 console = Console(stderr=True)
 """Logs, progress and errors: stderr, so that `ticketguard info X > f` keeps only the result."""
 results = Console()
@@ -26,10 +28,6 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
     )
-
-
-def percent(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def emit_json(data: Any) -> None:

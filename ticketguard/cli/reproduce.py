@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from ticketguard import reproduce
-from ticketguard.cli.options import DataDir, Device
-from ticketguard.cli.output import console, progress_bar, results as shown
+from ticketguard.cli.options import DataDir, Device, Json
+from ticketguard.cli.output import console, emit_json, progress_bar, results as shown
 from ticketguard.training import resolve_device
 
 commands = typer.Typer()
@@ -47,6 +47,7 @@ def reproduce_command(
         Path, typer.Option(help="Folder for report.md, the figures and resumable results.")
     ] = Path("runs/reproduce"),
     device: Device = "auto",
+    as_json: Json = False,
 ) -> None:
     """Run the experiments behind the paper's tables and figures and write our numbers beside the paper's."""
     names = reproduce.check_targets(targets or [])
@@ -66,12 +67,18 @@ def reproduce_command(
             results[name] = reproduce.run_experiment(run, name)
     seconds = time.perf_counter() - started
     path = reproduce.write_report(out, plan, results, seconds)
-    for name, result in results.items():
-        title = reproduce.EXPERIMENTS[name].title
-        if result.get("error"):
-            console.print(f"[red]{title}: failed: {result['error']}[/]")
-        else:
-            _print_table(title, reproduce.EXPERIMENTS[name].rows(result, plan.model))
+    tables = {
+        name: {"title": reproduce.EXPERIMENTS[name].title, "error": result.get("error"),
+               "rows": None if result.get("error") else reproduce.EXPERIMENTS[name].rows(result, plan)}
+        for name, result in results.items()
+    }
+    if as_json:
+        emit_json({"report": str(path), "seconds": seconds, "experiments": tables})
+    for table in tables.values():
+        if table["error"]:
+            console.print(f"[red]{table['title']}: failed: {table['error']}[/]")
+        elif not as_json:
+            _print_table(table["title"], table["rows"])
     failed = [name for name, result in results.items() if result.get("error")]
     console.print(f"reproduce finished in {seconds:.0f} s; report: [bold]{path}[/]")
     if failed:

@@ -1,19 +1,11 @@
-"""The paper's experiments at any scale: each writes our numbers beside the paper's into one report.
-
-Experiments (``EXPERIMENTS``) share two stages stored in the output folder: the extreme ticket (``search/``,
-``ticket/``; the search itself resumes mid-way) and the protected ticket (V2 signature + V3 trigger set:
-``protected/``, ``claim.json``, ``protection.json``). Each experiment's numbers are stored in
-``results/<name>.json`` and attack-grid points in ``grid/points``, so a rerun skips what is finished; a failed
-experiment is recorded with its error and the others go on. ``--scale`` shrinks the per-class data, the epochs,
-the search and the grids together, so the same code runs minutes on a CPU or the full 182-epoch protocol.
-"""
+"""The experiments behind the paper's tables and figures: each runs on the shared stages (extreme ticket,
+protected ticket, attack grid) and reads its result as rows beside the paper's numbers."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,148 +16,20 @@ from rich.progress import Progress
 from ticketguard import harness, report
 from ticketguard.claim import load_claim
 from ticketguard.demo import DEMO, protect_demo
-from ticketguard.data import ImageData, dataset_spec, load_dataset
-from ticketguard.data.cifar import load_image_folder
+from ticketguard.data import ImageData
 from ticketguard.errors import InputError
-from ticketguard.files import atomic_path, read_json, write_json
-from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.models import MODELS
+from ticketguard.files import read_json, write_json
+from ticketguard.imp import find_extreme_ticket
 from ticketguard.schemes import keymask as v1
-from ticketguard.scores import SCORES
 from ticketguard.ticket import MANIFEST, Ticket
 from ticketguard.training import TrainConfig
 from ticketguard.evidence import DEFAULT_ALPHA
+from ticketguard.paper import (
+    FAKE3, TABLE1, TABLE2, TABLE3, V1_KEY_DENSITY, V2_PRUNING_DECODES, for_attack, percent, quantity,
+)
 
 log = logging.getLogger(__name__)
-
-# The paper's own numbers (Chen et al., NeurIPS 2021, arXiv 2111.00162), per model, on CIFAR-10, as quoted in
-# the project's design map; a quantity without a number for the model shows "-". Never estimated here.
-PAPER: dict[str, dict[str, str]] = {
-    # Table 1 (§4.1): the extreme ResNet-20 ticket, its weights left and the pruning specification (rounds
-    # that matched at the ratios 0.2, 0.1, 0.05, 0.01).
-    "ticket_density": {"resnet20": "19.369 %"},
-    "ticket_counts": {"resnet20": "(5, 1, 8, 1)"},
-    # Definition of a winning ticket: retrained accuracy within eps_f = 1 % of the dense network's.
-    "ticket_matches": {"resnet20": "within 1 % of dense"},
-    # Scheme V2 results: accuracy cost of embedding the QR signature into the mask and retraining.
-    "v2_cost": {"resnet20": "0.29 %", "resnet18": "0.11 %"},
-    # Scheme V2 robustness (§4.3): the strongest one-shot magnitude pruning after which the code still decodes.
-    "v2_pruning_decodes": {"resnet20": "20 %", "resnet18": "5 %"},
-    # Scheme V3 results: trigger accuracy of the marked model, of an unmarked one, and the accuracy cost.
-    "v3_trigger_accuracy": {"resnet20": "91 %"},
-    "v3_unmarked_trigger_accuracy": {"resnet20": "16 %"},
-    "v3_cost": {"resnet20": "0.2 %"},
-    # Figure 2: relative key density n_s from which the locked ticket, retrained, misses dense by > eps_f.
-    "v1_key_density": {"resnet20": "5-10 %"},
-    # Ambiguity attacks (§4.3-4.4): fake3, a forged QR code and noise weights over the code region.
-    "fake3": {"resnet20": "91.37 % -> 57.00 %"},
-}
-
-FULL_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
-SMALL_DENSITIES = (0.05, 0.2)
-SMALL_SCORES = ("omp", "ewp", "random")
-FULL_GRID_SCALE = 0.5
-PAPER_REWIND_EPOCH = 3
-PAPER_EPOCHS = 182
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Every setting a run depends on, derived from (model, data, epochs, scale): stored in plan.json so that a
-    rerun with other settings is refused instead of mixing results."""
-
-    model: str
-    data: str
-    scale: float
-    epochs: int
-    train_per_class: int | None
-    test_per_class: int | None
-    ratios: tuple[float, ...]
-    max_rounds: int
-    rewind_epoch: int
-    prune: tuple[float, ...]
-    addon: tuple[float, ...]
-    finetune_epochs: int
-    densities: tuple[float, ...]
-    scores: tuple[str, ...]
-    key_density: float = 0.2
-    eps: float = 0.01
-    seed: int = 0
-
-    @property
-    def train(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, seed=self.seed)
-
-    @property
-    def search(self) -> SearchConfig:
-        return SearchConfig(
-            model=self.model,
-            ratios=self.ratios,
-            eps=self.eps,
-            rewind_epoch=self.rewind_epoch,
-            max_rounds=self.max_rounds,
-            train=self.train,
-        )
-
-    def record(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-def make_plan(
-    model: str, data: str, epochs: int | None, scale: float, full_per_class: tuple[int, int]
-) -> Plan:
-    """Shrink the paper's protocol by ``scale``: per-class data, epochs (unless given), IMP rounds and grids;
-    ``full_per_class`` is the (train, test) images per class of the whole data set."""
-    check_scale(scale)
-    if model not in MODELS:
-        raise InputError(f"unknown model {model!r}; choose one of: {', '.join(MODELS)}")
-    epochs = epochs if epochs is not None else max(2, round(scale * dataset_spec(data).default_epochs))
-    if epochs < 2:
-        raise InputError(f"--epochs must be >= 2 (one to rewind to, one to train), got {epochs}")
-    full = scale >= FULL_GRID_SCALE
-    per_class = [None if scale == 1 else max(1, round(scale * n)) for n in full_per_class]
-    return Plan(
-        model=model,
-        data=data,
-        scale=scale,
-        epochs=epochs,
-        train_per_class=per_class[0],
-        test_per_class=per_class[1],
-        ratios=SearchConfig.ratios if full else (SearchConfig.ratios[0],),
-        max_rounds=max(1, round(scale * SearchConfig.max_rounds)),
-        rewind_epoch=min(max(1, round(PAPER_REWIND_EPOCH * epochs / PAPER_EPOCHS)), epochs - 1),
-        prune=(0.05, 0.1, 0.2, 0.3, 0.5) if full else (0.05, 0.2, 0.5),
-        addon=(0.005, 0.01, 0.05, 0.1) if full else (0.01, 0.1),
-        finetune_epochs=max(1, round(epochs / 20)),
-        densities=FULL_DENSITIES if full else SMALL_DENSITIES,
-        scores=tuple(SCORES) if full else SMALL_SCORES,
-    )
-
-
-def check_scale(scale: float) -> None:
-    if not 0 < scale <= 1:
-        raise InputError(f"--scale must lie in (0, 1], got {scale}")
-
-
-def check_data_dir(data: str, data_dir: Path | None) -> None:
-    """Raised where the input enters: CIFAR and image folders need their files."""
-    if dataset_spec(data).needs_folder and data_dir is None:
-        raise InputError(f"--data {data} needs --data-dir pointing at its folder or .tar.gz archive")
-
-
-def load_scaled(data: str, data_dir: Path | None, scale: float) -> tuple[ImageData, tuple[int, int]]:
-    """The data set and its full (train, test) images per class; an image-folder archive is decoded only as
-    far as the scale needs (decoding all 60 000 CIFAR JPEGs takes minutes)."""
-    check_data_dir(data, data_dir)
-    archive = data_dir is not None and (data_dir.is_file() or (data_dir / "train").is_dir())
-    if archive and scale < 1 and data in ("cifar10", "cifar100"):
-        full = (5000, 1000) if data == "cifar10" else (500, 100)
-        loaded = load_image_folder(data_dir, name=data, per_class=math.ceil(scale * full[0]))
-        return loaded, full
-    loaded = load_dataset(data, data_dir)
-    counts = [torch.bincount(labels).min().item() for labels in (loaded.train_labels, loaded.test_labels)]
-    return loaded, (int(counts[0]), int(counts[1]))
-
+from ticketguard.reproduce.plan import Plan
 
 @dataclass
 class Run:
@@ -223,14 +87,6 @@ class Run:
         return harness.run_grid(subject, points, self.out / "grid", self.progress)
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
-
-
-def paper(quantity: str, model: str) -> str:
-    return PAPER.get(quantity, {}).get(model, "-")
-
-
 def run_table1(run: Run) -> dict[str, Any]:
     """Table 1: density, pruning specification and accuracy of the extreme ticket against dense."""
     ticket = run.ticket()
@@ -242,23 +98,23 @@ def run_table1(run: Run) -> dict[str, Any]:
     }
 
 
-def rows_table1(result: dict[str, Any], model: str) -> list[dict[str, str]]:
+def rows_table1(result: dict[str, Any], plan: Plan) -> list[dict[str, str]]:
     counts = result["counts"]
     return [
         {
             "quantity": "weights left",
-            "paper": paper("ticket_density", model),
-            "ours": _pct(result["density"]),
+            "paper": quantity(TABLE1, plan.model, plan.data, "density"),
+            "ours": percent(result["density"]),
         },
         {
             "quantity": "pruning specification (rounds per ratio)",
-            "paper": paper("ticket_counts", model),
+            "paper": quantity(TABLE1, plan.model, plan.data, "counts"),
             "ours": f"({', '.join(map(str, counts))})" if counts else "-",
         },
         {
             "quantity": "accuracy (dense)",
-            "paper": paper("ticket_matches", model),
-            "ours": f"{_pct(result['accuracy'])} ({_pct(result['dense_accuracy'])})",
+            "paper": f"{quantity(TABLE1, plan.model, plan.data, 'ticket')} ({quantity(TABLE1, plan.model, plan.data, 'dense')})",
+            "ours": f"{percent(result['accuracy'])} ({percent(result['dense_accuracy'])})",
         },
     ]
 
@@ -286,26 +142,26 @@ def run_signature(run: Run) -> dict[str, Any]:
     }
 
 
-def rows_signature(result: dict[str, Any], model: str) -> list[dict[str, str]]:
+def rows_signature(result: dict[str, Any], plan: Plan) -> list[dict[str, str]]:
     strongest = result["strongest_decoded"]
     rows = [
         {
-            "quantity": "accuracy cost of the signature",
-            "paper": paper("v2_cost", model),
-            "ours": f"{_pct(result['ticket_accuracy'] - result['signed_accuracy'])} "
-            f"({_pct(result['ticket_accuracy'])} -> {_pct(result['signed_accuracy'])})",
+            "quantity": "accuracy after the signature (cost)",
+            "paper": quantity(TABLE2, plan.model, plan.data),
+            "ours": f"{percent(result['ticket_accuracy'] - result['signed_accuracy'])} "
+            f"({percent(result['ticket_accuracy'])} -> {percent(result['signed_accuracy'])})",
         },
         {
             "quantity": "strongest magnitude pruning that still decodes",
-            "paper": paper("v2_pruning_decodes", model),
+            "paper": quantity(V2_PRUNING_DECODES, plan.model, plan.data),
             "ours": "none" if strongest is None else f"{100 * strongest:.0f} %",
         },
     ]
     rows += [
         {
-            "quantity": f"magnitude pruning {100 * p['fraction']:g} %: decodes, match rate",
-            "paper": "-",
-            "ours": f"{'yes' if p['decodes'] else 'no'}, {_pct(p['match_rate'])}",
+            "quantity": f"magnitude pruning {100 * p['fraction']:g} %: decodes, match rate (paper: accuracy)",
+            "paper": for_attack("magnitude pruning", p["fraction"], plan.model, plan.data),
+            "ours": f"{'yes' if p['decodes'] else 'no'}, {percent(p['match_rate'])}",
         }
         for p in result["pruning"]
     ]
@@ -323,23 +179,23 @@ def run_trigger(run: Run) -> dict[str, Any]:
     }
 
 
-def rows_trigger(result: dict[str, Any], model: str) -> list[dict[str, str]]:
+def rows_trigger(result: dict[str, Any], plan: Plan) -> list[dict[str, str]]:
     return [
         {
-            "quantity": "trigger accuracy, marked",
-            "paper": paper("v3_trigger_accuracy", model),
-            "ours": _pct(result["trigger_accuracy"]),
+            "quantity": "trigger accuracy, marked (paper: test (trigger) accuracy)",
+            "paper": quantity(TABLE3, plan.model, plan.data, "marked"),
+            "ours": percent(result["trigger_accuracy"]),
         },
         {
-            "quantity": "trigger accuracy, unmarked",
-            "paper": paper("v3_unmarked_trigger_accuracy", model),
-            "ours": _pct(result["unmarked_trigger_accuracy"]),
+            "quantity": "trigger accuracy, unmarked (paper: test (trigger) accuracy)",
+            "paper": quantity(TABLE3, plan.model, plan.data, "unmarked"),
+            "ours": percent(result["unmarked_trigger_accuracy"]),
         },
         {
-            "quantity": "accuracy cost of the trigger set",
-            "paper": paper("v3_cost", model),
-            "ours": f"{_pct(result['signed_accuracy'] - result['accuracy'])} "
-            f"({_pct(result['signed_accuracy'])} -> {_pct(result['accuracy'])})",
+            "quantity": "accuracy cost of the trigger set (paper: ticket -> V3)",
+            "paper": f"{quantity(TABLE1, plan.model, plan.data, 'ticket')} -> {quantity(TABLE3, plan.model, plan.data, 'marked')}",
+            "ours": f"{percent(result['signed_accuracy'] - result['accuracy'])} "
+            f"({percent(result['signed_accuracy'])} -> {percent(result['accuracy'])})",
         },
     ]
 
@@ -410,27 +266,28 @@ def _smallest_failing_density(result: dict[str, Any], score: str) -> float | Non
     return min(failing, default=None)
 
 
-def rows_fig2(result: dict[str, Any], model: str) -> list[dict[str, str]]:
+def rows_fig2(result: dict[str, Any], plan: Plan) -> list[dict[str, str]]:
     rows = []
     for score in result["without_key"]:
         smallest = _smallest_failing_density(result, score)
         rows.append(
             {
                 "quantity": f"{score}: smallest n_s whose locked ticket misses dense by > eps_f",
-                "paper": paper("v1_key_density", model) if score == "ewp" else "-",
+                "paper": quantity(V1_KEY_DENSITY, plan.model, plan.data),
                 "ours": "none of those tried" if smallest is None else f"{100 * smallest:g} %",
             }
         )
     for index, density in enumerate(result["densities"]):
-        cells = ", ".join(f"{s} {_pct(a[index])}" for s, a in result["without_key"].items())
+        cells = ", ".join(f"{s} {percent(a[index])}" for s, a in result["without_key"].items())
         rows.append(
             {
                 "quantity": f"n_s = {100 * density:g} %: accuracy without key (fake1 key)",
                 "paper": "-",
-                "ours": f"{cells} ({_pct(result['fake1'][index])})",
+                "ours": f"{cells} ({percent(result['fake1'][index])})",
             }
         )
-    rows.append({"quantity": "accuracy with key", "paper": "-", "ours": _pct(result["accuracy_with_key"])})
+    rows.append({"quantity": "accuracy with key (paper: the ticket's)",
+                 "paper": quantity(TABLE1, plan.model, plan.data, "ticket"), "ours": percent(result["accuracy_with_key"])})
     return rows
 
 
@@ -450,15 +307,15 @@ def run_attacks(run: Run) -> dict[str, Any]:
     return {"rows": rows, "figures": ["robustness.png", "qr-grid.png"]}
 
 
-def rows_attacks(result: dict[str, Any], model: str) -> list[dict[str, str]]:
+def rows_attacks(result: dict[str, Any], plan: Plan) -> list[dict[str, str]]:
     rows = result["rows"]
     shipped = next((r for r in rows if r.get("family") == "none" and not r.get("error")), {})
     fake3 = next((r for r in rows if r.get("family") == "fake3" and not r.get("error")), {})
     shown = [
         {
             "quantity": "fake3: accuracy before -> after forging the code region",
-            "paper": paper("fake3", model),
-            "ours": f"{_pct(shipped.get('accuracy'))} -> {_pct(fake3.get('accuracy'))}",
+            "paper": quantity(FAKE3, plan.model, plan.data),
+            "ours": f"{percent(shipped.get('accuracy'))} -> {percent(fake3.get('accuracy'))}",
         }
     ]
     for row in rows:
@@ -466,7 +323,7 @@ def rows_attacks(result: dict[str, Any], model: str) -> list[dict[str, str]]:
         shown.append(
             {
                 "quantity": row["attack"],
-                "paper": "-",
+                "paper": for_attack(row.get("family", ""), row.get("strength", 0.0), plan.model, plan.data),
                 "ours": row.get("error")
                 or f"acc {cells['test accuracy']}, QR {cells['QR decodes']} "
                 f"(match {cells['match rate']}), trigger {cells['trigger accuracy']}, "
@@ -482,7 +339,7 @@ class Experiment:
 
     title: str
     run: Callable[[Run], dict[str, Any]]
-    rows: Callable[[dict[str, Any], str], list[dict[str, str]]]
+    rows: Callable[[dict[str, Any], Plan], list[dict[str, str]]]
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -509,20 +366,6 @@ def check_targets(targets: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(targets)) or list(EXPERIMENTS)
 
 
-def check_plan(out: Path, plan: Plan) -> None:
-    """A folder holds one plan: resuming with other settings would mix results."""
-    path = out / "plan.json"
-    if path.is_file():
-        stored = read_json(path)
-        if stored != plan.record():
-            changed = sorted(k for k in stored if stored.get(k) != plan.record().get(k))
-            raise InputError(
-                f"{out} holds a run with other settings ({', '.join(changed)}); choose another --out"
-            )
-    else:
-        write_json(path, plan.record())
-
-
 def run_experiment(run: Run, name: str) -> dict[str, Any]:
     """Stored result if there is one; else run it. A failure becomes {"error": ...} and is not stored."""
     path = run.out / "results" / f"{name}.json"
@@ -535,32 +378,3 @@ def run_experiment(run: Run, name: str) -> dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}"}
     write_json(path, result)
     return result
-
-
-def write_report(out: Path, plan: Plan, results: dict[str, dict[str, Any]], seconds: float) -> Path:
-    """report.md: the settings, then per experiment our numbers beside the paper's and its figures."""
-    sections = [
-        f"# Reproduction: {plan.model} on {plan.data} at scale {plan.scale:g}",
-        "",
-        (
-            f"{plan.epochs} epochs per training run, train/test images per class "
-            f"{plan.train_per_class or 'all'}/{plan.test_per_class or 'all'}, IMP ratios {list(plan.ratios)} "
-            f"(at most {plan.max_rounds} rounds), rewind epoch {plan.rewind_epoch}; {seconds:.0f} s. "
-            "The paper's numbers are its own, on CIFAR-10 (a model without them shows -)."
-        ),
-        "",
-    ]
-    for name, result in results.items():
-        experiment = EXPERIMENTS[name]
-        sections += [f"## {experiment.title}", ""]
-        if result.get("error"):
-            sections += [f"Failed: {result['error']}", ""]
-            continue
-        rows = experiment.rows(result, plan.model)
-        sections += [report.markdown_table(rows, ["quantity", "paper", "ours"]), ""]
-        sections += [f"![{figure}]({figure})" for figure in result.get("figures", [])]
-        sections.append("")
-    path = out / "report.md"
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(sections))
-    return path
