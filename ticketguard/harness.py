@@ -25,9 +25,10 @@ from rich.progress import Progress
 from ticketguard import attacks
 from ticketguard.claim import Claim
 from ticketguard.data import ImageData
+from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA
 from ticketguard.files import atomic_path, read_json, write_json
-from ticketguard.models import build_model, identify_architecture
+from ticketguard.models import build_from_state
 from ticketguard.report import COLUMNS, display_row, markdown_table
 from ticketguard.ticket import Ticket
 from ticketguard.training import evaluate
@@ -120,12 +121,12 @@ def default_grid(
 
 
 def _model(weights: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.nn.Module, int] | None:
-    architecture = identify_architecture(weights)
-    if architecture is None:
+    """The attacked model and its class count, or None when the weights fit no registered architecture."""
+    try:
+        model, (_, _, classes) = build_from_state(weights, "measuring accuracy")
+    except InputError:
         return None
-    model = build_model(*architecture)
-    model.load_state_dict(weights)
-    return model.to(device), architecture[2]
+    return model.to(device), classes
 
 
 def measure(subject: Subject, weights: dict[str, torch.Tensor], density: float) -> dict[str, Any]:
