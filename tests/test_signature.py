@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ticketguard import qr
 from ticketguard.attacks import magnitude_pruning, random_pruning
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
+from ticketguard.evidence import FORGERY_LEVEL
 from ticketguard.masks import Mask, magnitude_prune, prunable_names, squeeze
 from ticketguard.models import build_model
 from ticketguard.protect import SignatureConfig, protect
@@ -255,3 +257,15 @@ def test_embedding_refuses_to_gut_an_extremely_sparse_ticket(digits: ImageData) 
     ticket = trained_ticket(digits, seed=0, density=0.004)
     with pytest.raises(InputError, match="denser ticket"):
         scheme.embed_signature(ticket.mask, ticket.weights, ticket.rewind, "ACME-R20-2026")
+
+
+def test_a_match_rate_without_a_decode_must_beat_the_forgery_level() -> None:
+    mask, weights = random_mask("resnet20", 0.2)
+    new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD)
+    decoded = scheme.extract(masked(weights, new), signature)
+    assert decoded.level == 1e-6 and scheme.evidence(dataclasses.replace(decoded, p_value=1e-10)).passed
+    undecoded = scheme.extract(masked(weights, mask), signature)  # the mask before embedding: no decode
+    assert undecoded.decoded.text is None and undecoded.level == FORGERY_LEVEL
+    # a p-value a forger could reach by searching 1e10 payloads does not pass without a decode
+    assert not scheme.evidence(dataclasses.replace(undecoded, p_value=1e-10)).passed
+    assert scheme.evidence(dataclasses.replace(undecoded, p_value=FORGERY_LEVEL / 2)).passed

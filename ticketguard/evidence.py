@@ -13,6 +13,12 @@ from scipy.stats import binom
 from ticketguard.errors import InputError
 
 DEFAULT_ALPHA = 1e-6
+FORGERY_TRIALS = 2**64
+FORGERY_LEVEL = 1.0 / FORGERY_TRIALS
+"""A forger holding the published model can search claims of his own offline (payloads, placements) until one
+reaches the threshold. Each trial succeeds with probability at most the level it must reach, so evidence he can
+search passes only at p <= 2^-64: a forgery then takes more than 2^64 trials on average
+(benchmarks/forgery_cost.py measures the trial rate)."""
 
 
 def check_alpha(alpha: float) -> float:

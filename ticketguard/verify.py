@@ -55,7 +55,7 @@ def verify(
         except InputError as err:
             unavailable.append(Unavailable("qr-signature", str(err)))
         else:
-            evidence.append(v2.evidence(reading, alpha))
+            evidence.append(v2.evidence(reading))
             if qr_image is not None:
                 save_comparison_image(qr_image, reading)
     if claim.trigger is not None:

@@ -21,6 +21,7 @@ from scipy.stats import binom
 
 from ticketguard import qr
 from ticketguard.errors import InputError
+from ticketguard.files import check_json
 from ticketguard.masks import Mask, squeeze
 from ticketguard.schemes.placement import (
     Placement,
@@ -28,7 +29,7 @@ from ticketguard.schemes.placement import (
     qr_codes,
     search_placements,
 )
-from ticketguard.evidence import DEFAULT_ALPHA, Evidence
+from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
 
 # With k weights per connection, one-shot magnitude pruning of a fraction f empties the kernel with chance
 # about f^k: 3 weights keep ~87 % of the dark modules at f = 0.5, within what the dark-only decoder corrects.
@@ -36,6 +37,42 @@ DEFAULT_WEIGHTS_PER_CONNECTION = 3
 # Keeping the density exact takes the code's new weights from the rest of the ticket; past this share of it
 # the ticket would be gutted rather than signed.
 MAX_COMPENSATED_SHARE = 0.25
+# A claim's copies multiply the placement count (offsets ** copies), which must stay a finite float.
+MAX_COPIES = 16
+MAX_CHANNELS_PER_LAYER = 1 << 24
+SIGNATURE_SCHEMA = {
+    "type": "object",
+    "required": ["payload", "version", "error", "mask_pattern", "kept_is_dark", "regions"],
+    "properties": {
+        "payload": {"type": "string", "minLength": 1, "maxLength": 7089},
+        "version": {"type": "integer", "minimum": 1, "maximum": 40},
+        "error": {"enum": list(qr.ERROR_LEVELS)},
+        "mask_pattern": {"type": "integer", "minimum": 0, "maximum": 7},
+        "kept_is_dark": {"type": "boolean"},
+        "regions": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_COPIES,
+            "items": {
+                "type": "object",
+                "required": ["layer", "row", "col", "shape"],
+                "properties": {
+                    "layer": {"type": "string"},
+                    "row": {"type": "integer", "minimum": 0, "maximum": MAX_CHANNELS_PER_LAYER},
+                    "col": {"type": "integer", "minimum": 0, "maximum": MAX_CHANNELS_PER_LAYER},
+                    "shape": {
+                        "type": "array",
+                        "items": {"type": "integer", "minimum": 1, "maximum": MAX_CHANNELS_PER_LAYER},
+                        "minItems": 4,
+                        "maxItems": 4,
+                    },
+                },
+                "additionalProperties": False,
+            },
+        },
+    },
+    "additionalProperties": False,
+}
 
 
 @dataclass(frozen=True)
@@ -67,25 +104,14 @@ class Signature:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Signature:
-        try:
-            regions = tuple(
-                Region(r["layer"], int(r["row"]), int(r["col"]), tuple(r["shape"])) for r in data["regions"]
-            )
-            signature = cls(
-                str(data["payload"]),
-                int(data["version"]),
-                str(data["error"]),
-                int(data["mask_pattern"]),
-                bool(data["kept_is_dark"]),
-                regions,
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise InputError(f"the claim's signature section is malformed ({err!r})") from None
-        if not regions:
-            raise InputError("the claim's signature names no region")
-        signature.spec  # validates version, level and mask pattern
-        return signature
+    def from_json(cls, data: Any) -> Signature:
+        """The signature section of a claim, refused unless it fits SIGNATURE_SCHEMA (JSON integers, a boolean
+        polarity, a QR version 1..40, offsets >= 0, 1 to MAX_COPIES regions of 4-D layers)."""
+        check_json(data, SIGNATURE_SCHEMA, "the claim's signature section")
+        regions = tuple(Region(r["layer"], r["row"], r["col"], tuple(r["shape"])) for r in data["regions"])
+        return cls(
+            data["payload"], data["version"], data["error"], data["mask_pattern"], data["kept_is_dark"], regions
+        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +129,9 @@ class Reading:
     """What a suspect's regions show: per-copy and voted data modules, the decode and the match statistics.
 
     ``p_value`` is corrected for the placement search (``raw_p_value`` times ``placements``, at most 1);
-    ``threshold`` is the match rate at which it reaches alpha.
+    ``level`` is the p-value it must reach: alpha when the region decodes to the claimed payload, else the
+    stricter forgery level (a forger could search payloads until a match rate alone gets there);
+    ``threshold`` is the match rate at which it reaches ``level``.
     """
 
     signature: Signature
@@ -118,6 +146,7 @@ class Reading:
     densities: list[float]
     raw_p_value: float
     placements: float
+    level: float
 
     @property
     def match_rate(self) -> float:
@@ -312,7 +341,8 @@ def extract(
     )
     placements = placement_count(weights, spec.size, len(signature.regions))
     corrected = np.minimum(tail * placements, 1.0)
-    needed = int(np.argmax(corrected <= alpha)) if (corrected <= alpha).any() else len(tail)
+    level = alpha if decoded.text == signature.payload else min(alpha, FORGERY_LEVEL)
+    needed = int(np.argmax(corrected <= level)) if (corrected <= level).any() else len(tail)
     return Reading(
         signature,
         copies,
@@ -326,6 +356,7 @@ def extract(
         densities,
         raw_p_value,
         placements,
+        level,
     )
 
 
@@ -340,14 +371,14 @@ def decode_modules(
     return qr.decode(spec, modules, erasures=unreliable, dark_only_lost=False)
 
 
-def evidence(reading: Reading, alpha: float = DEFAULT_ALPHA) -> Evidence:
-    """V(...) for V2: the match rate with its search-corrected binomial p-value; a decode of another string
-    never passes."""
+def evidence(reading: Reading) -> Evidence:
+    """V(...) for V2: the match rate with its search-corrected binomial p-value, judged at the reading's level;
+    a decode of another string never passes."""
     return Evidence(
         name="qr-signature",
         score=reading.match_rate,
         threshold=reading.threshold,
-        passed=reading.p_value <= alpha and not reading.mismatch,
+        passed=reading.p_value <= reading.level and not reading.mismatch,
         p_value=reading.p_value,
         details={
             "decoded": reading.decoded.text,
@@ -357,6 +388,7 @@ def evidence(reading: Reading, alpha: float = DEFAULT_ALPHA) -> Evidence:
             "mismatch": reading.mismatch,
             "matches": reading.matches,
             "uncorrected_p_value": reading.raw_p_value,
+            "level": reading.level,
             "placements_searched": reading.placements,
             "modules": reading.trials,
             "voted_modules": "".join("1" if m else "0" for m in reading.voted),
