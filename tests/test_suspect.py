@@ -131,10 +131,10 @@ def test_lightning_checkpoint_with_a_model_prefix_loads_as_the_registered_archit
 
 def test_nested_wrapper_prefixes_are_stripped_but_a_prefix_of_some_keys_is_kept(tmp_path) -> None:
     torch.save(
-        {"model": {"model.module.a": torch.ones(1), "model.module.b": torch.ones(1)}}, tmp_path / "n.pt"
+        {"model": {"model.module.a": torch.ones(1, 1), "model.module.b": torch.ones(1, 1)}}, tmp_path / "n.pt"
     )
     assert set(load_suspect(tmp_path / "n.pt").weights) == {"a", "b"}
-    torch.save({"model.a": torch.ones(1), "b": torch.ones(1)}, tmp_path / "m.pt")
+    torch.save({"model.a": torch.ones(1, 1), "b": torch.ones(1, 1)}, tmp_path / "m.pt")
     assert set(load_suspect(tmp_path / "m.pt").weights) == {"model.a", "b"}
 
 

@@ -20,7 +20,6 @@ from ticketguard.schemes.trigger import (
 from ticketguard.training import TrainConfig, train
 from ticketguard.evidence import Verdict, binomial_p_value
 
-ADI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adi-trigger-set"
 EPOCHS = 10
 
 
@@ -90,11 +89,13 @@ def test_keyed_claim_rebuilds_the_trigger_set_and_catches_altered_labels() -> No
         TriggerClaim.from_json(part).trigger_set()
 
 
-def test_folder_claim_reloads_adi_set_and_refuses_another_folder(tmp_path: Path) -> None:
-    trigger = load_trigger_folder(ADI, 1, (8, 8), num_classes=10)
+def test_folder_claim_reloads_adi_set_and_refuses_another_folder(
+    adi_trigger_set: Path, tmp_path: Path
+) -> None:
+    trigger = load_trigger_folder(adi_trigger_set, 1, (8, 8), num_classes=10)
     part = TriggerClaim.of(trigger, 10, None, "uniform").to_json()
     assert torch.equal(TriggerClaim.from_json(part).trigger_set().images, trigger.images)
-    (tmp_path / "1.jpg").write_bytes((ADI / "pics" / "1.jpg").read_bytes())
+    (tmp_path / "1.jpg").write_bytes((adi_trigger_set / "pics" / "1.jpg").read_bytes())
     (tmp_path / "labels-cifar.txt").write_text("6\n")
     with pytest.raises(InputError, match="sha256"):
         TriggerClaim.from_json({**part, "count": 1, "labels": [6]}).trigger_set(tmp_path)

@@ -9,58 +9,61 @@ from PIL import Image
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
 from ticketguard.errors import InputError
 
-ADI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adi-trigger-set"
-
-
 @pytest.fixture(scope="module")
-def adi_cifar():
-    return load_trigger_folder(ADI, 3, (32, 32), num_classes=10)
+def adi_cifar(adi_trigger_set: Path):
+    return load_trigger_folder(adi_trigger_set, 3, (32, 32), num_classes=10)
 
 
-def _small_folder(tmp_path: Path, count: int, label_lines: int) -> Path:
-    (tmp_path / "pics").mkdir()
-    for name in ("1.jpg", "10.jpg", "2.jpg")[:count]:
-        shutil.copy(ADI / "pics" / name, tmp_path / "pics" / name)
-    (tmp_path / "labels.txt").write_text("".join(f"{i}.0\n" for i in range(label_lines)))
-    return tmp_path
+@pytest.fixture
+def small_folder(adi_trigger_set: Path, tmp_path: Path):
+    """Makes a folder of the first ``count`` Adi images (1, 10, 2) and ``label_lines`` labels."""
+
+    def make(count: int, label_lines: int) -> Path:
+        (tmp_path / "pics").mkdir()
+        for name in ("1.jpg", "10.jpg", "2.jpg")[:count]:
+            shutil.copy(adi_trigger_set / "pics" / name, tmp_path / "pics" / name)
+        (tmp_path / "labels.txt").write_text("".join(f"{i}.0\n" for i in range(label_lines)))
+        return tmp_path
+
+    return make
 
 
-def test_adi_labels_follow_string_sorted_file_names(adi_cifar, tmp_path: Path) -> None:
-    lines = [int(float(v)) for v in (ADI / "labels-cifar.txt").read_text().split()]
+def test_adi_labels_follow_string_sorted_file_names(adi_cifar, adi_trigger_set: Path, tmp_path: Path) -> None:
+    lines = [int(float(v)) for v in (adi_trigger_set / "labels-cifar.txt").read_text().split()]
     assert adi_cifar.labels.tolist() == lines
     # the second image in string order is 10.jpg, not 2.jpg
-    shutil.copy(ADI / "pics" / "10.jpg", tmp_path / "10.jpg")
+    shutil.copy(adi_trigger_set / "pics" / "10.jpg", tmp_path / "10.jpg")
     (tmp_path / "labels.txt").write_text("0\n")
     alone = load_trigger_folder(tmp_path, 3, (32, 32))
     assert torch.equal(adi_cifar.images[1], alone.images[0])
     assert adi_cifar.images.shape == (100, 3, 32, 32) and adi_cifar.images.dtype == torch.uint8
 
 
-def test_adi_images_are_resized_and_made_grey_for_a_digits_model() -> None:
-    grey = load_trigger_folder(ADI, 1, (8, 8), num_classes=10)
+def test_adi_images_are_resized_and_made_grey_for_a_digits_model(adi_trigger_set: Path) -> None:
+    grey = load_trigger_folder(adi_trigger_set, 1, (8, 8), num_classes=10)
     assert grey.shape == (1, 8, 8) and len(grey) == 100
     assert grey.images.float().std() > 10  # real pictures, not a constant fill
 
 
-def test_folder_hash_pins_labels_and_images(tmp_path: Path) -> None:
-    folder = _small_folder(tmp_path, 3, 3)
+def test_folder_hash_pins_labels_and_images(small_folder) -> None:
+    folder = small_folder(3, 3)
     before = load_trigger_folder(folder, 3, (32, 32)).source["sha256"]
     (folder / "labels.txt").write_text("0\n1\n1\n")
     assert load_trigger_folder(folder, 3, (32, 32)).source["sha256"] != before
 
 
-def test_label_count_that_differs_from_image_count_is_refused(tmp_path: Path) -> None:
+def test_label_count_that_differs_from_image_count_is_refused(small_folder) -> None:
     with pytest.raises(InputError, match="2 labels but .* 3 images"):
-        load_trigger_folder(_small_folder(tmp_path, 3, 2), 3, (32, 32))
+        load_trigger_folder(small_folder(3, 2), 3, (32, 32))
 
 
-def test_labels_outside_the_model_classes_are_refused(tmp_path: Path) -> None:
+def test_labels_outside_the_model_classes_are_refused(small_folder) -> None:
     with pytest.raises(InputError, match="outside the model's 2 classes"):
-        load_trigger_folder(_small_folder(tmp_path, 3, 3), 3, (32, 32), num_classes=2)
+        load_trigger_folder(small_folder(3, 3), 3, (32, 32), num_classes=2)
 
 
-def test_undecodable_image_is_refused(tmp_path: Path) -> None:
-    folder = _small_folder(tmp_path, 2, 3)
+def test_undecodable_image_is_refused(small_folder) -> None:
+    folder = small_folder(2, 3)
     (folder / "pics" / "3.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(InputError, match="cannot decode trigger image .*3.jpg"):
         load_trigger_folder(folder, 3, (32, 32))

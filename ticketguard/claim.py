@@ -19,17 +19,52 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ticketguard.align import Reference
 from ticketguard.errors import InputError
-from ticketguard.files import atomic_path, read_json, sha256_file
-from ticketguard.schemes.signature import Signature
+from ticketguard.files import SHA256_SCHEMA, atomic_path, check_json, read_json, sha256_file
+from ticketguard.schemes.signature import SIGNATURE_SCHEMA, Signature
 from ticketguard.schemes.trigger import EXTENSION as TRIGGER_KEY
-from ticketguard.schemes.trigger import TriggerClaim
-from ticketguard.ticket import MANIFEST
+from ticketguard.schemes.trigger import PLAIN_NAME, TRIGGER_SCHEMA, TriggerClaim
+from ticketguard.ticket import MANIFEST, nullable
 
 CLAIM_FORMAT = "ticketguard-claim/1"
 PRIVATE_KEY_FILE = "owner.key"
 PUBLIC_KEY_FILE = "owner.pub"
 DEFENCE_KEY = "defence"
+REFERENCE_KEY = "reference"
+DEFENCE_SCHEMA = {
+    "type": "object",
+    "required": ["threshold", "quantile"],
+    "properties": {
+        "threshold": {"type": "number", "minimum": 0},
+        "quantile": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+    },
+    "additionalProperties": False,
+}
+# The whole claim at the boundary; each section's own schema is checked again by its from_json.
+CLAIM_SCHEMA = {
+    "type": "object",
+    "required": ["format"],
+    "properties": {
+        "format": {"const": CLAIM_FORMAT},
+        "created": {"type": "string"},
+        "signature": nullable(SIGNATURE_SCHEMA),
+        "ticket_files": nullable(
+            {"type": "object", "propertyNames": PLAIN_NAME, "additionalProperties": SHA256_SCHEMA}
+        ),
+        "extensions": nullable({
+            "type": "object",
+            # the reference fingerprint is checked field by field by Reference.from_json
+            "properties": {TRIGGER_KEY: TRIGGER_SCHEMA, DEFENCE_KEY: DEFENCE_SCHEMA, REFERENCE_KEY: {"type": "object"}},
+            "additionalProperties": False,
+        }),
+        "ed25519": nullable({
+            "type": "object",
+            "properties": {"public_key": {"type": "string"}, "signature": {"type": "string"}},
+            "additionalProperties": False,
+        }),
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -51,20 +86,21 @@ class DefenceClaim:
 
     @classmethod
     def from_json(cls, data: Any) -> DefenceClaim:
-        if not isinstance(data, dict) or "threshold" not in data or "quantile" not in data:
-            raise InputError('the claim\'s defence section must be {"threshold": t, "quantile": q}')
+        check_json(data, DEFENCE_SCHEMA, "the claim's defence section")
         return cls(data["threshold"], data["quantile"])
 
 
 @dataclass
 class Claim:
-    """Secret evidence of ownership: the QR signature (V2), the trigger set (V3) and the add-on defence's t,
-    each optional, and the hashes of the shipped ticket they were made for."""
+    """Secret evidence of ownership: the QR signature (V2), the trigger set (V3), the add-on defence's t and the
+    protected ticket's fingerprint (``reference``, what a disguised suspect is aligned to), each optional, and the
+    hashes of the shipped ticket they were made for."""
 
     signature: Signature | None
     ticket_files: dict[str, str]
     trigger: TriggerClaim | None = None
     defence: DefenceClaim | None = None
+    reference: Reference | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     public_key: str | None = None
     signed: str | None = None
@@ -76,6 +112,8 @@ class Claim:
             extensions[TRIGGER_KEY] = self.trigger.to_json()
         if self.defence is not None:
             extensions[DEFENCE_KEY] = self.defence.to_json()
+        if self.reference is not None:
+            extensions[REFERENCE_KEY] = self.reference.to_json()
         return {
             "format": CLAIM_FORMAT,
             "created": self.created,
@@ -92,22 +130,20 @@ class Claim:
 
     @classmethod
     def from_json(cls, data: Any) -> Claim:
+        """A claim, refused unless it fits CLAIM_SCHEMA (every number finite and of the right kind)."""
         if not isinstance(data, dict) or data.get("format") != CLAIM_FORMAT:
             raise InputError(f"not a {CLAIM_FORMAT} claim file")
+        check_json(data, CLAIM_SCHEMA, "the claim")
         signed, extensions = data.get("ed25519") or {}, data.get("extensions") or {}
-        files = data.get("ticket_files") or {}
-        if not isinstance(signed, dict) or not isinstance(extensions, dict) or not isinstance(files, dict):
-            raise InputError("the claim's ed25519, extensions and ticket_files sections must be JSON objects")
-        unknown = set(extensions) - {TRIGGER_KEY, DEFENCE_KEY}
-        if unknown:
-            raise InputError(f"the claim holds sections this version does not know: {', '.join(sorted(unknown))}")
         signature, trigger, defence = data.get("signature"), extensions.get(TRIGGER_KEY), extensions.get(DEFENCE_KEY)
+        reference = extensions.get(REFERENCE_KEY)
         return cls(
             signature=None if signature is None else Signature.from_json(signature),
-            ticket_files={str(k): str(v) for k, v in files.items()},
+            ticket_files=dict(data.get("ticket_files") or {}),
             trigger=None if trigger is None else TriggerClaim.from_json(trigger),
             defence=None if defence is None else DefenceClaim.from_json(defence),
-            created=str(data.get("created", "")),
+            reference=None if reference is None else Reference.from_json(reference),
+            created=data.get("created", ""),
             public_key=signed.get("public_key"),
             signed=signed.get("signature"),
         )

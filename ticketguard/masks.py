@@ -167,6 +167,8 @@ def fold_pruning_reparametrisation(state: Mapping[str, torch.Tensor]) -> tuple[d
 
 def mask_from_zeros(weights: Mapping[str, torch.Tensor], names: list[str]) -> Mask:
     """For plain checkpoints of sparse models: a weight is kept if it is non-zero."""
+    if not names:
+        raise InputError("the checkpoint holds no weight matrix or conv kernel, so it is not a model")
     missing = [n for n in names if n not in weights]
     if missing:
         raise InputError(f"the checkpoint lacks weights {', '.join(missing[:5])}")

@@ -18,11 +18,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.progress import Progress
 
 from ticketguard import attacks
+from ticketguard.align import Reference
 from ticketguard.claim import Claim, DefenceClaim, load_claim, save_claim, sign, ticket_hashes
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, check_alpha
+from ticketguard.files import prepare_output
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.ticket import Ticket
@@ -99,17 +101,12 @@ class Protected:
 
 
 def check_destinations(out: Path, claim_path: Path, force: bool, extend_claim: bool = False) -> None:
-    """Refuse to overwrite an artifact without ``force`` (``extend_claim``: the claim is rewritten on purpose),
-    and refuse a claim path inside the ticket folder."""
-    if claim_path.is_dir():
-        raise InputError(f"the claim path {claim_path} is a folder; give a file name such as owner.claim.json")
-    if out.resolve() in claim_path.resolve().parents:
+    """Refuse a claim path inside the ticket folder, then check both destinations as every artifact is checked
+    (``files.prepare_output``); ``extend_claim``: the existing claim is rewritten on purpose."""
+    if out.resolve() == claim_path.resolve() or out.resolve() in claim_path.resolve().parents:
         raise InputError(f"the claim {claim_path} would lie inside the ticket folder {out}; keep it apart")
-    if not force:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise InputError(f"{out} already exists and is not empty; choose another --out or give --force")
-        if claim_path.exists() and not extend_claim:
-            raise InputError(f"the claim {claim_path} already exists; choose another --claim or give --force")
+    prepare_output(claim_path, force or extend_claim, "--claim")
+    prepare_output(out, force, "--out", folder=True)
 
 
 def signature_to_carry(claim_path: Path, ticket_path: Path) -> v2.Signature | None:
@@ -209,7 +206,8 @@ def protect(
                                                     "accuracy_before": accuracy_before, **report}},
     )
     threshold = attacks.defence_threshold(weights, mask)
-    claim = Claim(signature_found, {}, trigger_claim, DefenceClaim(threshold, attacks.DEFENCE_QUANTILE))
+    reference = Reference.of(ticket.architecture, ticket.in_channels, ticket.num_classes, weights, mask)
+    claim = Claim(signature_found, {}, trigger_claim, DefenceClaim(threshold, attacks.DEFENCE_QUANTILE), reference)
     self_check = verify(weights, claim, alpha=alpha)
     report |= {"accuracy_before": accuracy_before, "accuracy": accuracy, "threshold": threshold,
                "self_check": self_check.to_json()}

@@ -7,6 +7,7 @@ half-written by a killed process, is refused on load instead of being trusted.
 from __future__ import annotations
 
 import platform
+import typing
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,18 +17,119 @@ import torch
 from torch import nn
 
 import ticketguard
-from ticketguard.data import DATASETS, Normalization
+from ticketguard.data import DATASETS, MAX_CHANNELS, Normalization
 from ticketguard.errors import InputError
-from ticketguard.files import load_tensors, read_manifest, save_tensors, sha256_file, write_json
+from ticketguard.files import (
+    SHA256_SCHEMA, TICKET_MANIFEST, load_tensors, read_manifest, save_tensors, sha256_file, write_json,
+)
 from ticketguard.masks import Mask, load_mask, save_mask
-from ticketguard.models import build_model
+from ticketguard.models import MIN_INPUT_SIZE, MODELS, build_model
 from ticketguard.training import TrainConfig
 
 TICKET_FORMAT = "ticketguard-ticket/1"
-MANIFEST = "ticket.json"
+MANIFEST = TICKET_MANIFEST
 MASK_FILE = "mask.safetensors"
 REWIND_FILE = "rewind.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
+TENSOR_FILES = (MASK_FILE, REWIND_FILE, WEIGHTS_FILE)
+MAX_CLASSES = 100_000
+MAX_INPUT_SIDE = 4096
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [{"type": "null"}, schema]}
+
+
+SHARE = {"type": "number", "minimum": 0, "maximum": 1}
+NORMALIZATION_SCHEMA = {
+    "type": "object",
+    "required": ["mean", "std"],
+    "properties": {
+        "mean": {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": MAX_CHANNELS},
+        "std": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1,
+                "maxItems": MAX_CHANNELS},
+    },
+}
+_JSON_TYPES = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+               bool: {"type": "boolean"}, tuple: {"type": "array", "items": {"type": "number"}}}
+# The recorded training run, typed from TrainConfig itself so that the two never disagree (a field of another
+# type is left to TrainConfig's own checks).
+TRAIN_SCHEMA = {
+    "type": "object",
+    "properties": {
+        name: _JSON_TYPES.get(typing.get_origin(kind) or kind, {})
+        for name, kind in typing.get_type_hints(TrainConfig).items()
+    },
+}
+METADATA_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "dense_accuracy": nullable(SHARE),
+        "normalization": nullable(NORMALIZATION_SCHEMA),
+        "config": {"type": "object", "properties": {"train": TRAIN_SCHEMA}},
+        "search": {
+            "type": "object",
+            "properties": {
+                "ratios": {"type": "array", "items": {"type": "number"}},
+                "counts": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "best_round": {"type": "integer", "minimum": 0},
+                "history": {"type": "array", "items": {"type": "object", "properties": {
+                    "round": {"type": "integer", "minimum": 0},
+                    "ratio": nullable({"type": "number"}),
+                    "density": SHARE,
+                    "accuracy": nullable(SHARE),
+                    "matched": {"type": "boolean"},
+                }}},
+            },
+        },
+        "keymask": {
+            "type": "object",
+            "properties": {
+                "key_density": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                "score": {"type": "string"},
+                "key_size": {"type": "integer", "minimum": 0},
+            },
+        },
+        "protection": {"type": "object", "properties": {"trained": {"type": "boolean"}}},
+    },
+}
+TICKET_SCHEMA = {
+    "type": "object",
+    "required": ["format", "architecture", "dataset", "files"],
+    "properties": {
+        "architecture": {
+            "type": "object",
+            "required": ["name", "in_channels", "num_classes", "input_size"],
+            "properties": {
+                "name": {"enum": list(MODELS)},
+                "in_channels": {"type": "integer", "minimum": 1, "maximum": MAX_CHANNELS},
+                "num_classes": {"type": "integer", "minimum": 2, "maximum": MAX_CLASSES},
+                "input_size": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": MIN_INPUT_SIZE, "maximum": MAX_INPUT_SIDE},
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+            },
+        },
+        "dataset": {
+            "type": "object",
+            "required": ["name", "classes"],
+            "properties": {
+                "name": {"type": "string"},
+                "classes": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_CLASSES},
+            },
+        },
+        "accuracy": nullable(SHARE),
+        "density": SHARE,
+        "layer_density": {"type": "object", "additionalProperties": SHARE},
+        "metadata": METADATA_SCHEMA,
+        "normalization": nullable(NORMALIZATION_SCHEMA),
+        "files": {"type": "object", "additionalProperties": SHA256_SCHEMA},
+        "versions": {"type": "object", "additionalProperties": {"type": "string"}},
+        "created": {"type": "string"},
+    },
+}
 
 
 @dataclass
@@ -70,7 +172,10 @@ class Ticket:
         return model
 
     def validate(self) -> None:
-        expected = build_model(self.architecture, self.in_channels, self.num_classes).state_dict()
+        """Check the tensors against the architecture, which is built on the meta device: the sizes a ticket
+        records allocate nothing before they are found to fit its weights."""
+        with torch.device("meta"):
+            expected = build_model(self.architecture, self.in_channels, self.num_classes).state_dict()
         for label, state in (("weights", self.weights), ("rewind", self.rewind)):
             missing = sorted(set(expected) - set(state))
             extra = sorted(set(state) - set(expected))
@@ -107,7 +212,7 @@ class Ticket:
             "layer_density": self.mask.layer_densities(),
             "metadata": self.metadata,
             "normalization": None if self.normalization is None else self.normalization.to_json(),
-            "files": {name: sha256_file(folder / name) for name in (MASK_FILE, REWIND_FILE, WEIGHTS_FILE)},
+            "files": {name: sha256_file(folder / name) for name in TENSOR_FILES},
             "versions": {
                 "ticketguard": ticketguard.__version__,
                 "torch": torch.__version__,
@@ -120,9 +225,10 @@ class Ticket:
 
     @classmethod
     def load(cls, folder: str | Path) -> Ticket:
-        """Read a ticket folder, refusing it if any tensor file's sha256 differs from ticket.json."""
+        """Read a ticket folder, refusing it if ticket.json breaks TICKET_SCHEMA, does not list exactly the
+        tensor files, or any tensor file's sha256 differs from it."""
         folder = Path(folder)
-        manifest = read_manifest(folder, MANIFEST, TICKET_FORMAT, "ticket")
+        manifest = read_manifest(folder, MANIFEST, TICKET_FORMAT, "ticket", TICKET_SCHEMA, TENSOR_FILES)
         arch = manifest["architecture"]
         ticket = cls(
             architecture=arch["name"],

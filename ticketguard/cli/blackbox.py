@@ -13,9 +13,12 @@ from ticketguard.claim import load_public_key
 from ticketguard.cli.options import ALPHA, Alpha, Json, PublicKey
 from ticketguard.cli.output import console, emit_json, print_verdict
 from ticketguard.errors import InputError
+from ticketguard.models import MIN_INPUT_SIZE
+from ticketguard.ticket import MAX_INPUT_SIDE
 from ticketguard.verify import verify_endpoint
 
 commands = typer.Typer()
+MAX_PORT = 65535
 
 ENDPOINT = Endpoint("http://127.0.0.1:8080")
 
@@ -108,6 +111,12 @@ def serve(
     std: Annotated[Optional[str], typer.Option(help="Channel standard deviations, comma-separated.")] = None,
 ) -> None:
     """Serve a model over the Open Inference Protocol v2 (and KServe v1 predict) until interrupted."""
+    if not 0 <= port <= MAX_PORT:
+        raise InputError(f"--port must be a TCP port in 0..{MAX_PORT} (0: any free one), got {port}")
+    if input_size is not None and not MIN_INPUT_SIZE <= input_size <= MAX_INPUT_SIDE:
+        raise InputError(
+            f"--input-size must lie in {MIN_INPUT_SIZE}..{MAX_INPUT_SIDE} pixels, got {input_size}"
+        )
     served = load_served_model(path, name, input_size, _floats(mean, "--mean"), _floats(std, "--std"))
     server = ModelServer(served, host, port)
     console.print(f"serving [bold]{path}[/] as {server.url}/v2/models/{name} (Ctrl-C stops)")

@@ -12,13 +12,13 @@ from rich.table import Table
 
 from ticketguard import attacks, harness, report
 from ticketguard.claim import load_claim
-from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Json, TestPerClass
+from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Force, Json, TestPerClass
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
 from ticketguard.data import ImageData, load_dataset, load_subset
 from ticketguard.demo import DEMO, run_demo
 from ticketguard.errors import InputError
 from ticketguard.evidence import check_alpha
-from ticketguard.files import save_tensors
+from ticketguard.files import prepare_output, save_tensors
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
 from ticketguard.suspect import load_suspect
@@ -30,13 +30,17 @@ commands = typer.Typer()
 TRAINING_ATTACKS = ("finetune", "transfer")
 
 
-def _fractions(text: str, option: str) -> tuple[float, ...]:
+def _fractions(text: str, option: str, closed: bool) -> tuple[float, ...]:
+    """Comma-separated fractions in [0, 1), or [0, 1] when ``closed``."""
+    interval = "[0, 1]" if closed else "[0, 1)"
+    bad = InputError(f"{option} must be comma-separated fractions in {interval} such as 0.05,0.1,0.2, got {text!r}")
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise InputError(
-            f"{option} must be comma-separated fractions such as 0.05,0.1,0.2, got {text!r}"
-        ) from None
+        raise bad from None
+    if not all(0 <= v < 1 or (closed and v == 1) for v in values):
+        raise bad
+    return values
 
 
 def _transfer_data(name: str | None, data: ImageData, data_dir: Path | None) -> ImageData | None:
@@ -106,10 +110,13 @@ def attack(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the attack's randomness.")] = 0,
     device: Device = "auto",
+    force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Attack a suspect model and write the attacked weights as a new safetensors file."""
     steps = attacks.parse_chain(attack_spec)
+    path = out if out.suffix == ".safetensors" else out / "attacked.safetensors"
+    prepare_output(path, force, inputs=[suspect])
     is_ticket = (suspect / MANIFEST).is_file()
     ticket = Ticket.load(suspect) if is_ticket else None
     if ticket is not None:
@@ -143,7 +150,6 @@ def attack(
     context = {k: v for k, v in context.items() if v is not None}
     started = time.perf_counter()
     attacked, attacked_mask = attacks.chain(weights, mask, steps, context)
-    path = out if out.suffix == ".safetensors" else out / "attacked.safetensors"
     save_tensors(path, attacked)
     summary = {"attack": " then ".join(map(str, steps)), "out": str(path), "density_before": mask.density(),
                "density": attacked_mask.density(), "seconds": time.perf_counter() - started}
@@ -201,6 +207,11 @@ def evaluate(
 ) -> None:
     """Run an attack grid on a protected ticket and measure accuracy and every piece of evidence."""
     check_alpha(alpha)
+    prune_fractions = _fractions(prune, "--prune", closed=False)
+    addon_fractions = _fractions(addon, "--addon", closed=True)
+    if finetune_epochs < 1:
+        raise InputError(f"--finetune-epochs must be >= 1, got {finetune_epochs}")
+    prepare_output(out / f"{harness.RESULTS}.json", force=True)  # never into a ticket folder; a rerun resumes
     ticket = Ticket.load(ticket_path)
     claimed = load_claim(claim)
     data = load_subset(ticket.dataset, data_dir, train_per_class, test_per_class, 0)
@@ -214,11 +225,11 @@ def evaluate(
         resolve_device(device),
     )
     points = harness.default_grid(
-        _fractions(prune, "--prune"),
-        _fractions(addon, "--addon"),
+        prune_fractions,
+        addon_fractions,
         finetune_epochs,
         subject.transfer_data is not None,
-    )
+    ) + harness.disguise_grid(finetune_epochs)
     with progress_bar() as progress:
         rows = harness.run_grid(subject, points, out, progress)
     paths = harness.write_results(rows, out)

@@ -9,12 +9,16 @@ import typer
 from rich.table import Table
 
 from ticketguard.cli.options import (
-    BatchSize, DataDir, Device, Epochs, Json, Lr, Seed, TestPerClass, TrainPerClass, training_overrides,
+    BatchSize, DataDir, Device, Epochs, Force, Json, Lr, Seed, TestPerClass, TrainPerClass,
+    training_overrides,
 )
 from ticketguard.cli.output import emit_json, percent, progress_bar, results
 from ticketguard.data import load_subset
 from ticketguard.errors import InputError
+from ticketguard.files import prepare_output, staged_folder
 from ticketguard.schemes.keymask import (
+    KEY_FOLDER,
+    LOCKED_FOLDER,
     check_key_density,
     load_pair,
     merge_key,
@@ -23,15 +27,10 @@ from ticketguard.schemes.keymask import (
     verify_key,
 )
 from ticketguard.scores import SCORES
-from ticketguard.ticket import Ticket
+from ticketguard.ticket import MANIFEST, TENSOR_FILES, Ticket
 from ticketguard.training import resolve_device
 
 commands = typer.Typer()
-
-
-def _refuse_existing(folder: Path) -> None:
-    if folder.exists() and any(folder.iterdir()):
-        raise InputError(f"{folder} already exists and is not empty; choose another --out")
 
 
 @commands.command()
@@ -40,13 +39,16 @@ def split(
     out: Annotated[Path, typer.Option(help="Folder to write OUT/locked (to ship) and OUT/key (to license).")],
     score: Annotated[str, typer.Option(help=f"Score of the key weights: {', '.join(SCORES)}.")] = "ewp",
     key_density: Annotated[float, typer.Option(help="n_s: the key's share of kept weights.")] = 0.05,
+    force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """Split a ticket into a locked ticket and a key mask of its highest-scoring weights (Algorithm 1)."""
+    """Split a ticket into a locked ticket and a key mask of its highest-scoring weights (Algorithm 1).
+
+    OUT gets both folders or, if the split fails or is interrupted, neither."""
     check_key_density(key_density)
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
-    _refuse_existing(out)
+    prepare_output(out, force, folder=True, inputs=[ticket], replaces=(LOCKED_FOLDER, KEY_FOLDER))
     locked, key = split_key(Ticket.load(ticket), key_density, score)
     locked_folder, key_folder = save_split(locked, key, out)
     if as_json:
@@ -62,12 +64,15 @@ def merge(
     locked: Annotated[Path, typer.Argument(help="The locked ticket folder.")],
     key: Annotated[Path, typer.Argument(help="The key folder split from it.")],
     out: Annotated[Path, typer.Option(help="Ticket folder to write.")],
+    force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """Add a key back to its locked ticket; the result is the original ticket, bit for bit."""
-    _refuse_existing(out)
+    """Add a key back to its locked ticket; the result is the original ticket, bit for bit, written whole or
+    not at all."""
+    prepare_output(out, force, folder=True, inputs=[locked, key], replaces=(MANIFEST, *TENSOR_FILES))
     ticket = merge_key(*load_pair(locked, key))
-    ticket.save(out)
+    with staged_folder(out) as staging:
+        ticket.save(staging)
     if as_json:
         emit_json({"ticket": str(out), "density": ticket.mask.density()})
     else:

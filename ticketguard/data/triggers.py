@@ -25,6 +25,9 @@ SHAPES_PER_IMAGE = 4
 STROKES_PER_IMAGE = 3
 # ITU-R BT.601 luma, the weights PIL's "L" conversion uses, so keyed and folder sets turn grey alike
 LUMA = np.array([0.299, 0.587, 0.114])
+MAX_TRIGGER_IMAGES = 100_000
+MAX_TRIGGER_BYTES = 1 << 30  # the uint8 images of one set
+RENDER_PIXELS = 1 << 18  # pixels rendered at once: bounds the float64 temporaries of the keyed renderer
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,19 @@ class TriggerSet:
         return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
 
-def _check_target(channels: int, size: tuple[int, int]) -> None:
+def _check_target(channels: int, size: tuple[int, int], count: int) -> None:
+    """Refuse a set that could not be made, before anything is allocated for it."""
     if channels not in (1, 3):
         raise InputError(f"trigger images can be made with 1 or 3 channels, the model takes {channels}")
     if min(size) < 1:
         raise InputError(f"trigger images need a positive size, got {size}")
+    if not 1 <= count <= MAX_TRIGGER_IMAGES:
+        raise InputError(f"a trigger set holds 1 to {MAX_TRIGGER_IMAGES} images, got {count}")
+    if count * channels * size[0] * size[1] > MAX_TRIGGER_BYTES:
+        raise InputError(
+            f"{count} trigger images of {channels}x{size[0]}x{size[1]} would take more than "
+            f"{MAX_TRIGGER_BYTES // 1024**2} MiB; use fewer images"
+        )
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int | None, where: str) -> None:
@@ -125,11 +136,11 @@ def load_trigger_folder(
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"trigger folder {root} does not exist")
-    _check_target(channels, size)
     image_folder = root / IMAGE_SUBFOLDER if (root / IMAGE_SUBFOLDER).is_dir() else root
     files = _image_files(image_folder)
     if not files:
         raise InputError(f"{image_folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    _check_target(channels, size, len(files))
     label_path = _labels_file(root, Path(labels) if labels is not None else None)
     label_tensor = _read_labels(label_path)
     if label_tensor.numel() != len(files):
@@ -166,11 +177,9 @@ def keyed_trigger_set(
     """
     if seed < 0:
         raise InputError(f"the trigger seed must be a non-negative integer, got {seed}")
-    if count < 1 or num_classes < 2:
-        raise InputError(
-            f"a keyed trigger set needs >= 1 image and >= 2 classes, got {count} and {num_classes}"
-        )
-    _check_target(channels, size)
+    if num_classes < 2:
+        raise InputError(f"a keyed trigger set needs >= 2 classes, got {num_classes}")
+    _check_target(channels, size, count)
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, count)
     field_from, field_to = rng.random((count, 3)), rng.random((count, 3))
@@ -182,7 +191,20 @@ def keyed_trigger_set(
     starts, ends = rng.random((count, STROKES_PER_IMAGE, 2)), rng.random((count, STROKES_PER_IMAGE, 2))
     widths = rng.uniform(0.04, 0.12, (count, STROKES_PER_IMAGE))
     colours = rng.random((count, SHAPES_PER_IMAGE + STROKES_PER_IMAGE, 3))
+    drawn = (field_from, field_to, angle, centres, radii, starts, ends, widths, colours)
+    images = np.empty((count, channels, *size), dtype=np.uint8)
+    step = max(1, RENDER_PIXELS // (size[0] * size[1]))
+    for first in range(0, count, step):
+        part = slice(first, first + step)
+        images[part] = _render([values[part] for values in drawn], channels, size)
+    images = torch.from_numpy(images)
+    source = {"kind": "keyed", "generator": KEYED_GENERATOR, "seed": seed, "count": count}
+    return TriggerSet(images, torch.from_numpy(labels.astype(np.int64)), source)
 
+
+def _render(drawn: list[np.ndarray], channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Pixels (N, C, H, W) uint8 of images whose parameters were drawn in unit coordinates."""
+    field_from, field_to, angle, centres, radii, starts, ends, widths, colours = drawn
     height, width = size
     ys = ((np.arange(height) + 0.5) / height)[:, None]
     xs = ((np.arange(width) + 0.5) / width)[None, :]
@@ -201,6 +223,4 @@ def keyed_trigger_set(
     painted = np.take_along_axis(colours[:, None, None], top[..., None, None], axis=3)[:, :, :, 0]
     rgb = np.where(cover.any(axis=1)[:, None], painted.transpose(0, 3, 1, 2), background)
     pixels = (LUMA[None, :, None, None] * rgb).sum(1, keepdims=True) if channels == 1 else rgb
-    images = torch.from_numpy(np.rint(pixels * 255).clip(0, 255).astype(np.uint8))
-    source = {"kind": "keyed", "generator": KEYED_GENERATOR, "seed": seed, "count": count}
-    return TriggerSet(images, torch.from_numpy(labels.astype(np.int64)), source)
+    return np.rint(pixels * 255).clip(0, 255).astype(np.uint8)

@@ -24,17 +24,38 @@ from rich.progress import Progress
 
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
-from ticketguard.files import load_tensors, read_json, read_manifest, save_tensors, sha256_file, write_json
+from ticketguard.files import (
+    KEY_MANIFEST, SHA256_SCHEMA, load_tensors, read_json, read_manifest, save_tensors, sha256_file,
+    staged_folder, write_json,
+)
 from ticketguard.masks import Mask
 from ticketguard.scores import score
-from ticketguard.ticket import MANIFEST, MASK_FILE, WEIGHTS_FILE, Ticket
+from ticketguard.ticket import MANIFEST, MASK_FILE, SHARE, WEIGHTS_FILE, Ticket, nullable
 from ticketguard.training import TrainConfig, train
 from ticketguard.evidence import Evidence, Verdict
 
 KEY_FORMAT = "ticketguard-key/1"
-KEY_MANIFEST = "key.json"
 KEY_FILE = "key.safetensors"
 METADATA_ENTRY = "keymask"
+LOCKED_FOLDER, KEY_FOLDER = "locked", "key"
+KEY_SCHEMA = {
+    "type": "object",
+    "required": ["key_density", "score", "tensors", "locked", "files"],
+    "properties": {
+        "key_density": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "score": {"type": "string"},
+        "size": {"type": "integer", "minimum": 0},
+        "tensors": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+        "locked": {
+            "type": "object",
+            "required": [MASK_FILE, WEIGHTS_FILE],
+            "properties": {MASK_FILE: SHA256_SCHEMA, WEIGHTS_FILE: SHA256_SCHEMA},
+            "additionalProperties": False,
+        },
+        "files": {"type": "object", "additionalProperties": SHA256_SCHEMA},
+        "restore": {"type": "object", "properties": {"accuracy": nullable(SHARE)}},
+    },
+}
 
 
 @dataclass
@@ -167,12 +188,13 @@ def _binding(locked_folder: Path) -> dict[str, str]:
 
 
 def save_split(locked: Ticket, key: Key, out: str | Path) -> tuple[Path, Path]:
-    """Write OUT/locked (a ticket folder) and OUT/key atomically; the key records the locked hashes."""
+    """Write OUT/locked (a ticket folder) and OUT/key (recording the locked hashes) together or not at all:
+    both are written into a temporary sibling folder that becomes OUT in one rename."""
     out = Path(out)
-    locked_folder, key_folder = out / "locked", out / "key"
-    locked.save(locked_folder)
-    save_key(key, key_folder, _binding(locked_folder))
-    return locked_folder, key_folder
+    with staged_folder(out) as staging:
+        locked.save(staging / LOCKED_FOLDER)
+        save_key(key, staging / KEY_FOLDER, _binding(staging / LOCKED_FOLDER))
+    return out / LOCKED_FOLDER, out / KEY_FOLDER
 
 
 def save_key(key: Key, folder: str | Path, binding: Mapping[str, str]) -> Path:
@@ -202,20 +224,36 @@ def save_key(key: Key, folder: str | Path, binding: Mapping[str, str]) -> Path:
 def load_key(folder: str | Path) -> tuple[Key, dict[str, str]]:
     """Read a key folder and check its own hash; returns the key and the locked hashes it is bound to."""
     folder = Path(folder)
-    manifest = read_manifest(folder, KEY_MANIFEST, KEY_FORMAT, "key")
-    if KEY_FILE not in manifest.get("files", {}):
-        raise InputError(f"{folder / KEY_MANIFEST} does not name {KEY_FILE}")
+    manifest = read_manifest(folder, KEY_MANIFEST, KEY_FORMAT, "key", KEY_SCHEMA, (KEY_FILE,))
     tensors = load_tensors(folder / KEY_FILE)
     names = manifest["tensors"]
+    _check_key_tensors(tensors, names, folder / KEY_FILE)
     key = Key(
         index={n: tensors[f"{n}.index"].long() for n in names},
         weights={n: tensors[f"{n}.weight"] for n in names},
         rewind={n: tensors[f"{n}.rewind"] for n in names},
-        density=float(manifest["key_density"]),
-        score=str(manifest["score"]),
+        density=manifest["key_density"],
+        score=manifest["score"],
         restore=manifest.get("restore", {}),
     )
     return key, dict(manifest["locked"])
+
+
+def _check_key_tensors(tensors: Mapping[str, torch.Tensor], names: list[str], path: Path) -> None:
+    """Per named tensor: integer positions and as many weight and rewind values, and nothing else."""
+    expected = {f"{n}.{part}" for n in names for part in ("index", "weight", "rewind")}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise InputError(
+            f"{path} does not hold the tensors that {KEY_MANIFEST} names (differing: {', '.join(odd[:3])})"
+        )
+    for name in names:
+        index, weight, rewind = (tensors[f"{name}.{part}"] for part in ("index", "weight", "rewind"))
+        integer = not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool)
+        if not integer or index.dim() != 1:
+            raise InputError(f"{path}: the key positions of {name!r} must be a 1-D integer tensor")
+        if weight.shape != index.shape or rewind.shape != index.shape:
+            raise InputError(f"{path}: {name!r} needs one weight and one rewind value per key position")
 
 
 def load_pair(locked_folder: str | Path, key_folder: str | Path) -> tuple[Ticket, Key]:

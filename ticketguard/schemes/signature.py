@@ -110,7 +110,8 @@ class Signature:
         check_json(data, SIGNATURE_SCHEMA, "the claim's signature section")
         regions = tuple(Region(r["layer"], r["row"], r["col"], tuple(r["shape"])) for r in data["regions"])
         return cls(
-            data["payload"], data["version"], data["error"], data["mask_pattern"], data["kept_is_dark"], regions
+            data["payload"], data["version"], data["error"], data["mask_pattern"], data["kept_is_dark"],
+            regions,
         )
 
 

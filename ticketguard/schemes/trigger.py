@@ -20,9 +20,13 @@ from scipy.stats import binom
 from torch import nn
 
 from ticketguard.data import ImageData, Normalization
-from ticketguard.data.triggers import KEYED_GENERATOR, TriggerSet, keyed_trigger_set, load_trigger_folder
+from ticketguard.data.triggers import (
+    KEYED_GENERATOR, MAX_TRIGGER_IMAGES, TriggerSet, keyed_trigger_set, load_trigger_folder,
+)
 from ticketguard.errors import InputError
+from ticketguard.files import SHA256_SCHEMA, check_json
 from ticketguard.masks import Mask
+from ticketguard.ticket import MAX_INPUT_SIDE, NORMALIZATION_SCHEMA, nullable
 from ticketguard.training import TrainConfig, evaluate, predict_labels, train
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, binomial_p_value
 
@@ -181,7 +185,39 @@ def _trigger_accuracy(model: nn.Module, trigger: TriggerSet, mean: torch.Tensor,
     return agreed / len(trigger)
 
 
-MAX_TRIGGER_IMAGES = 100_000
+PLAIN_NAME = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\]+$"}
+TRIGGER_SCHEMA = {
+    "type": "object",
+    "required": ["shape", "labels", "classes"],
+    "properties": {
+        "scheme": {"const": CLAIM_SCHEME},
+        "kind": {"type": "string"},
+        "seed": {"type": "integer", "minimum": 0},
+        "generator": {"type": "string"},
+        "path": {"type": "string"},
+        "labels_file": PLAIN_NAME,
+        "sha256": SHA256_SCHEMA,
+        "count": {"type": "integer", "minimum": 1, "maximum": MAX_TRIGGER_IMAGES},
+        "shape": {
+            "type": "array",
+            "prefixItems": [{"type": "integer", "minimum": 1, "maximum": 4}],
+            "items": {"type": "integer", "minimum": 1, "maximum": MAX_INPUT_SIDE},
+            "minItems": 3,
+            "maxItems": 3,
+        },
+        "classes": {"type": "integer", "minimum": 2, "maximum": MAX_TRIGGER_IMAGES},
+        "labels": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0},
+            "minItems": 1,
+            "maxItems": MAX_TRIGGER_IMAGES,
+        },
+        "chance_model": {"enum": list(CHANCE_MODELS)},
+        "normalization": nullable(NORMALIZATION_SCHEMA),
+    },
+    # what was measured when the claim was made
+    "additionalProperties": {"type": ["number", "string", "boolean", "null"]},
+}
 _KNOWN_KEYS = {"scheme", "count", "shape", "classes", "labels", "chance_model", "normalization"}
 _SOURCE_KEYS = {"kind", "seed", "generator", "path", "labels_file", "sha256"}
 
@@ -241,30 +277,23 @@ class TriggerClaim:
 
     @classmethod
     def from_json(cls, data: Any) -> TriggerClaim:
-        if not isinstance(data, dict):
-            raise InputError("the claim's trigger section must be a JSON object")
-        try:
-            shape = tuple(_integer(v, "shape") for v in data["shape"])
-            labels = data["labels"]
-            if not isinstance(labels, list) or len(labels) != _integer(data.get("count", len(labels)), "count"):
-                raise InputError("the claim's trigger labels must be a list of count integers")
-            if len(shape) != 3 or not 1 <= shape[0] <= 4 or not all(1 <= v <= 4096 for v in shape[1:]):
-                raise InputError(f"the claim's trigger shape must be [channels 1-4, height, width], got {shape}")
-            normalization = data.get("normalization")
-            measured = {k: v for k, v in data.items() if k not in _KNOWN_KEYS | _SOURCE_KEYS}
-            if any(not isinstance(v, (int, float, str, type(None))) for v in measured.values()):
-                raise InputError("the claim's trigger section holds values that are not numbers or text")
-            return cls(
-                {k: data[k] for k in _SOURCE_KEYS if k in data},
-                tuple(_integer(y, "labels") for y in labels),
-                shape,  # type: ignore[arg-type]
-                _integer(data["classes"], "classes"),
-                None if normalization is None else Normalization.from_json(normalization),
-                str(data.get("chance_model", "suspect")),
-                measured,
+        """The trigger section of a claim, refused unless it fits TRIGGER_SCHEMA and names count labels."""
+        check_json(data, TRIGGER_SCHEMA, "the claim's trigger section")
+        labels = data["labels"]
+        if len(labels) != data.get("count", len(labels)):
+            raise InputError(
+                f"the claim's trigger section names {data['count']} images but {len(labels)} labels"
             )
-        except (KeyError, TypeError) as err:
-            raise InputError(f"the claim's trigger section is incomplete ({err!r}); write it again") from None
+        normalization = data.get("normalization")
+        return cls(
+            {k: data[k] for k in _SOURCE_KEYS if k in data},
+            tuple(labels),
+            tuple(data["shape"]),  # type: ignore[arg-type]
+            data["classes"],
+            None if normalization is None else Normalization.from_json(normalization),
+            data.get("chance_model", "suspect"),
+            {k: v for k, v in data.items() if k not in _KNOWN_KEYS | _SOURCE_KEYS},
+        )
 
     def trigger_set(self, folder: str | Path | None = None) -> TriggerSet:
         """Rebuild T: regenerate it from the seed, or reload the folder; check hash and labels."""
