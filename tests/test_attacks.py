@@ -87,6 +87,11 @@ def test_registry_names_every_attack() -> None:
         "fake1",
         "fake2",
         "fake3",
+        "permute",
+        "rescale",
+        "fold-bn",
+        "rename",
+        "widen",
     }
 
 

@@ -30,8 +30,10 @@ def test_verify_reports_signature_and_trigger_evidence(protected: Path, capsys) 
     assert main(["verify", str(protected / "marked"), "--claim", str(protected / "claim.json"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     evidence = {e["name"]: e for e in report["evidence"]}
-    assert set(evidence) == {"qr-signature", "trigger"}
+    assert set(evidence) == {"qr-signature", "trigger", "fingerprint"}
     assert evidence["trigger"]["passed"] and evidence["trigger"]["p_value"] < 1e-6
+    # the owner's defence reads its weakest 0.5 % as pruned; all else of its mask is there
+    assert evidence["fingerprint"]["passed"] and evidence["fingerprint"]["score"] >= 0.99
 
 
 def test_ticket_before_watermarking_fails_the_trigger_check(protected: Path, capsys) -> None:
@@ -62,7 +64,8 @@ def test_a_bare_weight_file_is_verified_on_both_pieces_of_evidence(protected: Pa
                  str(protected / "claim.json"), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["unavailable"] == []
-    assert {e["name"]: e["passed"] for e in report["evidence"]} == {"qr-signature": True, "trigger": True}
+    assert {e["name"]: e["passed"] for e in report["evidence"]} == {
+        "qr-signature": True, "trigger": True, "fingerprint": True}
 
 
 def test_watermark_trains_once_and_records_it(protected: Path) -> None:

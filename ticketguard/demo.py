@@ -102,6 +102,7 @@ def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Prog
         protected, data, claim, config.key_density, harness.parity_task(data), DEFAULT_ALPHA, device
     )
     points = harness.default_grid(finetune_epochs=config.finetune_epochs, transfer=True)
+    points += harness.disguise_grid(config.finetune_epochs)
     rows = harness.run_grid(subject, points, out / "grid", progress)
     harness.write_results(rows, out / "grid")
     return {

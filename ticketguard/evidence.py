@@ -47,6 +47,9 @@ class Evidence:
     passed: bool
     p_value: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    decides_alone: bool = True
+    """False for evidence that shows derivation but not its direction (the fingerprint): reported, and it
+    passes or fails, but ownership needs a piece that decides alone."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,12 @@ class Verdict:
 
     @property
     def owned(self) -> bool:
-        return bool(self.decisive())
+        return any(e.decides_alone for e in self.decisive())
 
     @property
     def false_claim_probability(self) -> float | None:
         """Bonferroni bound over the decisive checks with p-values; None when no such check decided."""
-        p_values = [e.p_value for e in self.decisive() if e.p_value is not None]
+        p_values = [e.p_value for e in self.decisive() if e.p_value is not None and e.decides_alone]
         return min(1.0, min(p_values) * self.tested) if p_values else None
 
     def to_json(self) -> dict[str, Any]:

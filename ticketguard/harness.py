@@ -120,6 +120,31 @@ def default_grid(
     return points
 
 
+DISGUISE_CHAINS = {
+    "permute + rescale": "permute:seed=1+rescale:seed=2",
+    "rename": "rename:style=torchvision",
+    "fold BatchNorm": "permute:seed=3+fold-bn",
+    "dummy channels": "widen:seed=4",
+    "scale x100 then add-on": "rescale:layer=blocks.6.conv1.weight:factor=100+addon:fraction=0.4",
+}
+
+
+def disguise_grid(finetune_epochs: int = 3) -> list[GridPoint]:
+    """The thief's free edits (function unchanged), each alone and chained with magnitude pruning of 20 % and
+    50 %, fine-tuning (before the disguise, as a thief would) and add-on of 10 %."""
+    points = []
+    for title, chain in DISGUISE_CHAINS.items():
+        family = f"disguise: {title}"
+        points += [
+            GridPoint(family, 0.0, chain, f"{title}"),
+            GridPoint(family, 0.2, f"{chain}+magnitude:fraction=0.2", f"{title}, then prune 20 %"),
+            GridPoint(family, 0.5, f"{chain}+magnitude:fraction=0.5", f"{title}, then prune 50 %"),
+            GridPoint(family, 1.0, f"finetune:epochs={finetune_epochs}+{chain}", f"fine-tune, then {title}"),
+            GridPoint(family, 0.1, f"{chain}+addon:fraction=0.1", f"{title}, then add-on 10 %"),
+        ]
+    return points
+
+
 def _model(weights: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.nn.Module, int] | None:
     """The attacked model and its class count, or None when the weights fit no registered architecture."""
     try:
@@ -138,7 +163,7 @@ def measure(subject: Subject, weights: dict[str, torch.Tensor], density: float) 
         row["accuracy"] = evaluate(built[0], subject.data)
     verdict = verify(weights, subject.claim, alpha=subject.alpha, device=subject.device)
     found = {e.name: e for e in verdict.evidence}
-    qr, trigger = found.get("qr-signature"), found.get("trigger")
+    qr, trigger, fingerprint = found.get("qr-signature"), found.get("trigger"), found.get("fingerprint")
     row |= {
         "qr_decodes": None if qr is None else qr.details["decodes_to_claim"],
         "match_rate": None if qr is None else qr.score,
@@ -146,6 +171,7 @@ def measure(subject: Subject, weights: dict[str, torch.Tensor], density: float) 
         "qr_modules": None if qr is None else qr.details["voted_modules"],
         "trigger_accuracy": None if trigger is None else trigger.score,
         "trigger_p_value": None if trigger is None else trigger.p_value,
+        "fingerprint_p_value": None if fingerprint is None else fingerprint.p_value,
         "owned": verdict.owned if verdict.evidence else None,
     }
     return row

@@ -31,6 +31,7 @@ COLUMNS = (
     "QR p-value",
     "trigger accuracy",
     "trigger p-value",
+    "fingerprint p-value",
     "owned",
     "error",
 )
@@ -72,6 +73,7 @@ def display_row(row: dict[str, Any]) -> dict[str, str]:
         "qr_p_value": "p",
         "trigger_accuracy": "percent",
         "trigger_p_value": "p",
+        "fingerprint_p_value": "p",
         "owned": "bool",
     }
     values = [row["attack"], *(_cell(row.get(k), kind) for k, kind in kinds.items()), row.get("error") or ""]

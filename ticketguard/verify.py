@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ticketguard.align import AlignmentError, align
 from ticketguard.blackbox import Endpoint, query_labels
-from ticketguard.claim import Claim, check_signature, load_claim
+from ticketguard.claim import Claim, DefenceClaim, check_signature, load_claim
+from ticketguard.data import Normalization
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
+from ticketguard.fingerprint import fingerprint_evidence
 from ticketguard.models import build_from_state
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
@@ -38,20 +42,40 @@ def verify(
 ) -> Verdict:
     """V(...): does ``suspect`` (a path, a loaded ``Suspect`` or a state_dict) carry what ``claim`` records?
 
-    ``public_key``: the claim must be signed with it. ``trigger_folder``: where a folder trigger set lives now.
+    ``public_key``: the claim must be signed with it. ``trigger_folder``: where a folder trigger set is now.
     ``qr_image``: also write the extracted QR code beside the expected one (PNG).
     """
     check_alpha(alpha)
     claim = claim if isinstance(claim, Claim) else load_claim(claim)
     signed = check_signature(claim, public_key)
     if claim.signature is None and claim.trigger is None:
-        raise InputError("the claim holds neither a QR signature nor a trigger set, so it cannot show anything")
+        raise InputError(
+            "the claim holds neither a QR signature nor a trigger set, so it cannot show anything"
+        )
     loaded = _as_suspect(suspect)
     evidence: list[Evidence] = []
     unavailable: list[Unavailable] = []
+    details: dict[str, Any] = {
+        "claim_signed": signed,
+        "claim_created": claim.created,
+        "suspect_source": loaded.source,
+    }
+    weights = loaded.weights
+    if claim.reference is not None:
+        try:
+            alignment = align(loaded, claim.reference)
+        except AlignmentError as err:
+            unavailable.append(
+                Unavailable("alignment", f"the suspect cannot be put in the reference's form: {err}")
+            )
+        else:
+            weights, details["alignment"] = alignment.weights, alignment.report
+    readable = weights
+    if "alignment" in details:
+        readable = _defended(weights, claim.defence, claim.reference.masks)
     if claim.signature is not None:
         try:
-            reading = v2.extract(loaded.weights, claim.signature, alpha)
+            reading = v2.extract(readable, claim.signature, alpha)
         except InputError as err:
             unavailable.append(Unavailable("qr-signature", str(err)))
         else:
@@ -60,10 +84,14 @@ def verify(
                 save_comparison_image(qr_image, reading)
     if claim.trigger is not None:
         try:
-            evidence.append(_trigger_evidence(loaded, claim.trigger, alpha, trigger_folder, device))
+            evidence.append(
+                _trigger_evidence(weights, loaded.normalization, claim.trigger, alpha, trigger_folder, device)
+            )
         except InputError as err:
             unavailable.append(Unavailable("trigger", str(err)))
-    details = {"claim_signed": signed, "claim_created": claim.created, "suspect_source": loaded.source}
+    if "alignment" in details:  # last: it shows derivation, and never decides alone
+        kept = {name: readable[name] != 0 for name in claim.reference.masks}
+        evidence.append(fingerprint_evidence(kept, claim.reference.masks, alpha))
     return Verdict(tuple(evidence), alpha, tuple(unavailable), details)
 
 
@@ -88,8 +116,27 @@ def verify_endpoint(
     trigger = claim.trigger.trigger_set(trigger_folder)
     predicted = query_labels(endpoint, trigger.images)
     found = v3.trigger_evidence(predicted, trigger.labels, claim.trigger.classes, chance, alpha)
-    return Verdict((found,), alpha, details={"url": endpoint.infer_url(), "claim_signed": signed,
-                                              "claim_created": claim.created})
+    return Verdict(
+        (found,),
+        alpha,
+        details={"url": endpoint.infer_url(), "claim_signed": signed, "claim_created": claim.created},
+    )
+
+
+def _defended(
+    weights: dict[str, torch.Tensor], defence: DefenceClaim | None, owned: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The owner's add-on defence, applied inside verification to aligned weights: they are in the reference's
+    units, so scaling a layer up before adding weights on does not hide them from the claim's threshold t, and
+    the positions the owner kept (``owned``) are known, so only weights switched on elsewhere are thresholded
+    and the owner's own weak weights stay."""
+    if defence is None:
+        return weights
+    defended = dict(weights)
+    for name, kept in owned.items():
+        weak = (weights[name].abs() < defence.threshold) & ~kept
+        defended[name] = torch.where(weak, torch.zeros_like(weights[name]), weights[name])
+    return defended
 
 
 def _as_suspect(suspect: SuspectLike) -> Suspect:
@@ -97,25 +144,30 @@ def _as_suspect(suspect: SuspectLike) -> Suspect:
         return suspect
     if isinstance(suspect, (str, Path)):
         return load_suspect(suspect)
-    return Suspect.from_weights({name: tensor.detach().cpu() for name, tensor in suspect.items()}, "state_dict")
+    return Suspect.from_weights(
+        {name: tensor.detach().cpu() for name, tensor in suspect.items()}, "state_dict"
+    )
 
 
 def _trigger_evidence(
-    loaded: Suspect,
+    weights: dict[str, torch.Tensor],
+    recorded: Normalization | None,
     claim: v3.TriggerClaim,
     alpha: float,
     folder: str | Path | None,
     device: torch.device | str | None,
 ) -> Evidence:
-    """ESWT + T in process: rebuild the suspect from its weights and ask it for the trigger labels."""
-    model, (_, channels, classes) = build_from_state(loaded.weights, "checking the trigger set in process")
+    """ESWT + T in process: rebuild the suspect from its weights and ask it for the trigger labels;
+    ``recorded`` is the suspect's own normalisation when it is a ticket folder."""
+    model, (_, channels, classes) = build_from_state(weights, "checking the trigger set in process")
     if (channels, classes) != (claim.shape[0], claim.classes):
         raise InputError(
-            f"the suspect takes {channels} channel(s) and predicts {classes} classes, but the trigger set has "
+            f"the suspect takes {channels} channel(s) and predicts {classes} classes, but the trigger set "
+            "has "
             f"{claim.shape[0]} and {claim.classes}"
         )
     # claims written before they recorded the normalisation: a ticket folder still records its own
-    normalization = claim.normalization or loaded.normalization
+    normalization = claim.normalization or recorded
     if normalization is None:
         raise InputError(
             "the claim does not record the input normalisation its owner trained with (it predates that "
@@ -124,5 +176,6 @@ def _trigger_evidence(
     trigger = claim.trigger_set(folder)
     mean, std = normalization.tensors()
     model = model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
-    return v3.verify_local(model, trigger.to(next(model.parameters()).device), mean, std, classes,
-                           claim.chance_model, alpha)
+    return v3.verify_local(
+        model, trigger.to(next(model.parameters()).device), mean, std, classes, claim.chance_model, alpha
+    )

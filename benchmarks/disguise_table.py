@@ -1,0 +1,47 @@
+"""Every free disguise, alone and chained with pruning (20 %, 50 %), fine-tuning and add-on (10 %), against every
+piece of evidence: a protected ResNet-20 on digits and one on the CIFAR-10 JPEG subset.
+
+    python benchmarks/disguise_table.py --out runs/disguise-table
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, harness, load_subset
+from ticketguard.cli.output import console, progress_bar
+from ticketguard.data.cifar import load_image_folder
+from ticketguard.evidence import DEFAULT_ALPHA
+from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
+from ticketguard.report import display_row, markdown_table
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
+
+
+def table(name: str, data, epochs: int, out: Path) -> str:
+    search = SearchConfig(ratios=(0.2,), max_rounds=3, rewind_epoch=1, train=TrainConfig(epochs=epochs))
+    ticket = find_extreme_ticket(data, search, out / name / "search")
+    result = protect(ticket, data, signature="ACME-R20-2026", trigger=TriggerConfig(keyed_trigger_for(ticket, 2021)))
+    subject = harness.Subject(result.ticket, data, result.claim, None, None, DEFAULT_ALPHA)
+    with progress_bar() as progress:
+        rows = harness.run_grid(subject, harness.disguise_grid(finetune_epochs=2), out / name, progress)
+    accuracy = f"{100 * result.ticket.accuracy:.2f} %"
+    return (f"### {name}: {100 * result.ticket.mask.density():.2f} % of the weights, accuracy {accuracy}\n\n"
+            + markdown_table([display_row(r) for r in rows], list(display_row(rows[0]))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/disguise-table"))
+    parser.add_argument("--cifar-per-class", type=int, default=100)
+    args = parser.parse_args()
+    sections = [table("digits", load_subset("digits"), 12, args.out)]
+    if CIFAR.is_file():
+        cifar = load_image_folder(CIFAR, name="cifar10", per_class=args.cifar_per_class)
+        sections.append(table("cifar10-jpeg", cifar, 8, args.out))
+    console.print("\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
