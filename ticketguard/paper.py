@@ -1,4 +1,4 @@
-"""The paper's own numbers (Chen et al., NeurIPS 2021), as the design map's Appendix A quotes them, for showing
+"""The paper's own numbers (Chen et al., NeurIPS 2021), as the design map's Appendix A quotes them, to show
 beside ours. Never estimated or interpolated here: a quantity the paper does not report reads "-".
 
 Keys are (model, data set). Runs on a data set the paper did not use (digits) are shown beside its
@@ -30,7 +30,10 @@ TABLE1: dict[Setting, dict[str, str]] = {
 }
 # Table 2: V2, accuracy after embedding the signature and retraining (drop against the ticket).
 TABLE2: dict[Setting, str] = {
-    R20_C10: "91.37 % (-0.29)", R20_C100: "66.14 % (-0.25)", R18_C10: "93.56 % (-0.11)", R18_C100: "72.35 % (-0.24)",
+    R20_C10: "91.37 % (-0.29)",
+    R20_C100: "66.14 % (-0.25)",
+    R18_C10: "93.56 % (-0.11)",
+    R18_C100: "72.35 % (-0.24)",
 }
 # Table 3: V3, test accuracy (trigger accuracy) of the ticket, and of the ticket trained with M_s and T.
 TABLE3: dict[Setting, dict[str, str]] = {
@@ -44,8 +47,20 @@ TABLE4: dict[Setting, dict[str, str]] = {
 }
 # Table 5: V3 under one-shot magnitude pruning of the remaining weights: test (trigger) accuracy.
 TABLE5: dict[Setting, dict[float, str]] = {
-    R20_C10: {0.0: "91.46 (91.0)", 0.05: "91.33 (89.0)", 0.1: "90.66 (90.0)", 0.2: "87.86 (81.0)", 0.5: "33.04 (18.0)"},
-    R20_C100: {0.0: "65.39 (90.0)", 0.05: "64.78 (91.0)", 0.1: "62.96 (73.0)", 0.2: "50.14 (16.0)", 0.5: "8.56 (0.0)"},
+    R20_C10: {
+        0.0: "91.46 (91.0)",
+        0.05: "91.33 (89.0)",
+        0.1: "90.66 (90.0)",
+        0.2: "87.86 (81.0)",
+        0.5: "33.04 (18.0)",
+    },
+    R20_C100: {
+        0.0: "65.39 (90.0)",
+        0.05: "64.78 (91.0)",
+        0.1: "62.96 (73.0)",
+        0.2: "50.14 (16.0)",
+        0.5: "8.56 (0.0)",
+    },
 }
 # Table 5, last line: the V3 ticket fine-tuned on the other data set, test accuracy there.
 TRANSFER_V3: dict[Setting, str] = {R20_C10: "61.59 % on C100", R20_C100: "88.21 % on C10"}
@@ -64,9 +79,12 @@ TABLE6: dict[Setting, dict[str, dict[float, str]]] = {
 V2_PRUNING_DECODES: dict[Setting, str] = {R20_C10: "20 %", R18_C10: "5 %"}
 # Table 8: add-on on ResNet-20 CIFAR-10: accuracy (weights left), decodable, matches.
 TABLE8: dict[float, str] = {
-    0.0: "91.53 % (19.369 %), decodes, matches", 0.005: "91.04 % (19.789 %), decodes, matches",
-    0.01: "90.23 % (20.179 %), decodes, no match", 0.02: "86.64 % (21.009 %), no decode",
-    0.05: "79.49 % (23.386 %), no decode", 0.1: "71.06 % (27.402 %), no decode",
+    0.0: "91.53 % (19.369 %), decodes, matches",
+    0.005: "91.04 % (19.789 %), decodes, matches",
+    0.01: "90.23 % (20.179 %), decodes, no match",
+    0.02: "86.64 % (21.009 %), no decode",
+    0.05: "79.49 % (23.386 %), no decode",
+    0.1: "71.06 % (27.402 %), no decode",
 }
 FAKE3: dict[Setting, str] = {R20_C10: "91.37 % -> 57.00 %"}
 # Fig. 2 / Fig. 5: the relative key density from which the locked ticket misses dense by more than eps_f.
@@ -90,11 +108,14 @@ def for_attack(family: str, strength: float, model: str, data: str) -> str:
     """The paper's numbers for one attack-grid row: V2 (Table 6) and V3 (Table 5) under pruning, Table 8 for
     add-on (ResNet-20 CIFAR-10 only)."""
     if family == "none":
-        return (f"V2 {quantity(TABLE6, model, data, 'magnitude', 0.0)}, "
-                f"V3 {quantity(TABLE5, model, data, 0.0)}")
+        return (
+            f"V2 {quantity(TABLE6, model, data, 'magnitude', 0.0)}, V3 {quantity(TABLE5, model, data, 0.0)}"
+        )
     if family == "magnitude pruning":
-        return (f"V2 {quantity(TABLE6, model, data, 'magnitude', strength)}, "
-                f"V3 {quantity(TABLE5, model, data, strength)}")
+        return (
+            f"V2 {quantity(TABLE6, model, data, 'magnitude', strength)}, "
+            f"V3 {quantity(TABLE5, model, data, strength)}"
+        )
     if family == "random pruning":
         return f"V2 {quantity(TABLE6, model, data, 'random', strength)}"
     if family == "add-on" and (model, _paper_data(data)) == R20_C10:
