@@ -31,17 +31,17 @@ from ticketguard.evidence import DEFAULT_ALPHA, Evidence
 INDEPENDENT_EXCESS = 0.25
 
 
-def null_probabilities(kept: torch.Tensor) -> torch.Tensor:
-    """Per cell, P(kept) under the rank-one model of ``kept``'s output, input and kernel-position densities."""
-    kept = kept.float()
-    density = kept.mean()
+def null_probabilities(kept: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """P(kept) at ``cells`` (an (n, dims) index) under the rank-one model of ``kept``'s output, input and
+    kernel-position densities; evaluated only where asked, the reference keeps a share of them."""
+    density = kept.float().mean()
     if density <= 0 or density >= 1:
-        return torch.full_like(kept, float(density))
-    probability = density.expand_as(kept).clone()
+        return torch.full((cells.shape[0],), float(density))
+    probability = torch.full((cells.shape[0],), float(density))
     for axis in range(kept.dim()):
         others = [d for d in range(kept.dim()) if d != axis]
-        marginal = kept.mean(dim=others, keepdim=True) / density
-        probability = probability * marginal
+        marginal = kept.float().mean(dim=others) / density
+        probability *= marginal[cells[:, axis]]
     return probability.clamp_(0.0, 1.0)
 
 
@@ -65,7 +65,7 @@ def fingerprint_evidence(
     hits, total, mean, model_mean, variance, layers = 0, 0, 0.0, 0.0, 0.0, {}
     for name, owned in reference.items():
         kept = aligned[name]
-        modelled = null_probabilities(kept)[owned]
+        modelled = null_probabilities(kept, owned.nonzero())
         model_mean += float(modelled.sum())
         probability = (modelled * (1 + INDEPENDENT_EXCESS)).clamp_(max=1.0)
         layer_hits = int((kept & owned).sum())
