@@ -14,6 +14,7 @@ others wait for it before reading.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,10 +55,14 @@ class SearchConfig:
             raise InputError(f"pruning ratios must lie in (0, 1), got {list(self.ratios)}")
         if list(self.ratios) != sorted(self.ratios, reverse=True):
             raise InputError(f"pruning ratios must shrink, got {list(self.ratios)}")
-        if self.eps < 0:
-            raise InputError(f"eps must be >= 0, got {self.eps}")
+        if not 0 <= self.eps < math.inf:
+            raise InputError(f"eps must be a finite number >= 0, got {self.eps}")
         if not 0 <= self.rewind_epoch < self.train.epochs:
             raise InputError(f"rewind epoch must lie in [0, {self.train.epochs}), got {self.rewind_epoch}")
+        if self.max_rounds < 1:
+            raise InputError(
+                f"the search needs at least 1 pruning round (--max-rounds), got {self.max_rounds}"
+            )
 
 
 def matches(accuracy: float, dense_accuracy: float, eps: float) -> bool:
