@@ -20,11 +20,11 @@ from ticketguard.schemes.keymask import (
     merge_key,
     save_split,
     split_key,
-    verify_key,
 )
 from ticketguard.scores import SCORES
 from ticketguard.ticket import MASK_FILE, REWIND_FILE, WEIGHTS_FILE, Ticket
 from ticketguard.training import TrainConfig, state_copy, train
+from ticketguard.verify import verify_key
 
 
 @functools.cache

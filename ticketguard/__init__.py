@@ -20,14 +20,21 @@ from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict
 from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.masks import Mask
-from ticketguard.protect import Protected, SignatureConfig, TriggerConfig, keyed_trigger_for, protect, sign_mask
-from ticketguard.schemes.keymask import Key, merge_key, split_key, verify_key
+from ticketguard.protect import (
+    Protected,
+    SignatureConfig,
+    TriggerConfig,
+    keyed_trigger_for,
+    protect,
+    sign_mask,
+)
+from ticketguard.schemes.keymask import Key, merge_key, split_key
 from ticketguard.schemes.signature import Signature
 from ticketguard.schemes.trigger import TriggerClaim
 from ticketguard.suspect import Suspect, load_suspect
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig, train
-from ticketguard.verify import verify
+from ticketguard.verify import verify, verify_key
 
 __all__ = [
     "ATTACKS",

@@ -19,6 +19,7 @@ from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import trigger as v3
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig
+from ticketguard.verify import verify_key
 
 
 @dataclass(frozen=True)
@@ -48,18 +49,26 @@ DEMO = DemoConfig()
 def protect_demo(
     ticket: Ticket, data: ImageData, config: DemoConfig, device: torch.device, progress: Progress, out: Path
 ) -> tuple[Ticket, Claim, dict[str, Any]]:
-    """V2 + V3 in one retraining (``ticketguard.protect``); the signature alone is also trained once more, only
-    to measure each scheme's accuracy cost by itself, and the unmarked ticket's trigger accuracy is measured."""
+    """V2 + V3 in one retraining (``ticketguard.protect``); the signature alone is trained once more, only to
+    measure each scheme's accuracy cost by itself, and the unmarked ticket's trigger accuracy is measured."""
     train_config = TrainConfig(epochs=config.epochs, seed=config.seed)
     trigger = keyed_trigger_for(ticket, config.trigger_seed, config.trigger_count)
-    signed_only = protect(ticket, data, signature=config.payload, train_config=train_config, device=device,
-                          progress=progress)
+    signed_only = protect(
+        ticket, data, signature=config.payload, train_config=train_config, device=device, progress=progress
+    )
     mean, std = data.channel_stats()
     unmarked = v3.verify_local(
         signed_only.ticket.build_model().to(device), trigger.to(device), mean, std, data.num_classes
     )
-    protected = protect(ticket, data, signature=config.payload, trigger=TriggerConfig(trigger, config.per_batch),
-                        train_config=train_config, device=device, progress=progress)
+    protected = protect(
+        ticket,
+        data,
+        signature=config.payload,
+        trigger=TriggerConfig(trigger, config.per_batch),
+        train_config=train_config,
+        device=device,
+        progress=progress,
+    )
     protected.save(out / "protected", out / "claim.json", force=True)
     embedded = protected.report["embedding"]
     numbers = {
@@ -88,7 +97,7 @@ def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Prog
     protected, claim, numbers = protect_demo(ticket, data, config, device, progress, out)
     locked, key = v1.split_key(protected, config.key_density, config.key_score)
     v1.save_split(locked, key, out / "split")
-    verdict = v1.verify_key(
+    verdict = verify_key(
         locked,
         key,
         data,

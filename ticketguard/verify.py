@@ -13,19 +13,23 @@ from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from rich.progress import Progress
 
 from ticketguard.align import AlignmentError, align
 from ticketguard.blackbox import Endpoint, query_labels
 from ticketguard.claim import Claim, DefenceClaim, check_signature, load_claim
-from ticketguard.data import Normalization
+from ticketguard.data import ImageData, Normalization
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
 from ticketguard.fingerprint import fingerprint_evidence
 from ticketguard.models import build_from_state
+from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.schemes.signature_figures import save_comparison_image
 from ticketguard.suspect import Suspect, load_suspect
+from ticketguard.ticket import Ticket
+from ticketguard.training import TrainConfig
 
 SuspectLike = Suspect | Mapping[str, torch.Tensor] | str | Path
 
@@ -179,3 +183,18 @@ def _trigger_evidence(
     return v3.verify_local(
         model, trigger.to(next(model.parameters()).device), mean, std, classes, claim.chance_model, alpha
     )
+
+
+def verify_key(
+    locked: Ticket,
+    key: v1.Key | None,
+    data: ImageData,
+    config: TrainConfig,
+    eps: float,
+    device: torch.device,
+    progress: Progress | None = None,
+    fake1: bool = False,
+) -> Verdict:
+    """V1 by performance: the locked ticket retrained without and with the key (and a random key with
+    ``fake1``); ownership shows as a gap beyond eps_f."""
+    return Verdict((v1.key_evidence(locked, key, data, config, eps, device, progress, fake1),))

@@ -6,13 +6,21 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from ticketguard.cli.options import (
-    BatchSize, DataDir, Device, Epochs, Force, Json, Lr, Seed, TestPerClass, TrainPerClass,
+    BatchSize,
+    DataDir,
+    Device,
+    Epochs,
+    Force,
+    Json,
+    Lr,
+    Seed,
+    TestPerClass,
+    TrainPerClass,
     training_overrides,
 )
-from ticketguard.cli.output import emit_json, percent, progress_bar, results
+from ticketguard.cli.output import emit_json, percent, print_verdict, progress_bar, results
 from ticketguard.data import load_subset
 from ticketguard.errors import InputError
 from ticketguard.files import prepare_output, staged_folder
@@ -24,11 +32,11 @@ from ticketguard.schemes.keymask import (
     merge_key,
     save_split,
     split_key,
-    verify_key,
 )
 from ticketguard.scores import SCORES
 from ticketguard.ticket import MANIFEST, TENSOR_FILES, Ticket
 from ticketguard.training import resolve_device
+from ticketguard.verify import verify_key
 
 commands = typer.Typer()
 
@@ -52,11 +60,20 @@ def split(
     locked, key = split_key(Ticket.load(ticket), key_density, score)
     locked_folder, key_folder = save_split(locked, key, out)
     if as_json:
-        emit_json({"locked": str(locked_folder), "key": str(key_folder), "score": score,
-                   "locked_density": locked.mask.density(), "key_weights": key.size()})
+        emit_json(
+            {
+                "locked": str(locked_folder),
+                "key": str(key_folder),
+                "score": score,
+                "locked_density": locked.mask.density(),
+                "key_weights": key.size(),
+            }
+        )
     else:
-        results.print(f"locked ticket [bold]{locked_folder}[/] ({percent(locked.mask.density(), 3)} of weights "
-                      f"left), key [bold]{key_folder}[/] ({key.size()} weights, score {score})")
+        results.print(
+            f"locked ticket [bold]{locked_folder}[/] ({percent(locked.mask.density(), 3)} of weights "
+            f"left), key [bold]{key_folder}[/] ({key.size()} weights, score {score})"
+        )
 
 
 @commands.command()
@@ -99,7 +116,8 @@ def verify_key_command(
 ) -> None:
     """Retrain the locked ticket without and with the key; ownership shows as an accuracy gap beyond eps_f.
 
-    Without --key only the lock is checked: exit 0 when the locked ticket misses the target by more than eps_f.
+    Without --key-mask only the lock is checked: exit 0 when the locked ticket misses the target by more
+    than eps_f.
     """
     if key_mask is None:
         ticket, secret = Ticket.load(locked), None
@@ -112,15 +130,5 @@ def verify_key_command(
     if as_json:
         emit_json(verdict.to_json())
     else:
-        _print_verdict(verdict.to_json())
+        print_verdict(verdict.to_json(), f"verify-key {locked}")
     raise typer.Exit(0 if verdict.owned else 1)
-
-
-def _print_verdict(report: dict) -> None:
-    evidence = report["evidence"][0]
-    table = Table(title=f"verify-key: {report['decision']}", show_header=False)
-    for name, value in evidence["details"].items():
-        shown = f"{100 * value:.2f}%" if isinstance(value, float) else str(value)
-        table.add_row(name.replace("_", " "), shown)
-    table.add_row("gap" if evidence["name"] == "key-gap" else "accuracy", f"{100 * evidence['score']:.2f}")
-    results.print(table)

@@ -24,15 +24,22 @@ from rich.progress import Progress
 
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
+from ticketguard.evidence import Evidence
 from ticketguard.files import (
-    KEY_MANIFEST, SHA256_SCHEMA, load_tensors, read_json, read_manifest, save_tensors, sha256_file,
-    staged_folder, write_json,
+    KEY_MANIFEST,
+    SHA256_SCHEMA,
+    load_tensors,
+    read_json,
+    read_manifest,
+    save_tensors,
+    sha256_file,
+    staged_folder,
+    write_json,
 )
 from ticketguard.masks import Mask
 from ticketguard.scores import score
 from ticketguard.ticket import MANIFEST, MASK_FILE, SHARE, WEIGHTS_FILE, Ticket, nullable
 from ticketguard.training import TrainConfig, train
-from ticketguard.evidence import Evidence, Verdict
 
 KEY_FORMAT = "ticketguard-key/1"
 KEY_FILE = "key.safetensors"
@@ -307,7 +314,7 @@ def target_accuracy(ticket: Ticket, fallback: float) -> float:
     return float(dense) if dense is not None else fallback
 
 
-def verify_key(
+def key_evidence(
     locked: Ticket,
     key: Key | None,
     data: ImageData,
@@ -316,15 +323,16 @@ def verify_key(
     device: torch.device,
     progress: Progress | None = None,
     fake1: bool = False,
-) -> Verdict:
-    """Retrain without the key and (if given) with it, same protocol and seed; the gap is the evidence."""
+) -> Evidence:
+    """V(...) for V1: retrain without the key and (if given) with it, same protocol and seed; the gap is the
+    evidence (without a key: whether the lock holds)."""
     without = retrain(locked, data, config, device, progress, "without key")
     details: dict[str, Any] = {"accuracy_without_key": without, "eps": eps}
     if key is None:
         target = target_accuracy(locked, without)
         locked_fails = without < target - eps
         details["target"] = target
-        return Verdict((Evidence("locked", without, target - eps, locked_fails, details=details),))
+        return Evidence("locked", without, target - eps, locked_fails, details=details)
     with_key = retrain(merge_key(locked, key), data, config, device, progress, "with key")
     target = target_accuracy(locked, with_key)
     details |= {"accuracy_with_key": with_key, "target": target}
@@ -334,4 +342,4 @@ def verify_key(
         details["accuracy_fake1"] = retrain(forged, data, config, device, progress, "random key (fake1)")
         details["fake1_fails"] = details["accuracy_fake1"] < target - eps
         passed = passed and details["fake1_fails"]
-    return Verdict((Evidence("key-gap", with_key - without, eps, passed, details=details),))
+    return Evidence("key-gap", with_key - without, eps, passed, details=details)
