@@ -89,3 +89,17 @@ def randomise_batchnorm(model: torch.nn.Module) -> None:
                 module.running_var.uniform_(0.5, 2)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
+
+
+def sparse_model(
+    name: str, in_channels: int, seed: int = 0
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Mask]:
+    """A random model with non-trivial BatchNorm statistics and a random 30 % mask, in eval mode."""
+    torch.manual_seed(seed)
+    model = build_model(name, in_channels, 10)
+    randomise_batchnorm(model)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {name: model.get_parameter(name).shape for name in prunable_names(model)}
+    mask = Mask({name: torch.rand(shape, generator=generator) < 0.3 for name, shape in shapes.items()})
+    mask.apply_(model)
+    return model.eval(), {k: v.clone() for k, v in model.state_dict().items()}, mask

@@ -10,13 +10,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from conftest import randomise_batchnorm
+from conftest import sparse_model
 from torch import nn
 
 from ticketguard.align import AlignmentError, Reference, align
 from ticketguard.disguises import build_disguised, export_onnx, fold_bn, permute, rename, rescale, widen
 from ticketguard.errors import InputError
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.masks import Mask, magnitude_prune
 from ticketguard.models import build_model
 from ticketguard.suspect import Suspect, load_suspect
 
@@ -51,16 +51,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def sparse_model(name: str, in_channels: int, seed: int) -> Sparse:
-    """A random model with non-trivial BatchNorm statistics and a random 30 % mask, in eval mode."""
-    torch.manual_seed(seed)
-    model = build_model(name, in_channels, 10)
-    randomise_batchnorm(model)
-    generator = torch.Generator().manual_seed(seed)
-    shapes = {name: model.get_parameter(name).shape for name in prunable_names(model)}
-    mask = Mask({name: torch.rand(shape, generator=generator) < 0.3 for name, shape in shapes.items()})
-    mask.apply_(model)
-    return model.eval(), {k: v.clone() for k, v in model.state_dict().items()}, mask
 
 
 @pytest.fixture(scope="module")

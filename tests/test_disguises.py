@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sparse_model
 from torch import nn
 
 from ticketguard.disguises import (
@@ -17,26 +18,14 @@ from ticketguard.disguises import (
     rescale,
     widen,
 )
-from conftest import randomise_batchnorm
-
 from ticketguard.errors import InputError
-from ticketguard.masks import Mask, mask_from_zeros, prunable_names
+from ticketguard.masks import Mask, mask_from_zeros
 from ticketguard.models import build_model, identify_architecture
 
 Sparse = tuple[nn.Module, dict[str, torch.Tensor], Mask]
 TOLERANCE = 1e-4
 
 
-def sparse_model(name: str, in_channels: int, seed: int = 0) -> Sparse:
-    """A random model with non-trivial BatchNorm statistics and a random 30 % mask, in eval mode."""
-    torch.manual_seed(seed)
-    model = build_model(name, in_channels, 10)
-    randomise_batchnorm(model)
-    generator = torch.Generator().manual_seed(seed)
-    shapes = {name: model.get_parameter(name).shape for name in prunable_names(model)}
-    mask = Mask({name: torch.rand(shape, generator=generator) < 0.3 for name, shape in shapes.items()})
-    mask.apply_(model)
-    return model.eval(), {k: v.clone() for k, v in model.state_dict().items()}, mask
 
 
 @pytest.fixture(scope="module")
