@@ -69,6 +69,21 @@ def find(
     eps: Annotated[float, typer.Option(help="eps_f: a ticket matches within this many accuracy points.")] = 100
     * SEARCH.eps,
     max_rounds: Annotated[int, typer.Option(help="Stop after this many pruning rounds.")] = SEARCH.max_rounds,
+    pruning_schedule: Annotated[str, typer.Option(
+        help="paper: walk the ratio list, reverting to the last matching mask and a smaller ratio on each failure; "
+        "adaptive: prune at the first ratio until a round fails, then bisect down to the last ratio t.")
+    ] = SEARCH.pruning_schedule,
+    decide_on: Annotated[str, typer.Option(
+        help="Where matching is decided: validation (held out from the training images) or test (the paper's "
+        "rule; with --validation-fraction 0 every training image trains, as in the paper).")
+    ] = SEARCH.decide_on,
+    validation_fraction: Annotated[float, typer.Option(
+        help="Share of each class's training images held out (chosen by --seed) to decide matching.")
+    ] = SEARCH.validation_fraction,
+    confidence: Annotated[float, typer.Option(
+        help="One-sided confidence of the paired matching test: a round worse than dense by more than the margin "
+        "passes with probability at most 1 - confidence.")
+    ] = SEARCH.confidence,
     include_classifier: Annotated[bool, typer.Option(help="Prune the classifier's weights too.")] = False,
     train_per_class: TrainPerClass = None,
     test_per_class: TestPerClass = None,
@@ -103,6 +118,10 @@ def find(
         rewind_epoch=rewind_epoch,
         max_rounds=max_rounds,
         include_classifier=include_classifier,
+        pruning_schedule=pruning_schedule,
+        decide_on=decide_on,
+        validation_fraction=validation_fraction,
+        confidence=confidence,
         train=TrainConfig(
             **{"epochs": spec.default_epochs,
                **training_overrides(epochs, batch_size, lr, momentum, weight_decay, seed, schedule)},
@@ -173,6 +192,8 @@ def info(
 def _ticket_report(path: Path) -> dict[str, Any]:
     ticket = Ticket.load(path)
     search = ticket.metadata.get("search", {})
+    history = search.get("history", [])
+    best = history[search["best_round"]] if "best_round" in search and search["best_round"] < len(history) else {}
     return {
         "kind": "ticket",
         "path": str(path),
@@ -180,10 +201,17 @@ def _ticket_report(path: Path) -> dict[str, Any]:
         "dataset": ticket.dataset,
         "accuracy": ticket.accuracy,
         "dense_accuracy": ticket.metadata.get("dense_accuracy"),
+        "validation_accuracy": best.get("validation_accuracy"),
+        "dense_validation_accuracy": history[0].get("validation_accuracy") if history else None,
         "density": ticket.mask.density(),
         "pruning_spec": search.get("counts"),
         "ratios": search.get("ratios"),
-        "history": search.get("history", []),
+        "pruning_schedule": search.get("pruning_schedule", "paper"),
+        "decide_on": search.get("decide_on", "test"),
+        "validation": search.get("validation"),
+        "trainings": search.get("trainings", len(history)),
+        "seconds": search.get("seconds"),
+        "history": history,
         "layer_density": ticket.mask.layer_densities(),
     }
 
@@ -207,20 +235,26 @@ def _print_report(report: dict[str, Any]) -> None:
         if key in report:
             summary.add_row(key, str(report[key]))
     if report["kind"] == "ticket":
-        summary.add_row("accuracy", percent(report["accuracy"]))
-        summary.add_row("dense accuracy", percent(report["dense_accuracy"]))
-        spec = report["pruning_spec"]
-        summary.add_row("pruning spec", f"({', '.join(map(str, spec))}) at ratios {report['ratios']}" if spec else "-")
+        summary.add_row("test accuracy (dense)", f"{percent(report['accuracy'])} ({percent(report['dense_accuracy'])})")
+        summary.add_row(
+            "validation accuracy (dense)",
+            f"{percent(report['validation_accuracy'])} ({percent(report['dense_validation_accuracy'])})",
+        )
+        summary.add_row("pruning spec", _pruning_spec(report))
+        summary.add_row("matching test", _matching_test(report))
+        if report["seconds"] is not None:
+            summary.add_row("trainings", f"{report['trainings']} in {report['seconds']:.0f} s")
     summary.add_row("weights left", percent(report["density"]))
     results.print(summary)
     if report.get("history"):
-        history = Table(title="search history")
-        for column in ("round", "ratio", "weights left", "accuracy", "matches"):
+        history = Table(title="search history (%; diff. and bound: validation, round - dense)")
+        for column in ("round", "ratio", "left", "valid.", "test", "diff.", "bound", "p", "match"):
             history.add_column(column, justify="right")
         for row in report["history"]:
             history.add_row(
-                str(row["round"]), str(row["ratio"] or "dense"), percent(row["density"]),
-                percent(row["accuracy"]), "yes" if row["matched"] else "no",
+                str(row["round"]), "dense" if row["ratio"] is None else f"{row['ratio']:.3g}",
+                *(_points(row.get(key)) for key in ("density", "validation_accuracy", "accuracy", "estimate", "bound")),
+                "-" if row.get("p_value") is None else f"{row['p_value']:.1g}", "yes" if row["matched"] else "no",
             )
         results.print(history)
     layers = Table(title="density per layer")
@@ -229,3 +263,28 @@ def _print_report(report: dict[str, Any]) -> None:
     for name, density in report["layer_density"].items():
         layers.add_row(name, percent(density))
     results.print(layers)
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _pruning_spec(report: dict[str, Any]) -> str:
+    spec, ratios = report["pruning_spec"], report["ratios"]
+    if not spec:
+        return "-"
+    if report["pruning_schedule"] == "adaptive":
+        return (f"({', '.join(map(str, spec))}): {spec[0]} rounds matched at {ratios[0]}, then {spec[1]} while "
+                f"bisecting down to {ratios[-1]}")
+    return f"({', '.join(map(str, spec))}) at ratios {ratios}"
+
+
+def _matching_test(report: dict[str, Any]) -> str:
+    validation = report["validation"] or {}
+    if report["decide_on"] == "test":
+        return "the paper's rule: test accuracy within eps_f of dense"
+    text = (f"paired non-inferiority on {validation['images']} validation images, confidence "
+            f"{percent(validation['confidence'], 0)}, margin {percent(validation['margin'])}")
+    if not validation["resolves_eps"]:
+        text += f", coarser than eps_f = {percent(validation['eps'])}: the split cannot resolve it"
+    return text

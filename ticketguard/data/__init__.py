@@ -118,6 +118,27 @@ class ImageData:
             test_labels=self.test_labels[test],
         )
 
+    def split_validation(self, fraction: float, seed: int) -> tuple[ImageData, torch.Tensor]:
+        """Hold out a class-stratified ``fraction`` of the training images, chosen by ``seed``.
+
+        Returns this data without them in its training split, and their (sorted) indices into ``train_images``.
+        Every class keeps at least one training image.
+        """
+        if not 0 <= fraction < 1:
+            raise InputError(f"the validation share of the training images must lie in [0, 1), got {fraction}")
+        labels = self.train_labels.cpu()
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(labels.numel(), generator=generator)
+        order = order[labels[order].argsort(stable=True)]  # classes in blocks, shuffled within each
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        rank = torch.arange(labels.numel()) - (counts.cumsum(0) - counts)[labels[order]]
+        quota = torch.minimum((fraction * counts).round().long(), (counts - 1).clamp_min(0))
+        held = order[rank < quota[labels[order]]].sort().values
+        keep = torch.ones(labels.numel(), dtype=torch.bool)
+        keep[held] = False
+        keep = keep.to(self.train_labels.device)
+        return replace(self, train_images=self.train_images[keep], train_labels=self.train_labels[keep]), held
+
 
 def _balanced_indices(labels: torch.Tensor, per_class: int | None, generator: torch.Generator) -> torch.Tensor:
     if per_class is None:
