@@ -63,6 +63,8 @@ class Plan:
             eps=self.eps,
             rewind_epoch=self.rewind_epoch,
             max_rounds=self.max_rounds,
+            decide_on="test",  # the paper's protocol: every training image trains, matching on test accuracy
+            validation_fraction=0.0,
             train=self.train,
         )
 
