@@ -69,6 +69,7 @@ class Subject:
             "threshold": None if self.claim.defence is None else self.claim.defence.threshold,
             "transfer_data": self.transfer_data,
             "device": self.device,
+            "architecture": self.ticket.architecture,
         }
         return {k: v for k, v in context.items() if v is not None}
 
@@ -172,7 +173,8 @@ def measure(subject: Subject, weights: dict[str, torch.Tensor], density: float) 
         "trigger_accuracy": None if trigger is None else trigger.score,
         "trigger_p_value": None if trigger is None else trigger.p_value,
         "fingerprint_p_value": None if fingerprint is None else fingerprint.p_value,
-        "owned": verdict.owned if verdict.evidence else None,
+        "owned": verdict.owned,
+        "not_read": [item.name for item in verdict.unavailable],
     }
     return row
 

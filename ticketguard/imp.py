@@ -40,7 +40,7 @@ from ticketguard.data import ImageData
 from ticketguard.errors import InputError
 from ticketguard.files import load_tensors, read_json, save_tensors, write_json
 from ticketguard.masks import Mask, load_mask, magnitude_prune, prunable_names, save_mask
-from ticketguard.models import build_model
+from ticketguard.models import build_model, check_model_name, is_import_path, trust_model_code
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig, predict_labels, state_copy, train
 
@@ -68,6 +68,8 @@ class SearchConfig:
     rewind_epoch: int = 3
     max_rounds: int = 40
     include_classifier: bool = False
+    prune: tuple[str, ...] = ()
+    """fnmatch patterns of the weights to prune; empty: every conv and linear weight but the first and last"""
     pruning_schedule: str = "paper"
     decide_on: str = "validation"
     validation_fraction: float = 0.2
@@ -75,6 +77,7 @@ class SearchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        check_model_name(self.model)
         if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
             raise InputError(f"pruning ratios must lie in (0, 1), got {list(self.ratios)}")
         if list(self.ratios) != sorted(self.ratios, reverse=True):
@@ -264,6 +267,7 @@ def _round_path(workdir: Path, round_index: int, kind: str) -> Path:
 def _config_record(config: SearchConfig, data: ImageData, held: torch.Tensor) -> dict[str, Any]:
     record = asdict(config)
     record["ratios"] = list(config.ratios)
+    record["prune"] = list(config.prune)
     record["train"]["milestones"] = list(config.train.milestones)
     record["dataset"] = data.name
     record["train_size"] = int(data.train_labels.numel())
@@ -281,6 +285,8 @@ def find_extreme_ticket(
 ) -> Ticket:
     """Run (or resume) the extreme-ticket search; returns the ticket of the last matching round."""
     workdir, device = Path(workdir), torch.device(device)
+    if is_import_path(config.model):  # the caller named this code, so building it is theirs to allow
+        trust_model_code(config.model)
     split, held = _Split.carve(data, config)
     record = _config_record(config, data, held)
     if restart and workdir.exists() and distributed.is_main():
@@ -355,7 +361,7 @@ def _train_dense(
 ) -> SearchState:
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, split.fit.input_shape[0], split.fit.num_classes).to(device)
-    names = prunable_names(model, config.include_classifier)
+    names = prunable_names(model, config.include_classifier, config.prune)
     checkpoint = _round_path(workdir, 0, "checkpoint")
     if distributed.is_main():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)

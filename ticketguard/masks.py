@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from ticketguard.files import load_tensors, save_tensors
 
 PRUNE_ORIG_SUFFIX = "_orig"
 PRUNE_MASK_SUFFIX = "_mask"
+ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 class Mask(Mapping[str, torch.Tensor]):
@@ -82,6 +84,16 @@ class Mask(Mapping[str, torch.Tensor]):
                 )
 
     @torch.no_grad()
+    def revived(self, weights: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Pruned weights that are not zero, counted per tensor (only tensors with some): a mask not kept."""
+        self.check_matches(weights)
+        counts = {}
+        for name, kept in self.items():
+            weight = weights[name]
+            counts[name] = int((weight.detach()[~kept.to(weight.device)] != 0).sum())
+        return {name: count for name, count in counts.items() if count > 0}
+
+    @torch.no_grad()
     def apply_(self, model: nn.Module) -> nn.Module:
         """Zero every pruned weight of ``model`` in place."""
         params = dict(model.named_parameters())
@@ -96,14 +108,37 @@ def relative_density(mask: Mask, reference: Mask, eps: float = 1e-12) -> float:
     return mask.density() / (reference.density() + eps)
 
 
-def prunable_names(model: nn.Module, include_classifier: bool = False) -> list[str]:
-    """Weights that IMP prunes: every conv but the stem (the first conv); optionally the last linear layer."""
-    convs = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    names = convs[1:]
-    if include_classifier:
-        linears = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        names += linears[-1:]
+def weight_layers(model: nn.Module) -> list[str]:
+    """The weights IMP can prune, in module order: every 2-D conv kernel, every linear weight and the packed
+    input projections of attention (2-D weights like any linear layer's)."""
+    names = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            names.append(f"{prefix}weight")
+        elif isinstance(module, nn.MultiheadAttention):
+            names += [f"{prefix}{p}" for p in ATTENTION_PROJECTIONS if getattr(module, p) is not None]
     return names
+
+
+def prunable_names(
+    model: nn.Module, include_classifier: bool = False, patterns: Sequence[str] = ()
+) -> list[str]:
+    """Weights that IMP prunes: every weight layer but the first (the stem) and the last (the classifier, unless
+    ``include_classifier``), as for the paper's ResNets; ``patterns`` (fnmatch on parameter names) replaces
+    that default with the weight layers they name."""
+    layers = weight_layers(model)
+    if patterns:
+        chosen = [n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        if not chosen:
+            raise InputError(
+                f"no weight layer matches {', '.join(patterns)}; the model's are: {', '.join(layers[:8])}"
+                + (" ..." if len(layers) > 8 else "")
+            )
+        return chosen
+    if len(layers) < 2:
+        raise InputError(f"the model has {len(layers)} conv or linear layer(s); pruning needs at least 2")
+    return layers[1:] if include_classifier else layers[1:-1]
 
 
 def magnitude_prune(weights: Mapping[str, torch.Tensor], mask: Mask, fraction: float) -> Mask:

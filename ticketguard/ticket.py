@@ -20,10 +20,17 @@ import ticketguard
 from ticketguard.data import DATASETS, MAX_CHANNELS, Normalization
 from ticketguard.errors import InputError
 from ticketguard.files import (
-    SHA256_SCHEMA, TICKET_MANIFEST, load_tensors, read_manifest, save_tensors, sha256_file, write_json,
+    SHA256_SCHEMA,
+    TICKET_MANIFEST,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    sha256_file,
+    write_json,
 )
 from ticketguard.masks import Mask, load_mask, save_mask
-from ticketguard.models import MIN_INPUT_SIZE, MODELS, build_model
+from ticketguard.models import MIN_INPUT_SIZE, MODELS, build_model, is_import_path, trust_model_code
+from ticketguard.models.spec import MAX_SPEC_LENGTH, is_trusted
 from ticketguard.training import TrainConfig
 
 TICKET_FORMAT = "ticketguard-ticket/1"
@@ -101,7 +108,10 @@ TICKET_SCHEMA = {
             "type": "object",
             "required": ["name", "in_channels", "num_classes", "input_size"],
             "properties": {
-                "name": {"enum": list(MODELS)},
+                "name": {"anyOf": [
+                    {"enum": list(MODELS)},
+                    {"type": "string", "pattern": r"^[A-Za-z_][\w.]*:", "maxLength": MAX_SPEC_LENGTH},
+                ]},
                 "in_channels": {"type": "integer", "minimum": 1, "maximum": MAX_CHANNELS},
                 "num_classes": {"type": "integer", "minimum": 2, "maximum": MAX_CLASSES},
                 "input_size": {
@@ -173,9 +183,13 @@ class Ticket:
 
     def validate(self) -> None:
         """Check the tensors against the architecture, which is built on the meta device: the sizes a ticket
-        records allocate nothing before they are found to fit its weights."""
-        with torch.device("meta"):
-            expected = build_model(self.architecture, self.in_channels, self.num_classes).state_dict()
+        records allocate nothing before they are found to fit its weights. A model named by an import path is
+        built only once trusted; until then the weights and the rewind weights must agree with each other."""
+        if is_import_path(self.architecture) and not is_trusted(self.architecture):
+            expected = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in self.weights.items()}
+        else:
+            with torch.device("meta"):
+                expected = build_model(self.architecture, self.in_channels, self.num_classes).state_dict()
         for label, state in (("weights", self.weights), ("rewind", self.rewind)):
             missing = sorted(set(expected) - set(state))
             extra = sorted(set(state) - set(expected))
@@ -224,12 +238,15 @@ class Ticket:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> Ticket:
+    def load(cls, folder: str | Path, trust_code: bool = False) -> Ticket:
         """Read a ticket folder, refusing it if ticket.json breaks TICKET_SCHEMA, does not list exactly the
-        tensor files, or any tensor file's sha256 differs from it."""
+        tensor files, or any tensor file's sha256 differs from it. ``trust_code`` allows the model code the
+        ticket names by import path to be imported later (a folder is input: naming code must not run it)."""
         folder = Path(folder)
         manifest = read_manifest(folder, MANIFEST, TICKET_FORMAT, "ticket", TICKET_SCHEMA, TENSOR_FILES)
         arch = manifest["architecture"]
+        if trust_code and is_import_path(arch["name"]):
+            trust_model_code(arch["name"])
         ticket = cls(
             architecture=arch["name"],
             in_channels=arch["in_channels"],

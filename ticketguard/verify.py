@@ -22,7 +22,7 @@ from ticketguard.data import ImageData, Normalization
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
 from ticketguard.fingerprint import fingerprint_evidence
-from ticketguard.models import build_from_state
+from ticketguard.models import build_from_state, check_model_name, is_import_path, trust_model_code
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
@@ -43,11 +43,14 @@ def verify(
     trigger_folder: str | Path | None = None,
     qr_image: str | Path | None = None,
     device: torch.device | str | None = None,
+    model: str | None = None,
 ) -> Verdict:
     """V(...): does ``suspect`` (a path, a loaded ``Suspect`` or a state_dict) carry what ``claim`` records?
 
     ``public_key``: the claim must be signed with it. ``trigger_folder``: where a folder trigger set is now.
-    ``qr_image``: also write the extracted QR code beside the expected one (PNG).
+    ``qr_image``: also write the extracted QR code beside the expected one (PNG). ``model``: the suspect's
+    architecture by import path, for the trigger check on weights of a model that is not built in (the caller
+    names that code, so it is imported).
     """
     check_alpha(alpha)
     claim = claim if isinstance(claim, Claim) else load_claim(claim)
@@ -89,7 +92,7 @@ def verify(
     if claim.trigger is not None:
         try:
             evidence.append(
-                _trigger_evidence(weights, loaded.normalization, claim.trigger, alpha, trigger_folder, device)
+                _trigger_evidence(weights, loaded.normalization, claim.trigger, alpha, trigger_folder, device, model)
             )
         except InputError as err:
             unavailable.append(Unavailable("trigger", str(err)))
@@ -160,10 +163,17 @@ def _trigger_evidence(
     alpha: float,
     folder: str | Path | None,
     device: torch.device | str | None,
+    architecture: str | None,
 ) -> Evidence:
     """ESWT + T in process: rebuild the suspect from its weights and ask it for the trigger labels;
     ``recorded`` is the suspect's own normalisation when it is a ticket folder."""
-    model, (_, channels, classes) = build_from_state(weights, "checking the trigger set in process")
+    named = None
+    if architecture is not None:
+        check_model_name(architecture)
+        if is_import_path(architecture):
+            trust_model_code(architecture)
+        named = (architecture, claim.shape[0], claim.classes)
+    model, (_, channels, classes) = build_from_state(weights, "checking the trigger set in process", named)
     if (channels, classes) != (claim.shape[0], claim.classes):
         raise InputError(
             f"the suspect takes {channels} channel(s) and predicts {classes} classes, but the trigger set "

@@ -53,11 +53,13 @@ def load_served_model(
     input_size: int | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    trust_code: bool = False,
 ) -> ServedModel:
-    """A ticket folder or a model file of a registered architecture, in eval mode on the CPU."""
+    """A ticket folder (of any architecture; ``trust_code`` as in ``Ticket.load``) or a model file of a registered
+    architecture, in eval mode on the CPU."""
     path = Path(path)
     if (path / MANIFEST).is_file():
-        ticket = Ticket.load(path)
+        ticket = Ticket.load(path, trust_code=trust_code)
         model, weights = ticket.build_model(), ticket.weights
         channels, classes, size = ticket.in_channels, ticket.num_classes, tuple(ticket.input_size)
         stats = ticket_normalization(ticket) if mean is None or std is None else None

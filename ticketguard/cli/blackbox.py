@@ -10,7 +10,7 @@ import typer
 
 from ticketguard.blackbox import PROTOCOLS, Endpoint, ModelServer, load_served_model
 from ticketguard.claim import load_public_key
-from ticketguard.cli.options import ALPHA, Alpha, Json, PublicKey
+from ticketguard.cli.options import ALPHA, Alpha, Json, PublicKey, TrustCode
 from ticketguard.cli.output import console, emit_json, print_verdict
 from ticketguard.errors import InputError
 from ticketguard.models import MIN_INPUT_SIZE
@@ -109,6 +109,7 @@ def serve(
         Optional[str], typer.Option(help="Channel means of pixels in [0, 1], comma-separated.")
     ] = None,
     std: Annotated[Optional[str], typer.Option(help="Channel standard deviations, comma-separated.")] = None,
+    trust_code: TrustCode = False,
 ) -> None:
     """Serve a model over the Open Inference Protocol v2 (and KServe v1 predict) until interrupted."""
     if not 0 <= port <= MAX_PORT:
@@ -117,7 +118,9 @@ def serve(
         raise InputError(
             f"--input-size must lie in {MIN_INPUT_SIZE}..{MAX_INPUT_SIDE} pixels, got {input_size}"
         )
-    served = load_served_model(path, name, input_size, _floats(mean, "--mean"), _floats(std, "--std"))
+    served = load_served_model(
+        path, name, input_size, _floats(mean, "--mean"), _floats(std, "--std"), trust_code
+    )
     server = ModelServer(served, host, port)
     console.print(f"serving [bold]{path}[/] as {server.url}/v2/models/{name} (Ctrl-C stops)")
     try:

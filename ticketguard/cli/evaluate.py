@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ticketguard import attacks, harness, report
 from ticketguard.claim import load_claim
-from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Force, Json, TestPerClass
+from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Force, Json, TestPerClass, TrustCode
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
 from ticketguard.data import ImageData, load_dataset, load_subset
 from ticketguard.demo import DEMO, run_demo
@@ -112,17 +112,20 @@ def attack(
     device: Device = "auto",
     force: Force = False,
     as_json: Json = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Attack a suspect model and write the attacked weights as a new safetensors file."""
     steps = attacks.parse_chain(attack_spec)
     path = out if out.suffix == ".safetensors" else out / "attacked.safetensors"
     prepare_output(path, force, inputs=[suspect])
     is_ticket = (suspect / MANIFEST).is_file()
-    ticket = Ticket.load(suspect) if is_ticket else None
+    ticket = Ticket.load(suspect, trust_code=trust_code) if is_ticket else None
+    architecture = None
     if ticket is not None:
         weights, mask = dict(ticket.weights), ticket.mask
         key_density = key_density or ticket.metadata.get(v1.METADATA_ENTRY, {}).get("key_density")
         data = data or ticket.dataset
+        architecture = ticket.architecture
     else:
         loaded = load_suspect(suspect)
         weights, mask = loaded.weights, loaded.mask
@@ -135,6 +138,7 @@ def attack(
         "seed": seed,
         "key_density": key_density,
         "free": free or None,
+        "architecture": architecture,
     }
     context: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     context |= _claim_context(claim)
@@ -204,6 +208,7 @@ def evaluate(
     alpha: Alpha = ALPHA,
     device: Device = "auto",
     as_json: Json = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Run an attack grid on a protected ticket and measure accuracy and every piece of evidence."""
     check_alpha(alpha)
@@ -212,7 +217,7 @@ def evaluate(
     if finetune_epochs < 1:
         raise InputError(f"--finetune-epochs must be >= 1, got {finetune_epochs}")
     prepare_output(out / f"{harness.RESULTS}.json", force=True)  # never into a ticket folder; a rerun resumes
-    ticket = Ticket.load(ticket_path)
+    ticket = Ticket.load(ticket_path, trust_code=trust_code)
     claimed = load_claim(claim)
     data = load_subset(ticket.dataset, data_dir, train_per_class, test_per_class, 0)
     subject = harness.Subject(

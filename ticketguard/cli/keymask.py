@@ -18,6 +18,7 @@ from ticketguard.cli.options import (
     Seed,
     TestPerClass,
     TrainPerClass,
+    TrustCode,
     training_overrides,
 )
 from ticketguard.cli.output import emit_json, percent, print_verdict, progress_bar, results
@@ -49,6 +50,7 @@ def split(
     key_density: Annotated[float, typer.Option(help="n_s: the key's share of kept weights.")] = 0.05,
     force: Force = False,
     as_json: Json = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Split a ticket into a locked ticket and a key mask of its highest-scoring weights (Algorithm 1).
 
@@ -57,7 +59,7 @@ def split(
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
     prepare_output(out, force, folder=True, inputs=[ticket], replaces=(LOCKED_FOLDER, KEY_FOLDER))
-    locked, key = split_key(Ticket.load(ticket), key_density, score)
+    locked, key = split_key(Ticket.load(ticket, trust_code=trust_code), key_density, score)
     locked_folder, key_folder = save_split(locked, key, out)
     if as_json:
         emit_json(
@@ -113,6 +115,7 @@ def verify_key_command(
     seed: Seed = None,
     device: Device = "auto",
     as_json: Json = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Retrain the locked ticket without and with the key; ownership shows as an accuracy gap beyond eps_f.
 
@@ -120,7 +123,7 @@ def verify_key_command(
     than eps_f.
     """
     if key_mask is None:
-        ticket, secret = Ticket.load(locked), None
+        ticket, secret = Ticket.load(locked, trust_code=trust_code), None
     else:
         ticket, secret = load_pair(locked, key_mask)
     config = ticket.train_config(**training_overrides(epochs, batch_size, lr, None, None, seed, None))

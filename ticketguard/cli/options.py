@@ -22,6 +22,11 @@ Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output 
 Alpha = Annotated[float, typer.Option(help="False-claim probability the decision allows, in (0, 1).")]
 ALPHA = DEFAULT_ALPHA
 PublicKey = Annotated[Optional[Path], typer.Option(help="Owner's public key (PEM) the claim must be signed with.")]
+TrustCode = Annotated[bool, typer.Option(
+    "--trust-code",
+    help="Import the model code that the ticket names by import path (package.module:factory) and run it. "
+    "Importing runs that code: only for tickets you trust.",
+)]
 SigningKey = Annotated[Optional[Path], typer.Option(help="Owner's Ed25519 private key (PEM) that signs the claim.")]
 
 Epochs = Annotated[Optional[int], typer.Option(help="Epochs per training run (default: the ticket's or data set's).")]

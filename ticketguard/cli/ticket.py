@@ -53,7 +53,16 @@ def _parse_ratios(text: str) -> tuple[float, ...]:
 def find(
     out: Annotated[Path, typer.Option(help="Ticket folder to write; the resumable search state goes in OUT/search.")]
     = Path("runs/ticket"),
-    model: Annotated[str, typer.Option(help=f"Architecture: {', '.join(MODELS)}.")] = SEARCH.model,
+    model: Annotated[str, typer.Option(
+        help=f"Architecture: {', '.join(MODELS)}, or any model by import path, e.g. "
+        "'torchvision.models:resnet18(num_classes=10)' or 'mypackage.nets:small_cnn' (in_channels and num_classes "
+        "are passed when the factory takes them). The ticket records it for every later command. Importing "
+        "runs that module's code."
+    )] = SEARCH.model,
+    prune: Annotated[Optional[list[str]], typer.Option(
+        help="Weights to prune, as fnmatch patterns of parameter names (repeatable), e.g. 'encoder.*.weight'. "
+        "Default: every conv and linear weight but the first layer and the classifier."
+    )] = None,
     data: Annotated[str, typer.Option(help="Data set: digits (built in), cifar10, cifar100, folder.")] = "digits",
     data_dir: DataDir = None,
     download: Annotated[bool, typer.Option(help="Fetch the official CIFAR archive if DATA_DIR lacks it.")] = False,
@@ -118,6 +127,7 @@ def find(
         rewind_epoch=rewind_epoch,
         max_rounds=max_rounds,
         include_classifier=include_classifier,
+        prune=tuple(prune or ()),
         pruning_schedule=pruning_schedule,
         decide_on=decide_on,
         validation_fraction=validation_fraction,
@@ -128,8 +138,6 @@ def find(
             compile=compile_model,
         ),
     )
-    if model not in MODELS:
-        raise InputError(f"unknown model {model!r}; choose one of: {', '.join(MODELS)}")
     source = DataSource(data, data_dir, download, train_per_class, test_per_class)
     started = time.perf_counter()
     if seeds is not None:

@@ -1,4 +1,5 @@
-"""Model registry: every architecture a ticket can name, built for any input channels and class count."""
+"""Model registry: the built-in architectures by short name, and any other model by import path (``spec``);
+every one built for any input channels and class count."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from ticketguard.errors import InputError
 from ticketguard.models.cifar_resnet import CifarResNet
 from ticketguard.models.imagenet_resnet import BasicBlock, Bottleneck, ResNet
+from ticketguard.models.spec import build_from_spec, is_import_path, parse_spec, trust_model_code
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -24,23 +26,52 @@ MODELS: dict[str, ModelFactory] = {
 
 MIN_INPUT_SIZE = 8
 
+__all__ = [
+    "MIN_INPUT_SIZE", "MODELS", "ModelFactory", "build_from_state", "build_model", "check_model_name",
+    "identify_architecture", "is_import_path", "trust_model_code",
+]
+
 
 def build_model(name: str, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
-    """Instantiate a registered architecture; unknown names get a message listing the known ones."""
-    if name not in MODELS:
-        raise InputError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    """Instantiate a registered architecture or a trusted import path (``package.module:factory(...)``)."""
     if in_channels < 1 or num_classes < 2:
         raise InputError(f"a model needs >= 1 input channel and >= 2 classes, got {in_channels} and {num_classes}")
+    if is_import_path(name):
+        return build_from_spec(name, in_channels, num_classes)
+    check_model_name(name)
     return MODELS[name](in_channels=in_channels, num_classes=num_classes)
 
 
-def build_from_state(state: dict[str, torch.Tensor], purpose: str) -> tuple[nn.Module, tuple[str, int, int]]:
-    """The registered architecture ``state`` fits, loaded with it; ``purpose`` says why in the error."""
-    architecture = identify_architecture(state)
+def check_model_name(name: str) -> None:
+    """A registered name or a well-formed import path; the message lists both forms."""
+    if is_import_path(name):
+        parse_spec(name)
+    elif name not in MODELS:
+        raise InputError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or name any model by import path "
+            "(package.module:factory)"
+        )
+
+
+def build_from_state(
+    state: dict[str, torch.Tensor], purpose: str, architecture: tuple[str, int, int] | None = None
+) -> tuple[nn.Module, tuple[str, int, int]]:
+    """The model ``state`` fits, loaded with it: ``architecture`` (name or import path, input channels,
+    classes) when the caller knows it, else the registered architecture the weights fit; ``purpose`` says why
+    in the error."""
     if architecture is None:
-        raise InputError(f"{purpose} needs the weights of a registered architecture ({', '.join(MODELS)})")
+        architecture = identify_architecture(state)
+    if architecture is None:
+        raise InputError(
+            f"{purpose} needs the weights of a registered architecture ({', '.join(MODELS)}), or the model's "
+            "import path (--model)"
+        )
     model = build_model(*architecture)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[:2]
+        raise InputError(f"the weights do not fit {architecture[0]}: {' '.join(first)}") from None
     return model, architecture
 
 
