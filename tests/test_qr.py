@@ -75,7 +75,7 @@ def test_data_module_count_matches_codeword_capacity(version: int) -> None:
 def test_block_table_matches_segno(error: str) -> None:
     for version in range(1, 41):
         blocks = segno.consts.ECC[version][segno.consts.ERROR_MAPPING[error]]
-        ec_len, layout = qr._block_layout(version, error)
+        ec_len, layout = qr.block_layout(version, error)
         assert {block.num_total - block.num_data for block in blocks} == {ec_len}
         assert sorted(len(index) for index in layout) == sorted(
             block.num_total for block in blocks for _ in range(block.num_blocks))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ticketguard.models import build_model
 from ticketguard.protect import SignatureConfig, protect
 from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme
-from ticketguard.schemes.blind_scan import blind_extract
+from ticketguard.schemes.blind_scan import blind_scan
 from ticketguard.schemes.signature_figures import save_comparison_image
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig, state_copy
@@ -54,7 +55,9 @@ def ticket(small_digits: ImageData) -> Ticket:
 
 @pytest.fixture(scope="module")
 def protected(ticket: Ticket, small_digits: ImageData) -> tuple[Ticket, scheme.Signature]:
-    result = protect(ticket, small_digits, signature=SignatureConfig(PAYLOAD, copies=2), train_config=TrainConfig(epochs=1))
+    result = protect(
+        ticket, small_digits, signature=SignatureConfig(PAYLOAD, copies=2), train_config=TrainConfig(epochs=1)
+    )
     return result.ticket, result.claim.signature
 
 
@@ -184,12 +187,12 @@ def test_unmarked_ticket_never_verifies_and_holds_no_code(
     verdict = scheme.evidence(reading)
     assert not verdict.passed
     assert reading.decoded.text is None and reading.p_value > 1e-3
-    assert blind_extract(other.weights) == []
+    assert blind_scan(other.weights).found == ()
 
 
 def test_blind_extraction_finds_the_code_without_a_claim(protected: tuple[Ticket, scheme.Signature]) -> None:
     ticket, signature = protected
-    found = blind_extract(ticket.weights)
+    found = blind_scan(ticket.weights).found
     assert {(f.layer, f.row, f.col, f.text) for f in found} == {
         (r.layer, r.row, r.col, PAYLOAD) for r in signature.regions
     }
@@ -269,3 +272,66 @@ def test_a_match_rate_without_a_decode_must_beat_the_forgery_level() -> None:
     # a p-value a forger could reach by searching 1e10 payloads does not pass without a decode
     assert not scheme.evidence(dataclasses.replace(undecoded, p_value=1e-10)).passed
     assert scheme.evidence(dataclasses.replace(undecoded, p_value=FORGERY_LEVEL / 2)).passed
+
+
+def mlp_mask(density: float = 0.3, seed: int = 0) -> tuple[Mask, dict[str, torch.Tensor]]:
+    """A random-init MLP whose 2-D weights are magnitude-pruned to ``density``: linear hosts only."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    )
+    weights = state_copy(model)
+    names = [n for n, t in weights.items() if t.dim() == 2]
+    return magnitude_prune(weights, Mask.ones_like(weights, names), 1 - density), weights
+
+
+def test_code_in_a_linear_layer_decodes_after_20pct_magnitude_pruning_once_its_weights_are_raised() -> None:
+    mask, weights = mlp_mask()
+    new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD)
+    region = signature.regions[0]
+    assert new[region.layer].dim() == 2 and new.kept() == mask.kept()
+    assert scheme.Signature.from_json(json.loads(json.dumps(signature.to_json()))) == signature
+    signed = masked(weights, new)
+    assert scheme.extract(signed, signature).decoded.text == PAYLOAD
+    # the code switched on pruned, hence small, weights: 20 % pruning takes many of them unless raised
+    plain = scheme.extract(masked(signed, magnitude_prune(signed, new, 0.2)), signature)
+    raised = scheme.raise_code_weights(signed, new, signature, fraction=0.2)
+    kept = scheme.extract(masked(raised, magnitude_prune(raised, new, 0.2)), signature)
+    assert plain.match_rate < 0.9
+    assert kept.decoded.text == PAYLOAD and kept.match_rate == 1.0
+    changed = [n for n in signed if not torch.equal(signed[n], raised[n])]
+    assert changed == [region.layer] and torch.equal(raised[region.layer] != 0, signed[region.layer] != 0)
+    with pytest.raises(InputError, match="margin"):
+        scheme.raise_code_weights(signed, new, signature, margin=0.5)
+
+
+def code_mask(mask: dict[str, torch.Tensor], layer: str, row: int, col: int, code: qr.QrCode) -> Mask:
+    """``mask`` with ``code``'s data modules (dark = kept) in ``layer``'s connections at (row, col)."""
+    written = {n: t.clone() for n, t in mask.items()}
+    rows, cols = (torch.from_numpy(code.data_positions[:, i].astype(np.int64)) for i in (0, 1))
+    cells = torch.from_numpy(code.data_modules)
+    target = written[layer]
+    target[rows + row, cols + col] = cells.view(-1, *([1] * (target.dim() - 2))).expand_as(target[rows, cols])
+    return Mask(written)
+
+
+def test_placement_search_picks_the_cheapest_among_conv_and_linear_hosts() -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = {
+        "conv.weight": torch.rand(48, 40, 3, 3, generator=generator) < 0.1,
+        "fc.weight": torch.rand(64, 96, generator=generator) < 0.5,
+        "head.weight": torch.rand(10, 64, generator=generator) < 0.5,
+    }
+    codes = placement.qr_codes(PAYLOAD)
+    assert placement.candidate_layers(Mask(base), codes[0].spec.size, 3) == ["conv.weight"]
+    assert placement.candidate_layers(Mask(base), codes[0].spec.size) == ["conv.weight", "fc.weight"]
+    for layer, row, col in (("fc.weight", 30, 50), ("conv.weight", 5, 9)):
+        mask = code_mask(base, layer, row, col, codes[2])
+        best = placement.search_placements(mask, codes, weights_per_connection=1)[0]
+        assert (best.layer, best.row, best.col, best.mask_pattern, best.changes) == (layer, row, col, 2, 0)
+    # multi-weight kernels come first: the conv hosts the code even though the linear layer holds it already
+    held_by_linear = code_mask(base, "fc.weight", 30, 50, codes[2])
+    assert placement.search_placements(held_by_linear, codes, 1, 3)[0].layer == "conv.weight"
+    size = codes[0].spec.size  # 25: conv offsets 24 x 16, linear 40 x 72, the 10-row head none
+    assert placement.placement_count(base, size, 1) == 16 * ((48 - size + 1) * (40 - size + 1) + 40 * 72)

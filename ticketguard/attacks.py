@@ -82,8 +82,11 @@ def random_pruning(
     return _masked(weights, result), result
 
 
-def _model_of(weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    return build_from_state(dict(weights), "this attack retrains, so it")[0]
+def _model_of(weights: Mapping[str, torch.Tensor], architecture: str | None, data: ImageData) -> nn.Module:
+    """The model to retrain: ``architecture`` (a ticket's, registered or by import path) built for ``data``,
+    else the registered architecture the weights fit."""
+    named = None if architecture is None else (architecture, data.input_shape[0], data.num_classes)
+    return build_from_state(dict(weights), "this attack retrains, so it", named)[0]
 
 
 def _tune(
@@ -120,10 +123,13 @@ def fine_tuning(
     seed: int = 0,
     free: bool = False,
     device: torch.device | None = None,
+    architecture: str | None = None,
 ) -> tuple[Weights, Mask]:
     """A few epochs of SGD at a small, constant learning rate on ``data``; ``free`` lets pruned weights grow
-    back (dense fine-tuning, a stronger attacker than the paper's)."""
-    return _tune(_model_of(weights), mask, data, epochs, lr, seed, free, device, "fine-tune")
+    back (dense fine-tuning, a stronger attacker than the paper's). ``architecture``: the model's name or
+    import path when the weights are not of a registered architecture."""
+    model = _model_of(weights, architecture, data)
+    return _tune(model, mask, data, epochs, lr, seed, free, device, "fine-tune")
 
 
 def transfer(
@@ -285,8 +291,10 @@ def fake3(
         rows, cols = positions[:, 0] + region.row, positions[:, 1] + region.col
         layer = result[region.layer]
         noise = torch.randn(layer[rows, cols].shape, generator=generator) * scale * spread[region.layer]
-        layer[rows, cols] = torch.where(wanted[:, None, None], noise.to(layer.dtype), torch.zeros_like(noise))
-        new_mask[region.layer][rows, cols] = wanted[:, None, None].expand_as(
+        # one flag per connection, broadcast over a conv connection's kernel (a 2-D host has none)
+        per_connection = wanted.reshape(-1, *[1] * (layer.dim() - 2))
+        layer[rows, cols] = torch.where(per_connection, noise.to(layer.dtype), torch.zeros_like(noise))
+        new_mask[region.layer][rows, cols] = per_connection.expand_as(
             new_mask[region.layer][rows, cols]
         )
     return result, Mask(new_mask)

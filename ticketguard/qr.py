@@ -318,7 +318,7 @@ def _version_group(version: int) -> int:
 
 
 @cache
-def _block_layout(version: int, error: str) -> tuple[int, tuple[np.ndarray, ...]]:
+def block_layout(version: int, error: str) -> tuple[int, tuple[np.ndarray, ...]]:
     """(EC codewords per block, stream index of each block's codewords, data then EC).
 
     Blocks are interleaved codeword by codeword: all data codewords first (the later,
@@ -338,7 +338,7 @@ def _block_layout(version: int, error: str) -> tuple[int, tuple[np.ndarray, ...]
 
 def data_codeword_order(spec: QrSpec) -> np.ndarray:
     """Stream index of each data codeword in bit-stream order (block after block)."""
-    ec_len, blocks = _block_layout(spec.version, spec.error)
+    ec_len, blocks = block_layout(spec.version, spec.error)
     return np.concatenate([index[:-ec_len] for index in blocks])
 
 
@@ -374,7 +374,7 @@ def _zxing_decode(spec: QrSpec, observed: np.ndarray, dark_only_lost: bool) -> D
     if expected is None or (dark_only_lost and _contradicts(observed, expected)):
         return None
     received, clean = _codewords(spec, observed), _codewords(spec, expected)
-    ec_len, blocks = _block_layout(spec.version, spec.error)
+    ec_len, blocks = block_layout(spec.version, spec.error)
     if any(np.count_nonzero(received[index] != clean[index]) > ec_len // 2 for index in blocks):
         return None
     return DecodeResult(text, "zxing", int(np.count_nonzero(received != clean)))
@@ -446,7 +446,7 @@ def _padding_guesses(spec: QrSpec, evidence: _Evidence) -> list[_Evidence]:
 
 
 def _correct_stream(spec: QrSpec, evidence: _Evidence, dark_only_lost: bool) -> np.ndarray | None:
-    ec_len, blocks = _block_layout(spec.version, spec.error)
+    ec_len, blocks = block_layout(spec.version, spec.error)
     stream = evidence.assumed.copy()
     for index in blocks:
         fixed = _correct_block(evidence.take(index), ec_len, dark_only_lost)

@@ -24,8 +24,6 @@ Modules: ``reference`` (the fingerprint and its JSON), ``layout`` (what the step
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +36,7 @@ from ticketguard.align.scales import _canonicalise, _state_dict
 from ticketguard.align.structure import _attach_vectors, _check_tensors, _read_structure
 from ticketguard.masks import Mask
 from ticketguard.suspect import Suspect
+from ticketguard.threads import one_intra_op_thread
 
 __all__ = ["Alignment", "AlignmentError", "KernelPrint", "Reference", "align"]
 
@@ -52,22 +51,10 @@ class Alignment:
     report: dict[str, Any]
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Alignment is thousands of small tensor operations; on the CPU, intra-op threads only synchronise them
-    (measured on ResNet-20: 3.8 s with 2 threads, 0.03 s with 1). The caller's setting is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def align(suspect: Suspect, reference: Reference) -> Alignment:
     """The suspect in the reference architecture's own form, its channels in the reference's order and scales
     in its units; AlignmentError says why when it cannot be put in that form."""
-    with _one_thread():
+    with one_intra_op_thread():
         return _align(suspect, reference)
 
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,9 +13,9 @@ from rich.table import Table
 
 from ticketguard.claim import generate_keys, load_claim, load_private_key, load_public_key, save_claim, sign
 from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey
-from ticketguard.cli.output import console, emit_json, print_verdict, results
+from ticketguard.cli.output import console, emit_json, print_verdict, progress_bar, results
 from ticketguard.errors import InputError
-from ticketguard.schemes.blind_scan import Found, blind_extract
+from ticketguard.schemes.blind_scan import DEFAULT_BUDGET_S, BlindScan, blind_scan
 from ticketguard.suspect import load_suspect
 from ticketguard.training import resolve_device
 from ticketguard.verify import verify as verify_suspect
@@ -25,6 +24,11 @@ commands = typer.Typer()
 
 Suspect = Annotated[Path, typer.Argument(help="Ticket folder, safetensors or torch state_dict file.")]
 Image = Annotated[Optional[Path], typer.Option(help="Write the extracted QR code next to the expected one (PNG).")]
+SuspectModel = Annotated[Optional[str], typer.Option(
+    "--model",
+    help="The suspect's architecture by import path (package.module:factory), to run the trigger check on weights "
+    "of a model that is not built in. Importing runs that code.",
+)]
 TriggerFolder = Annotated[Optional[Path], typer.Option(help="Where the claim's trigger folder lives now, if it moved.")]
 
 
@@ -35,13 +39,14 @@ def verify(
     image: Image = None,
     public_key: PublicKey = None,
     trigger_folder: TriggerFolder = None,
+    model: SuspectModel = None,
     alpha: Alpha = ALPHA,
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
     """Check every piece of evidence the claim holds (QR signature, trigger set) on a suspect's weights:
     exit 0 ownership shown, 1 not shown, 2 bad input."""
-    _verify(suspect, claim, image, public_key, trigger_folder, alpha, device, as_json)
+    _verify(suspect, claim, image, public_key, trigger_folder, alpha, device, as_json, model)
 
 
 @commands.command()
@@ -51,27 +56,33 @@ def extract(
     image: Image = None,
     public_key: PublicKey = None,
     alpha: Alpha = ALPHA,
+    budget: Annotated[float, typer.Option(
+        help="Seconds the scan without a claim may take; it then stops and says what it left out.")
+    ] = DEFAULT_BUDGET_S,
     as_json: Json = False,
 ) -> None:
-    """Read the signature from a suspect: with a claim, verify it; without, scan every conv layer for any code."""
+    """Read the signature from a suspect: with a claim, verify it; without, scan every conv and linear layer
+    for any code (exit 0 when one is found)."""
     if claim is not None:
         _verify(suspect, claim, image, public_key, None, alpha, "cpu", as_json)
         return
     if image is not None:
         raise InputError("--image needs --claim: without one there is no expected code to compare with")
-    found = blind_extract(load_suspect(suspect).weights)
+    weights = load_suspect(suspect).weights
+    with progress_bar() as progress:
+        scan = blind_scan(weights, budget_s=budget, progress=progress)
     if as_json:
-        emit_json({"found": [asdict(f) for f in found]})
+        emit_json(scan.to_json())
     else:
-        _print_found(found)
-    raise typer.Exit(0 if found else 1)
+        _print_found(scan)
+    raise typer.Exit(0 if scan.found else 1)
 
 
 def _verify(suspect: Path, claim: Path, image: Path | None, public_key: Path | None, trigger_folder: Path | None,
-            alpha: float, device: str, as_json: bool) -> None:
+            alpha: float, device: str, as_json: bool, model: str | None = None) -> None:
     verdict = verify_suspect(
         suspect, claim, alpha=alpha, public_key=load_public_key(public_key) if public_key else None,
-        trigger_folder=trigger_folder, qr_image=image, device=resolve_device(device),
+        trigger_folder=trigger_folder, qr_image=image, device=resolve_device(device), model=model,
     )
     report = {"suspect": str(suspect), **verdict.to_json()}
     if as_json:
@@ -81,17 +92,16 @@ def _verify(suspect: Path, claim: Path, image: Path | None, public_key: Path | N
     raise typer.Exit(0 if verdict.owned else 1)
 
 
-def _print_found(found: list[Found]) -> None:
-    if not found:
-        results.print("no decodable QR code found in any conv layer")
-        return
-    table = Table(title="QR codes found")
-    for column in ("layer", "offset", "QR", "kept", "text", "decoder"):
-        table.add_column(column)
-    for item in found:
-        table.add_row(item.layer, f"({item.row}, {item.col})", f"v{item.version} mask {item.mask_pattern}",
-                      "dark" if item.kept_is_dark else "light", item.text, item.method)
-    results.print(table)
+def _print_found(scan: BlindScan) -> None:
+    if scan.found:
+        table = Table(title="QR codes found")
+        for column in ("layer", "offset", "QR", "kept", "text", "decoder"):
+            table.add_column(column)
+        for item in scan.found:
+            table.add_row(item.layer, f"({item.row}, {item.col})", f"v{item.version} mask {item.mask_pattern}",
+                          "dark" if item.kept_is_dark else "light", item.text, item.method)
+        results.print(table)
+    results.print(scan.summary())
 
 
 @commands.command()

@@ -1,5 +1,7 @@
-"""Where V2 puts its code: every large-enough conv layer, offset, QR mask pattern and polarity is scored with one
-FFT cross-correlation per layer, and the placement needing the fewest changes to the squeezed mask wins.
+"""Where V2 puts its code: every large-enough host (a conv layer, squeezed to its (out, in) connections, or a
+2-D weight such as a linear layer or an attention projection), offset, QR mask pattern and polarity is scored
+with one FFT cross-correlation per layer, and the placement needing the fewest changes to the connection map
+wins.
 
 The same search space prices the match p-value: the owner (and a forger) could have picked any of it.
 """
@@ -42,19 +44,39 @@ def qr_codes(payload: str, *, error: str = "H", version: int | None = None) -> l
     return [qr.make_qr(payload, error=error, version=version, mask_pattern=m) for m in PATTERNS]
 
 
-def candidate_layers(mask: Mask, size: int, weights_per_connection: int = 1) -> list[str]:
-    """Conv layers whose squeezed (out, in) map holds a size x size code; InputError when none does.
+def is_host(tensor: torch.Tensor) -> bool:
+    """Conv kernels (4-D) and weight matrices (2-D) have (out, in) connections that can carry a code."""
+    return tensor.dim() in (2, 4)
 
-    Layers whose kernels hold at least ``weights_per_connection`` weights come first: only they can make a
-    connection robust to pruning (a 1x1 kernel has one weight), so the others are used only when none fits.
-    """
-    convs = [name for name, t in mask.items() if t.dim() == 4]
-    layers = [name for name in convs if min(mask[name].shape[:2]) >= size]
-    if not layers:
-        largest = max((min(mask[n].shape[:2]) for n in convs), default=0)
+
+def connections(tensor: torch.Tensor) -> torch.Tensor:
+    """A host's (out, in) connection map: a conv mask squeezed by "any kernel weight kept"; a 2-D mask as
+    it is, since each of its connections is exactly one weight (the paper writes M_s into it directly)."""
+    if tensor.dim() == 2:
+        return tensor
+    if tensor.dim() != 4:
         raise InputError(
-            f"the QR code needs a conv layer with at least {size} input and output channels, but the largest "
-            f"has {largest}; use a shorter signature, a lower error level or a wider model"
+            f"a layer of shape {tuple(tensor.shape)} can not hold a QR code: only conv kernels (4-D) and "
+            "weight matrices (2-D) have (out, in) connections"
+        )
+    return squeeze(tensor)
+
+
+def candidate_layers(mask: Mask, size: int, weights_per_connection: int = 1) -> list[str]:
+    """Conv and 2-D layers whose (out, in) map holds a size x size code; InputError when none does.
+
+    Layers whose connections hold at least ``weights_per_connection`` weights come first: only their kernels
+    spread a connection over several weights that pruning must all remove, so hosts with one weight per
+    connection (2-D weights, 1x1 convs; ``signature.raise_code_weights`` protects their code) are used only
+    when none fits. Conv-only models thus keep the placements they always had.
+    """
+    hosts = [name for name, t in mask.items() if is_host(t)]
+    layers = [name for name in hosts if min(mask[name].shape[:2]) >= size]
+    if not layers:
+        largest = max((min(mask[n].shape[:2]) for n in hosts), default=0)
+        raise InputError(
+            f"the QR code needs a conv or linear layer with at least {size} input and output channels, but "
+            f"the largest has {largest}; use a shorter signature, a lower error level or a wider model"
         )
     robust = [name for name in layers if mask[name][0, 0].numel() >= weights_per_connection]
     return robust or layers
@@ -77,7 +99,7 @@ def placement_costs(
 ) -> torch.Tensor:
     """Cells to change for kept = dark at every offset, (8 patterns, rows, cols), from one FFT correlation.
 
-    With S the squeezed map, P the data positions and D the dark data modules, changes(kept = dark) =
+    With S the connection map, P the data positions and D the dark data modules, changes(kept = dark) =
     sum D + sum S (P - 2 D) over the code, and changes(kept = light) = n - changes(kept = dark), so one
     cross-correlation of S with the 8 templates P - 2 D scores every offset and pattern (float32 is exact
     after rounding: every sum is a small integer). ``spectra`` caches template spectra per layer shape.
@@ -109,13 +131,13 @@ def search_placements(
     layers = candidate_layers(mask, codes[0].spec.size, weights_per_connection)
     if copies > len(layers):
         raise InputError(
-            f"{copies} copies need {copies} conv layers large enough for the code, but only "
+            f"{copies} copies need {copies} layers large enough for the code, but only "
             f"{len(layers)} are; use --copies {len(layers)} or fewer"
         )
     n_modules = len(codes[0].data_positions)
     best_cost, best_offset, spectra = [], [], {}
     for name in layers:
-        as_dark = placement_costs(squeeze(mask[name].cpu()), codes, spectra).flatten(1)
+        as_dark = placement_costs(connections(mask[name].cpu()), codes, spectra).flatten(1)
         fewest, at_fewest = as_dark.min(dim=1)
         most, at_most = as_dark.max(dim=1)
         best_cost.append(torch.stack([fewest, n_modules - most], dim=1))
@@ -138,11 +160,11 @@ def search_placements(
 
 def placement_count(weights: Mapping[str, torch.Tensor], size: int, copies: int) -> float:
     """Bonferroni factor for the placement search: 16 pattern/polarity choices times the offsets of every
-    large-enough conv layer, per copy. The owner picked the region that already fitted the mask best, and a
-    forger would search the same space, so the match p-value is multiplied by this count."""
+    large-enough host (conv or 2-D weight), per copy. The owner picked the region that already fitted the mask
+    best, and a forger would search the same space, so the match p-value is multiplied by this count."""
     offsets = sum(
         (t.shape[0] - size + 1) * (t.shape[1] - size + 1)
         for t in weights.values()
-        if t.dim() == 4 and min(t.shape[:2]) >= size
+        if is_host(t) and min(t.shape[:2]) >= size
     )
     return float(len(PATTERNS) * len(POLARITIES) * max(offsets, 1) ** copies)

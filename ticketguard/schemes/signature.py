@@ -1,12 +1,13 @@
-"""Scheme V2 (Algorithm 2, improved): a QR signature written into the (out, in) connectivity of conv layers.
+"""Scheme V2 (Algorithm 2, improved): a QR signature written into the (out, in) connectivity of a conv layer
+or a 2-D weight (linear layers, attention projections).
 
-Embedding searches every large-enough conv layer, every offset, the 8 QR mask patterns and the allowed
+Embedding searches every large-enough host, every offset, the 8 QR mask patterns and the allowed
 polarities (kept = dark, the default, or kept = light) for the placement that needs the fewest changes to the
-squeezed mask, with one FFT cross-correlation per layer. Only the QR data modules are written; the fixed
-patterns follow from version, level and mask pattern and are restored on extraction. Verification reads the
-claimed regions back from a suspect's non-zero weights, decodes them, and tests the module match rate against
-a random mask of the suspect layer's connection density (corrected for the placement search), so ownership
-stays provable after the code no longer decodes.
+connection map (conv masks squeezed, 2-D masks as they are), with one FFT cross-correlation per layer. Only
+the QR data modules are written; the fixed patterns follow from version, level and mask pattern and are
+restored on extraction. Verification reads the claimed regions back from a suspect's non-zero weights, decodes
+them, and tests the module match rate against a random mask of the suspect layer's connection density
+(corrected for the placement search), so ownership stays provable after the code no longer decodes.
 """
 
 from __future__ import annotations
@@ -21,19 +22,24 @@ from scipy.stats import binom
 
 from ticketguard import qr
 from ticketguard.errors import InputError
+from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
 from ticketguard.files import check_json
-from ticketguard.masks import Mask, squeeze
+from ticketguard.masks import Mask
 from ticketguard.schemes.placement import (
     Placement,
+    connections,
     placement_count,
     qr_codes,
     search_placements,
 )
-from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
 
 # With k weights per connection, one-shot magnitude pruning of a fraction f empties the kernel with chance
 # about f^k: 3 weights keep ~87 % of the dark modules at f = 0.5, within what the dark-only decoder corrects.
 DEFAULT_WEIGHTS_PER_CONNECTION = 3
+# Single-weight code connections are raised above what pruning this share of the kept weights would cut
+# (benchmarks/linear_signature.py measures the choice).
+RAISE_FRACTION = 0.5
+RAISE_MARGIN = 1.25
 # Keeping the density exact takes the code's new weights from the rest of the ticket; past this share of it
 # the ticket would be gutted rather than signed.
 MAX_COMPENSATED_SHARE = 0.25
@@ -63,7 +69,7 @@ SIGNATURE_SCHEMA = {
                     "shape": {
                         "type": "array",
                         "items": {"type": "integer", "minimum": 1, "maximum": MAX_CHANNELS_PER_LAYER},
-                        "minItems": 4,
+                        "minItems": 2,
                         "maxItems": 4,
                     },
                 },
@@ -77,7 +83,7 @@ SIGNATURE_SCHEMA = {
 
 @dataclass(frozen=True)
 class Region:
-    """Where one copy sits: rows are output channels, columns input channels of ``layer``'s squeezed mask."""
+    """Where one copy sits: rows are output channels, columns input channels of ``layer``'s connection map."""
 
     layer: str
     row: int
@@ -106,7 +112,7 @@ class Signature:
     @classmethod
     def from_json(cls, data: Any) -> Signature:
         """The signature section of a claim, refused unless it fits SIGNATURE_SCHEMA (JSON integers, a boolean
-        polarity, a QR version 1..40, offsets >= 0, 1 to MAX_COPIES regions of 4-D layers)."""
+        polarity, a QR version 1..40, offsets >= 0, 1 to MAX_COPIES regions of 2-D to 4-D layers)."""
         check_json(data, SIGNATURE_SCHEMA, "the claim's signature section")
         regions = tuple(Region(r["layer"], r["row"], r["col"], tuple(r["shape"])) for r in data["regions"])
         return cls(
@@ -173,11 +179,13 @@ def _write_code(
     weights_per_connection: int,
 ) -> torch.Tensor:
     """The layer mask with the code written: wanted connections get their k strongest rewind weights (kept
-    weights first), unwanted ones are emptied."""
+    weights first), unwanted ones are emptied. A 2-D host's connection is its one weight."""
     rows, cols = _region_cells(placement, code.data_positions)
     wanted = torch.from_numpy(code.data_modules == placement.kept_is_dark)
-    kernels = layer_mask[rows, cols].flatten(1)
-    score = rewind[rows, cols].flatten(1).abs().float() + kernels.float() * (1 + rewind.abs().max().float())
+    kernels = layer_mask[rows, cols].reshape(len(rows), -1)
+    score = rewind[rows, cols].reshape(len(rows), -1).abs().float() + kernels.float() * (
+        1 + rewind.abs().max().float()
+    )
     k = min(weights_per_connection, kernels.shape[1])
     strongest = torch.zeros_like(kernels)
     strongest.scatter_(1, score.topk(k, dim=1).indices, True)
@@ -273,8 +281,44 @@ def embed_signature(
     return result, signature, report
 
 
+def raise_code_weights(
+    weights: Mapping[str, torch.Tensor],
+    mask: Mask,
+    signature: Signature,
+    fraction: float = RAISE_FRACTION,
+    margin: float = RAISE_MARGIN,
+) -> dict[str, torch.Tensor]:
+    """The trained weights with every kept code connection that is a single weight (2-D hosts, 1x1 convs)
+    raised to ``margin`` times the magnitude that global magnitude pruning of ``fraction`` of the kept weights
+    cuts.
+
+    A kernel spreads a connection over several weights that pruning must all remove; a linear layer's
+    connection is one weight, so without this its code modules go with the first pruning. Call it after the
+    last training, which would otherwise move the raised weights back; signs are kept, and weights already
+    larger stay as they are.
+    """
+    if not 0.0 <= fraction < 1.0 or margin < 1.0:
+        raise InputError(
+            f"raising needs a pruning fraction in [0, 1) and a margin >= 1, got {fraction} and {margin}"
+        )
+    kept = torch.cat([weights[n].detach().abs().float()[mask[n]] for n in mask])
+    floor = margin * float(kept.kthvalue(max(1, round(fraction * len(kept)))).values)
+    positions = qr.data_positions(signature.spec)
+    raised = {name: tensor.clone() for name, tensor in weights.items()}
+    for region in signature.regions:
+        if mask[region.layer][0, 0].numel() != 1:
+            continue
+        rows, cols = _region_cells(region, positions)
+        cells = raised[region.layer][rows, cols]
+        sign = torch.where(cells < 0, -1.0, 1.0).to(cells.dtype)
+        lifted = torch.where(mask[region.layer][rows, cols], sign * cells.abs().clamp(min=floor), cells)
+        raised[region.layer][rows, cols] = lifted
+    return raised
+
+
 def _squeezed_kept(weights: Mapping[str, torch.Tensor], region: Region) -> torch.Tensor:
-    """The suspect's (out, in) connectivity in the claimed layer: a weight is kept if it is non-zero."""
+    """The suspect's (out, in) connectivity in the claimed layer: a weight is kept if it is non-zero (a conv
+    connection if any of its kernel weights is)."""
     if region.layer not in weights:
         raise InputError(f"the claim names layer {region.layer!r}, which the suspect does not have")
     tensor = weights[region.layer]
@@ -283,13 +327,13 @@ def _squeezed_kept(weights: Mapping[str, torch.Tensor], region: Region) -> torch
             f"the claim expects layer {region.layer!r} with shape {tuple(region.shape)}, but the "
             f"suspect's has shape {tuple(tensor.shape)}"
         )
-    return squeeze(tensor.detach().cpu() != 0)
+    return connections(tensor.detach().cpu() != 0)
 
 
 def read_region(
     squeezed: torch.Tensor, region: Region | Placement, spec: qr.QrSpec, kept_is_dark: bool
 ) -> np.ndarray:
-    """The data modules (True = dark) that a region of a squeezed mask shows."""
+    """The data modules (True = dark) that a region of a connection map shows."""
     rows, cols = _region_cells(region, qr.data_positions(spec))
     if rows.max() >= squeezed.shape[0] or cols.max() >= squeezed.shape[1]:
         raise InputError(
@@ -373,8 +417,8 @@ def decode_modules(
 
 
 def evidence(reading: Reading) -> Evidence:
-    """V(...) for V2: the match rate with its search-corrected binomial p-value, judged at the reading's level;
-    a decode of another string never passes."""
+    """V(...) for V2: the match rate with its search-corrected binomial p-value, judged at the reading's
+    level; a decode of another string never passes."""
     return Evidence(
         name="qr-signature",
         score=reading.match_rate,
