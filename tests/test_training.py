@@ -1,10 +1,16 @@
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
 
 from ticketguard import training
 from ticketguard.data import ImageData
+from ticketguard.errors import InputError
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.training import TrainConfig, evaluate, train
@@ -19,7 +25,8 @@ def _sparse_resnet20(digits: ImageData, fraction: float = 0.7) -> tuple[torch.nn
 
 def test_lr_schedule_decays_at_half_and_three_quarters() -> None:
     config = TrainConfig(epochs=182)
-    assert [config.lr_at(e) for e in (0, 90, 91, 135, 136, 181)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    rates = [config.lr_at(e) for e in (0, 90, 91, 135, 136, 181)]
+    assert rates == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
 def test_training_keeps_pruned_weights_exactly_zero_and_learns(digits: ImageData) -> None:
@@ -43,7 +50,9 @@ def test_rewind_state_is_captured_after_k_epochs(digits: ImageData) -> None:
     assert int(rewind["bn.num_batches_tracked"]) == 12  # one epoch of 1437 images in batches of 128
 
 
-def test_interrupted_training_resumes_to_the_same_weights(digits: ImageData, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_training_resumes_to_the_same_weights(
+    digits: ImageData, tmp_path: Path, monkeypatch
+) -> None:
     config = TrainConfig(epochs=4, seed=3)
     torch.manual_seed(1)
     model, mask = _sparse_resnet20(digits)
@@ -113,3 +122,100 @@ def test_compiled_training_follows_eager_training(digits: ImageData) -> None:
     for a, b in zip(eager.history, compiled_run.history):
         assert b["loss"] == pytest.approx(a["loss"], abs=0.05)
     assert compiled_run.history[-1]["loss"] < compiled_run.history[0]["loss"] - 0.3
+
+
+class DigitsDataset(Dataset):
+    """A torch Dataset over one split of the digits, each image in the form a user's pipeline might give."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, form: str = "pil") -> None:
+        self.images, self.labels, self.form = images, labels, form
+        self.classes = [f"digit {d}" for d in range(10)]
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, label = self.images[index], self.labels[index]
+        forms = {
+            "pil": lambda: Image.fromarray(image[0].numpy()),
+            "numpy-hw": lambda: image[0].numpy(),
+            "numpy-hwc": lambda: image.permute(1, 2, 0).numpy(),
+            "uint8-chw": lambda: image,
+            "float-chw": lambda: image.float() / 255,
+        }
+        return forms[self.form](), int(label) if self.form == "pil" else label
+
+
+def datasets(data: ImageData, form: str = "pil") -> tuple[DigitsDataset, DigitsDataset]:
+    return (DigitsDataset(data.train_images, data.train_labels, form),
+            DigitsDataset(data.test_images, data.test_labels, form))
+
+
+def test_image_data_from_a_torch_dataset_trains_with_our_trainer(digits: ImageData) -> None:
+    small = digits.subset(40, 20, 0)
+    data = ImageData.from_datasets(*datasets(small), name="digits-dataset", crop_padding=1)
+    assert torch.equal(data.train_images, small.train_images)
+    assert torch.equal(data.test_labels, small.test_labels)
+    assert data.classes[3] == "digit 3" and data.name == "digits-dataset"
+    model, mask = _sparse_resnet20(data)
+    result = train(model, data, TrainConfig(epochs=4, batch_size=32), mask)
+    assert result.accuracy > 0.5  # chance is 0.1
+    assert not mask.revived(dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("form", ["pil", "numpy-hw", "numpy-hwc", "uint8-chw", "float-chw"])
+def test_every_image_form_gives_the_same_uint8_pixels(digits: ImageData, form: str) -> None:
+    small = digits.subset(3, 2, 0)
+    data = ImageData.from_datasets(*datasets(small, form))
+    assert torch.equal(data.train_images, small.train_images)
+    assert torch.equal(data.test_images, small.test_images)
+    assert torch.equal(data.train_labels, small.train_labels) and data.num_classes == 10
+
+
+class Items(Dataset):
+    """A dataset that returns the given items as they are."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+class Stream(IterableDataset):
+    def __iter__(self) -> Iterator[Any]:
+        return iter([(torch.zeros(1, 8, 8, dtype=torch.uint8), 0)])
+
+
+PIXELS = torch.zeros(1, 8, 8, dtype=torch.uint8)
+BAD_DATA = {
+    "empty": (Items([]), "the train dataset is empty"),
+    "iterable": (Stream(), "give a map-style Dataset"),
+    "not-a-pair": (Items([PIXELS]), "item 0 is of type Tensor; a dataset must give \\(image, label\\) pairs"),
+    "sizes-vary": (Items([(PIXELS, 0), (PIXELS[:, 1:], 1)]), "train item 1 is 1x7x8 but"),
+    "float-out-of-range": (Items([(PIXELS.float() + 2, 0)]), "values outside \\[0, 1\\]"),
+    "float-numpy": (Items([(np.zeros((8, 8)), 0)]), "numpy images must be uint8"),
+    "int32-tensor": (Items([(PIXELS.int(), 0)]), "tensor images must be uint8 or float"),
+    "float-label": (Items([(PIXELS, 1.0)]), "labels must be integer class indices"),
+    "label-outside-classes": (Items([(PIXELS, 0), (PIXELS, 2)]), "item 1 has label 2, outside the 2 classes"),
+    "negative-label": (Items([(PIXELS, -1)]), "train item 0 has label -1"),
+    "16-bit-pil": (Items([(Image.new("I;16", (8, 8)), 0)]), "deeper than 8 bits"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_datasets_are_refused_with_what_is_wrong(case: str) -> None:
+    train_set, message = BAD_DATA[case]
+    with pytest.raises(InputError, match=message):
+        ImageData.from_datasets(train_set, Items([(PIXELS, 0)]), classes=("zero", "one"))
+
+
+def test_a_test_image_of_another_size_and_too_much_data_are_refused() -> None:
+    train_set = Items([(PIXELS, 0), (PIXELS, 1)])
+    with pytest.raises(InputError, match="test item 0 is 1x4x4 but train item 0 is 1x8x8"):
+        ImageData.from_datasets(train_set, Items([(torch.zeros(1, 4, 4, dtype=torch.uint8), 0)]))
+    with pytest.raises(InputError, match="3 images of 1x8x8 would take .* more than max_bytes"):
+        ImageData.from_datasets(train_set, Items([(PIXELS, 0)]), max_bytes=100)

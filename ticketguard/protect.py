@@ -1,6 +1,6 @@
 """protect(): V2 and V3 in one retraining. The signature goes into the mask (ME), the trigger set into the
-weights (WE with T), and the ticket is retrained once from W_k with both; the result is the protected ticket to
-ship and the owner's secret claim.
+weights (WE with T), and the ticket is retrained once from W_k with both; the result is the protected ticket
+to ship and the owner's secret claim.
 
 The claim records everything verification needs from a bare weight file: the QR parameters and regions, the
 trigger set with the input normalisation the owner trained with, and the add-on defence's threshold t.
@@ -9,6 +9,7 @@ trigger set with the input normalisation the owner trained with, and the add-on 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,25 +17,35 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.progress import Progress
+from torch import nn
 
 from ticketguard import attacks
 from ticketguard.align import Reference
 from ticketguard.claim import Claim, DefenceClaim, load_claim, save_claim, sign, ticket_hashes
 from ticketguard.data import ImageData
+from ticketguard.data.augment import normalize
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, check_alpha
 from ticketguard.files import prepare_output
+from ticketguard.fixed_mask import keep_mask
+from ticketguard.masks import Mask
+from ticketguard.models import MODELS
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, state_copy, train
+from ticketguard.training import TrainConfig, evaluate, predict_labels, state_copy, train
 from ticketguard.verify import verify
 
 STARTS = ("rewind", "weights")
 # Trigger images per batch when none is given: one per 16 data images. The paper's one per batch of 128 is
 # too little on small data sets (digits: 23 % trigger accuracy, which its own test rejects).
 TRIGGER_SHARE = 16
+
+BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(images, labels) -> the same batch with the next trigger images and their labels appended."""
+TrainFn = Callable[[nn.Module, BatchMixer], None]
+"""A user's training loop for ``protect``: (model, mix_batch) -> None; see ``protect`` for the contract."""
 
 
 @dataclass(frozen=True)
@@ -59,14 +70,16 @@ class SignatureConfig:
 
 @dataclass(frozen=True)
 class TriggerConfig:
-    """How T is mixed into training (V3): the set, images per batch (None: one per 16) and the chance model."""
+    """How T is mixed into training (V3): the set, images per batch (None: one per 16), the chance model."""
 
     trigger: TriggerSet
     per_batch: int | None = None
     chance_model: str = "suspect"
 
     def images_per_batch(self, batch_size: int) -> int:
-        per_batch = self.per_batch if self.per_batch is not None else max(1, math.ceil(batch_size / TRIGGER_SHARE))
+        per_batch = self.per_batch
+        if per_batch is None:
+            per_batch = max(1, math.ceil(batch_size / TRIGGER_SHARE))
         if per_batch < 1:
             raise InputError(f"trigger images per batch must be >= 1, got {per_batch}")
         return per_batch
@@ -120,7 +133,9 @@ def signature_to_carry(claim_path: Path, ticket_path: Path) -> v2.Signature | No
             "for both schemes at once, or extend the unsigned claim and sign it after with `ticketguard sign`"
         )
     if existing.ticket_files != ticket_hashes(ticket_path):
-        raise InputError(f"{claim_path} was made for another ticket than {ticket_path}; choose another --claim")
+        raise InputError(
+            f"{claim_path} was made for another ticket than {ticket_path}; choose another --claim"
+        )
     return existing.signature
 
 
@@ -138,7 +153,7 @@ def sign_mask(ticket: Ticket, signing: SignatureConfig) -> tuple[Ticket, v2.Sign
         version=signing.qr_version, copies=signing.copies,
         weights_per_connection=signing.weights_per_connection, polarity=signing.polarity,
     )
-    weights = {name: tensor * mask[name] if name in mask else tensor.clone() for name, tensor in ticket.rewind.items()}
+    weights = {name: t * mask[name] if name in mask else t.clone() for name, t in ticket.rewind.items()}
     untrained = replace(
         ticket, mask=mask, weights=weights, accuracy=None,
         metadata={**ticket.metadata, "protection": {"trained": False, "embedding": asdict(embedded)}},
@@ -158,6 +173,7 @@ def protect(
     progress: Progress | None = None,
     alpha: float = DEFAULT_ALPHA,
     existing: v2.Signature | None = None,
+    train_fn: TrainFn | None = None,
 ) -> Protected:
     """Embed the signature into the mask and train the trigger set in one retraining from W_k (or from the
     ticket's weights with ``start="weights"``); ``train_config`` defaults to the ticket's own.
@@ -165,6 +181,22 @@ def protect(
     ``existing``: the signature already in the ticket's mask (from ``sign_mask``), carried into the claim.
     ``report["self_check"]`` is the verdict of ``verify`` on the result: a protection that its own check
     rejects should not be shipped.
+
+    ``train_fn(model, mix_batch)`` replaces our trainer with the caller's own loop. It gets the model on
+    ``device`` in train mode, pruned weights zeroed, and must train it in place, returning nothing:
+
+    - pass every training batch through ``mix_batch(images, labels)`` before the forward pass: it appends the
+      next trigger images (``TriggerConfig.per_batch``, by default one per 16 of ``train_config.batch_size``)
+      and their labels, in the batch's form: uint8 pixels stay uint8, float inputs get trigger images
+      standardised with ``data.normalization()``. Without a trigger set it returns the batch unchanged;
+    - feed the model inputs standardised with ``data.normalization()`` (``ticketguard.data.augment.normalize``
+      with ``data.channel_stats()``): accuracy, trigger accuracy and every later verification query it so;
+    - update weights with ``torch.optim`` optimizers: while ``train_fn`` runs, every optimizer step masks the
+      pruned gradients and re-zeroes the pruned weights (``fixed_mask.keep_mask``).
+
+    Afterwards protect refuses a model with any pruned weight not zero, and measures test and trigger
+    accuracy itself; ``train_config`` then only sets the trigger share and the trigger order's seed, and
+    ``progress`` is not used.
     """
     if signature is None and trigger is None and existing is None:
         raise InputError("nothing to protect with: give a signature, a trigger set, or both")
@@ -179,39 +211,144 @@ def protect(
     signature_found, report, accuracy_before = existing, {}, ticket.accuracy
     if signing is not None:
         if start == "weights":
-            raise InputError("a new signature changes the mask, so training starts from W_k: use start=rewind")
+            raise InputError(
+                "a new signature changes the mask, so training starts from W_k: use start=rewind"
+            )
         ticket, signature_found, embedded = sign_mask(ticket, signing)
         report["embedding"] = asdict(embedded)
     elif ticket.metadata.get("protection", {}).get("trained") is False and start == "weights":
-        raise InputError("the ticket's mask was signed but never trained, so its weights cannot be fine-tuned")
+        raise InputError(
+            "the ticket's mask was signed but never trained, so its weights cannot be fine-tuned"
+        )
     mask = ticket.mask
     model = ticket.build_model(start).to(target)
     normalization = data.normalization()
-    if marking is None:
-        accuracy = train(model, data, config, mask, progress=progress, description="retrain with signature").accuracy
-        trigger_claim = None
-    else:
-        per_batch = marking.images_per_batch(config.batch_size)
-        marked = v3.watermark(model, data, marking.trigger, config, mask, per_batch=per_batch, progress=progress)
-        accuracy = marked.accuracy
+    per_batch = marking.images_per_batch(config.batch_size) if marking is not None else 0
+    accuracy, trigger_accuracy, trained_by = _retrain(
+        model, data, mask, config, marking, per_batch, progress, train_fn
+    )
+    if signature_found is not None and _lift_code(model, mask, signature_found):
+        accuracy, trigger_accuracy = _accuracies(model, data, marking)
+    trigger_claim = None
+    if marking is not None:
         trigger_claim = v3.TriggerClaim.of(
             marking.trigger, ticket.num_classes, normalization, marking.chance_model,
-            accuracy=marked.accuracy, trigger_accuracy=marked.trigger_accuracy,
+            accuracy=accuracy, trigger_accuracy=trigger_accuracy,
         )
-        report |= {"per_batch": per_batch, "trigger_accuracy": marked.trigger_accuracy}
+        report |= {"per_batch": per_batch, "trigger_accuracy": trigger_accuracy}
     weights = state_copy(model)
     protected = replace(
         ticket, mask=mask, weights=weights, accuracy=accuracy, normalization=normalization,
-        metadata={**ticket.metadata, "protection": {"trained": True, "start": start, "epochs": config.epochs,
+        metadata={**ticket.metadata, "protection": {"trained": True, "start": start, **trained_by,
                                                     "accuracy_before": accuracy_before, **report}},
     )
     threshold = attacks.defence_threshold(weights, mask)
-    reference = Reference.of(ticket.architecture, ticket.in_channels, ticket.num_classes, weights, mask)
-    claim = Claim(signature_found, {}, trigger_claim, DefenceClaim(threshold, attacks.DEFENCE_QUANTILE), reference)
-    self_check = verify(weights, claim, alpha=alpha)
+    reference = None  # alignment knows the registered architectures' permutation groups, not other models'
+    if ticket.architecture in MODELS:
+        reference = Reference.of(ticket.architecture, ticket.in_channels, ticket.num_classes, weights, mask)
+    defence = DefenceClaim(threshold, attacks.DEFENCE_QUANTILE)
+    claim = Claim(signature_found, {}, trigger_claim, defence, reference)
+    self_check = verify(weights, claim, alpha=alpha, model=ticket.architecture)
     report |= {"accuracy_before": accuracy_before, "accuracy": accuracy, "threshold": threshold,
                "self_check": self_check.to_json()}
     return Protected(protected, claim, report)
+
+
+def _retrain(
+    model: nn.Module,
+    data: ImageData,
+    mask: Mask,
+    config: TrainConfig,
+    marking: TriggerConfig | None,
+    per_batch: int,
+    progress: Progress | None,
+    train_fn: TrainFn | None,
+) -> tuple[float, float | None, dict[str, Any]]:
+    """Train ``model`` in place with our trainer or the user's: test and trigger accuracy, what trained it."""
+    if train_fn is not None:
+        seed = config.seed + 1  # the trigger order our trainer uses
+        accuracy, trigger_accuracy = _train_custom(train_fn, model, data, mask, marking, per_batch, seed)
+        return accuracy, trigger_accuracy, {"trainer": getattr(train_fn, "__qualname__", repr(train_fn))}
+    if marking is None:
+        retrained = train(model, data, config, mask, progress=progress, description="retrain with signature")
+        return retrained.accuracy, None, {"epochs": config.epochs}
+    marked = v3.watermark(model, data, marking.trigger, config, mask, per_batch=per_batch, progress=progress)
+    return marked.accuracy, marked.trigger_accuracy, {"epochs": config.epochs}
+
+
+def _lift_code(model: nn.Module, mask: Mask, signature: v2.Signature) -> bool:
+    """Raise the code's single-weight connections (linear hosts) above what pruning cuts
+    (``v2.raise_code_weights``); True when a weight changed, so accuracy must be measured again."""
+    state = state_copy(model)
+    raised = v2.raise_code_weights(state, mask, signature)
+    if all(torch.equal(raised[region.layer], state[region.layer]) for region in signature.regions):
+        return False
+    model.load_state_dict(raised)
+    return True
+
+
+def _accuracies(model: nn.Module, data: ImageData, marking: TriggerConfig | None) -> tuple[float, float | None]:
+    """Test accuracy, and the trigger set's accuracy when there is one."""
+    accuracy = evaluate(model, data)
+    if marking is None:
+        return accuracy, None
+    trigger = marking.trigger
+    predicted = predict_labels(model, trigger.images, *data.channel_stats())
+    return accuracy, int((predicted == trigger.labels.cpu()).sum()) / len(trigger)
+
+
+def _train_custom(
+    train_fn: TrainFn,
+    model: nn.Module,
+    data: ImageData,
+    mask: Mask,
+    marking: TriggerConfig | None,
+    per_batch: int,
+    seed: int,
+) -> tuple[float, float | None]:
+    """Run a user's training loop under protect's contract (see ``protect``): the mask kept on every
+    optimizer step, the trigger set mixed in by ``mix_batch``; returns the test and trigger accuracy after."""
+    device = next(model.parameters()).device
+    trigger = marking.trigger.to(device) if marking is not None else None
+    if trigger is not None and trigger.shape != data.input_shape:
+        raise InputError(f"trigger images are {trigger.shape} but the data's inputs are {data.input_shape}")
+    model.train()
+    with keep_mask(model, mask):
+        train_fn(model, _batch_mixer(trigger, per_batch, seed, data))
+    revived = mask.revived(dict(model.named_parameters()))
+    if revived:
+        layers = ", ".join(f"{name} ({count})" for name, count in list(revived.items())[:3])
+        raise InputError(
+            f"train_fn left {sum(revived.values())} pruned weights non-zero, e.g. in {layers}, so the mask "
+            "and its signature no longer hold; update weights only through torch.optim optimizers inside "
+            "train_fn, whose steps keep the mask"
+        )
+    return _accuracies(model, data, marking)
+
+
+def _batch_mixer(trigger: TriggerSet | None, per_batch: int, seed: int, data: ImageData) -> BatchMixer:
+    """``mix_batch`` for a user's loop: our trainer's trigger order and share, in the batch's own form."""
+    if trigger is None:
+        return lambda images, labels: (images, labels)
+    draw = v3.TriggerMixer(trigger, per_batch, seed)
+    mean, std = (t.to(trigger.images.device) for t in data.channel_stats())
+
+    def mix_batch(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tuple(images.shape[1:]) != trigger.shape or labels.shape != images.shape[:1]:
+            raise InputError(
+                f"mix_batch takes images (N, {', '.join(map(str, trigger.shape))}) and N labels, got "
+                f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise InputError(f"mix_batch takes uint8 pixels or float model inputs, got {images.dtype}")
+        # appending to an empty batch draws the next per_batch trigger images, in our trainer's order
+        extra, extra_labels = draw(trigger.images[:0], trigger.labels[:0], 0)
+        if images.is_floating_point():
+            extra = normalize(extra, mean, std)
+        extra_labels = extra_labels.to(labels.device, labels.dtype)
+        return torch.cat([images, extra.to(images.device, images.dtype)]), torch.cat([labels, extra_labels])
+
+    return mix_batch
 
 
 def _check_data(ticket: Ticket, data: ImageData) -> None:

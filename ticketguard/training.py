@@ -1,8 +1,8 @@
 """WE without a trigger set: (re)train N[W, M] from given weights with the paper's protocol, mask held fixed.
 
 Data lives on the device as uint8 tensors; batches are gathered and augmented there; the pruned weights are
-re-zeroed after every step with one fused multiply; loss and accuracy accumulate on the device, so a step never
-waits for the host.
+re-zeroed after every step with one fused multiply (``fixed_mask.keep_mask``); loss and accuracy accumulate on
+the device, so a step never waits for the host.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ticketguard.data import ImageData
 from ticketguard.data.augment import crop_and_flip, normalize
 from ticketguard.errors import InputError
 from ticketguard.files import load_checkpoint, save_checkpoint
+from ticketguard.fixed_mask import keep_mask
 from ticketguard.masks import Mask
 
 EVAL_BATCH_SIZE = 1024
@@ -42,10 +43,12 @@ ONECYCLE_START = 0.04
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run (paper §4.1: SGD 0.9, wd 1e-4, lr 0.1, x0.1 at 50 % and 75 % of 182 epochs, batch 128).
+    """One training run (paper §4.1: SGD 0.9, wd 1e-4, lr 0.1, x0.1 at 50 % and 75 % of 182 epochs,
+    batch 128).
 
-    ``schedule="onecycle"`` (linear warm-up over the first 30 % of the steps, then linear decay to zero) is the
-    faster alternative for short runs; ``compile`` runs the training forward/backward through torch.compile.
+    ``schedule="onecycle"`` (linear warm-up over the first 30 % of the steps, then linear decay to zero) is
+    the faster alternative for short runs; ``compile`` runs the training forward/backward through
+    torch.compile.
     """
 
     epochs: int = 182
@@ -64,12 +67,15 @@ class TrainConfig:
             raise InputError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
         for name in ("lr", "momentum", "weight_decay", "lr_decay"):
             if not math.isfinite(getattr(self, name)):
-                raise InputError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
+                raise InputError(
+                    f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}"
+                )
         if self.lr <= 0:
             raise InputError(f"learning rate must be positive, got {self.lr}")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise InputError(
-                f"momentum must lie in [0, 1) and weight decay be >= 0, got {self.momentum} and {self.weight_decay}"
+                "momentum must lie in [0, 1) and weight decay be >= 0, "
+                f"got {self.momentum} and {self.weight_decay}"
             )
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
@@ -116,24 +122,9 @@ def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-class _MaskEnforcer:
-    """Re-zero pruned weights after each step: one fused multiply over all masked tensors."""
-
-    def __init__(self, model: nn.Module, mask: Mask | None) -> None:
-        params = dict(model.named_parameters())
-        names = list(mask) if mask is not None else []
-        if mask is not None:
-            mask.check_matches(params)
-        self.params = [params[n] for n in names]
-        self.factors = [torch.empty_like(params[n]).copy_(mask[n]) for n in names] if mask is not None else []
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        if self.params:
-            torch._foreach_mul_(self.params, self.factors)
-
-
-def _batches(data: ImageData, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    data: ImageData, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This process's share of each global batch.
 
     Every process draws the same order and augmentation (same generator state), so under torchrun the shares
@@ -150,7 +141,9 @@ def _batches(data: ImageData, batch_size: int, generator: torch.Generator) -> It
 
 
 @torch.inference_mode()
-def predict_labels(model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def predict_labels(
+    model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
     """Top-1 labels (on the CPU) of uint8 images, standardised with the training data's statistics."""
     device = next(model.parameters()).device
     mean, std = mean.to(device), std.to(device)
@@ -192,32 +185,50 @@ def train(
     ``batch_hook`` changes every batch after augmentation; ``epoch_hook`` adds numbers to each epoch's record.
     """
     device = next(model.parameters()).device
-    data = data.to(device)
-    if mask is not None:
-        mask = mask.to(device)
-        mask.apply_(model)
     model.to(memory_format=torch.channels_last)
-    enforce_mask = _MaskEnforcer(model, mask)
-    network = model
-    if distributed.world_size() > 1:
-        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
+    # SGD is elementwise: pruned gradients and momentum never reach a kept weight, so re-zeroing suffices
+    with keep_mask(model, mask if mask is not None else Mask({}), [optimizer], mask_gradients=False):
+        return _fit(
+            model, data.to(device), config, optimizer, rewind_epoch=rewind_epoch, checkpoint=checkpoint,
+            progress=progress, description=description, batch_hook=batch_hook, epoch_hook=epoch_hook,
+        )
+
+
+def _fit(
+    model: nn.Module,
+    data: ImageData,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    *,
+    rewind_epoch: int | None,
+    checkpoint: Path | None,
+    progress: Progress | None,
+    description: str,
+    batch_hook: BatchHook | None,
+    epoch_hook: EpochHook | None,
+) -> TrainResult:
+    """The epochs of ``train`` with the mask already kept, resuming from ``checkpoint`` where it exists."""
+    device = data.train_images.device
+    network = model
+    if distributed.world_size() > 1:
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     state: dict[str, Any] = {"epoch": 0, "history": [], "rewind_state": None}
     if checkpoint is not None and checkpoint.is_file():
         state = _resume(checkpoint, model, optimizer, generator, config)
     if rewind_epoch == 0 and state["rewind_state"] is None:
         state["rewind_state"] = state_copy(model)
-    task = progress.add_task(description, total=config.epochs, completed=state["epoch"], status="") if progress else 0
+    task = 0
+    if progress is not None:
+        task = progress.add_task(description, total=config.epochs, completed=state["epoch"], status="")
     model.train()
     forward = torch.compile(network) if config.compile else network
     mean, std = (t.to(device) for t in data.channel_stats())
     for epoch in range(state["epoch"], config.epochs):
-        record = _run_epoch(
-            forward, optimizer, enforce_mask, data, config, epoch, generator, (mean, std), batch_hook
-        )
+        record = _run_epoch(forward, optimizer, data, config, epoch, generator, (mean, std), batch_hook)
         if epoch_hook is not None:
             record.update(epoch_hook(epoch + 1, model))
         state["history"].append(record)
@@ -239,7 +250,6 @@ def train(
 def _run_epoch(
     forward: nn.Module,
     optimizer: torch.optim.Optimizer,
-    enforce_mask: _MaskEnforcer,
     data: ImageData,
     config: TrainConfig,
     epoch: int,
@@ -265,7 +275,6 @@ def _run_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        enforce_mask()
         loss_sum += loss.detach().float() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         seen += labels.numel()
@@ -297,11 +306,17 @@ def _save(
 
 
 def _resume(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, config: TrainConfig
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: TrainConfig,
 ) -> dict[str, Any]:
     saved = load_checkpoint(path)
     if saved.get("config") != asdict(config):
-        raise InputError(f"checkpoint {path} was written with other training settings; delete it to start over")
+        raise InputError(
+            f"checkpoint {path} was written with other training settings; delete it to start over"
+        )
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     generator.set_state(saved["generator"])

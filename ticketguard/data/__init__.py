@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import math
-from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset, IterableDataset
 
 from ticketguard.errors import InputError
 
 MAX_CHANNELS = 64
+MAX_DATASET_BYTES = 8 << 30
+"""The uint8 pixels ``ImageData.from_datasets`` materialises at most (both splits), unless told otherwise."""
+GREY_IMAGE_MODES = ("1", "L", "LA")
+DEEP_IMAGE_MODES = ("I", "F")  # more than 8 bits per pixel: converting them would clip or round silently
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,9 @@ class Normalization:
                 f"{len(self.mean)} and {len(self.std)}"
             )
         values = (*self.mean, *self.std)
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or not all(
+            math.isfinite(v) for v in values
+        ):
             raise InputError(f"a normalisation's means and stds must be finite numbers, got {values}")
         if min(self.std) <= 0:
             raise InputError(f"a normalisation's stds must be positive, got {self.std}")
@@ -75,9 +82,60 @@ class ImageData:
             if images.dtype != torch.uint8 or images.dim() != 4:
                 raise InputError(f"{self.name}: {split} images must be a uint8 (N, C, H, W) tensor")
             if labels.shape != (images.shape[0],):
-                raise InputError(f"{self.name}: {split} has {images.shape[0]} images but {labels.numel()} labels")
+                raise InputError(
+                    f"{self.name}: {split} has {images.shape[0]} images but {labels.numel()} labels"
+                )
             if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.classes)):
                 raise InputError(f"{self.name}: {split} labels fall outside the {len(self.classes)} classes")
+
+    @classmethod
+    def from_datasets(
+        cls,
+        train: Dataset,
+        test: Dataset,
+        *,
+        name: str = "custom",
+        classes: Sequence[str] | None = None,
+        crop_padding: int = 0,
+        flip: bool = False,
+        max_bytes: int = MAX_DATASET_BYTES,
+    ) -> ImageData:
+        """Materialise two map-style torch Datasets of (image, label) pairs, so that our trainer (which keeps
+        whole splits as tensors on the device) can train on any data.
+
+        An image is a PIL image, an (H, W) or (H, W, C) uint8 numpy array, or an (H, W) or (C, H, W) tensor,
+        uint8 or float in [0, 1] (what ``ToTensor`` gives; not normalised); all of one size. ``classes``
+        default to ``train.classes`` where the dataset has them (torchvision's do), else "0", "1", ... up to
+        the largest label. Augmentation (a random crop with ``crop_padding`` pixels, horizontal ``flip``) is
+        off unless asked, as not every data set survives it; CIFAR-like photos want 4 and True.
+        """
+        if crop_padding < 0:
+            raise InputError(f"crop padding must be >= 0 pixels, got {crop_padding}")
+        train_count, test_count = _dataset_length(train, "train"), _dataset_length(test, "test")
+        shape = _image_array(_item(train, 0, "train")[0], "train item 0").shape
+        if not 1 <= shape[0] <= MAX_CHANNELS:
+            raise InputError(f"train item 0 has {shape[0]} channels; images need 1 to {MAX_CHANNELS}")
+        size = (train_count + test_count) * math.prod(shape)
+        if size > max_bytes:
+            raise InputError(
+                f"{train_count + test_count} images of {_dims(shape)} would take {size / 2**30:.1f} GiB as "
+                f"uint8 tensors, more than max_bytes ({max_bytes / 2**30:.1f} GiB); use a Subset or smaller "
+                "images, or raise max_bytes"
+            )
+        train_x, train_y = _materialise(train, "train", train_count, shape)
+        test_x, test_y = _materialise(test, "test", test_count, shape)
+        if classes is None:
+            classes = _default_classes(train, torch.cat([train_y, test_y]))
+        classes = tuple(str(c) for c in classes)
+        for split, labels in (("train", train_y), ("test", test_y)):
+            outside = ((labels < 0) | (labels >= len(classes))).nonzero()
+            if outside.numel():
+                index = int(outside[0])
+                raise InputError(
+                    f"{split} item {index} has label {int(labels[index])}, outside the {len(classes)} "
+                    f"classes (0 to {len(classes) - 1}); give classes= with every class name"
+                )
+        return cls(name, classes, train_x, train_y, test_x, test_y, crop_padding=crop_padding, flip=flip)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -121,11 +179,13 @@ class ImageData:
     def split_validation(self, fraction: float, seed: int) -> tuple[ImageData, torch.Tensor]:
         """Hold out a class-stratified ``fraction`` of the training images, chosen by ``seed``.
 
-        Returns this data without them in its training split, and their (sorted) indices into ``train_images``.
-        Every class keeps at least one training image.
+        Returns this data without them in its training split, and their (sorted) indices into
+        ``train_images``. Every class keeps at least one training image.
         """
         if not 0 <= fraction < 1:
-            raise InputError(f"the validation share of the training images must lie in [0, 1), got {fraction}")
+            raise InputError(
+                f"the validation share of the training images must lie in [0, 1), got {fraction}"
+            )
         labels = self.train_labels.cpu()
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(labels.numel(), generator=generator)
@@ -137,10 +197,13 @@ class ImageData:
         keep = torch.ones(labels.numel(), dtype=torch.bool)
         keep[held] = False
         keep = keep.to(self.train_labels.device)
-        return replace(self, train_images=self.train_images[keep], train_labels=self.train_labels[keep]), held
+        kept = replace(self, train_images=self.train_images[keep], train_labels=self.train_labels[keep])
+        return kept, held
 
 
-def _balanced_indices(labels: torch.Tensor, per_class: int | None, generator: torch.Generator) -> torch.Tensor:
+def _balanced_indices(
+    labels: torch.Tensor, per_class: int | None, generator: torch.Generator
+) -> torch.Tensor:
     if per_class is None:
         return torch.arange(labels.numel())
     if per_class < 1:
@@ -149,6 +212,116 @@ def _balanced_indices(labels: torch.Tensor, per_class: int | None, generator: to
     order = torch.randperm(labels.numel(), generator=generator)
     chosen = [order[labels[order] == c][:per_class] for c in labels.unique()]
     return torch.cat(chosen).sort().values
+
+
+def _dataset_length(dataset: Any, split: str) -> int:
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        raise InputError(
+            f"the {split} data is a {type(dataset).__name__}; give a map-style Dataset (len() and [index])"
+        )
+    try:
+        length = len(dataset)
+    except TypeError:
+        raise InputError(
+            f"the {split} data ({type(dataset).__name__}) has no len(); give a map-style Dataset"
+        ) from None
+    if length < 1:
+        raise InputError(f"the {split} dataset is empty")
+    return length
+
+
+def _item(dataset: Any, index: int, split: str) -> tuple[Any, Any]:
+    item = dataset[index]
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise InputError(
+            f"{split} item {index} is of type {type(item).__name__}; a dataset must give (image, label) pairs"
+        )
+    return item[0], item[1]
+
+
+def _materialise(
+    dataset: Any, split: str, length: int, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as (N, C, H, W) uint8 images and (N,) int64 labels, filled in place: no second copy."""
+    images = torch.empty((length, *shape), dtype=torch.uint8)
+    pixels = images.numpy()
+    labels = torch.empty(length, dtype=torch.long)
+    for index in range(length):
+        image, label = _item(dataset, index, split)
+        array = _image_array(image, f"{split} item {index}")
+        if array.shape != shape:
+            raise InputError(
+                f"{split} item {index} is {_dims(array.shape)} but train item 0 is {_dims(shape)} "
+                "(C x H x W); give all images one shape, e.g. with Resize or Grayscale transforms"
+            )
+        pixels[index] = array
+        labels[index] = _label(label, f"{split} item {index}")
+    return images, labels
+
+
+def _image_array(image: Any, where: str) -> np.ndarray:
+    """One image as a (C, H, W) uint8 array."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        if image.mode.startswith(DEEP_IMAGE_MODES):
+            raise InputError(
+                f"{where} is a PIL image of mode {image.mode}, deeper than 8 bits; convert it to L or RGB"
+            )
+        image = np.asarray(image.convert("L" if image.mode in GREY_IMAGE_MODES else "RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise InputError(
+                f"{where} is a {image.dtype} array of shape {image.shape}; numpy images must be uint8 "
+                "(H, W) or (H, W, C)"
+            )
+        return image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        return _tensor_array(image, where)
+    raise InputError(
+        f"{where} is of type {type(image).__name__}; images must be PIL images, uint8 numpy arrays or "
+        "(C, H, W) tensors"
+    )
+
+
+def _tensor_array(image: torch.Tensor, where: str) -> np.ndarray:
+    if image.dim() not in (2, 3):
+        raise InputError(
+            f"{where} is a tensor of shape {tuple(image.shape)}; tensor images must be (C, H, W)"
+        )
+    image = image.detach().cpu().reshape(-1, *image.shape[-2:])
+    if image.is_floating_point():
+        image = image.float()
+        if not bool(torch.isfinite(image).all()) or image.min() < 0 or image.max() > 1:
+            raise InputError(
+                f"{where} is a float tensor with values outside [0, 1]; give pixels in [0, 1] (ToTensor "
+                "without Normalize) or uint8"
+            )
+        return (image * 255).round_().to(torch.uint8).numpy()
+    if image.dtype != torch.uint8:
+        raise InputError(f"{where} is a {image.dtype} tensor; tensor images must be uint8 or float in [0, 1]")
+    return image.numpy()
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _label(label: Any, where: str) -> int:
+    if isinstance(label, (bool, np.bool_)) or (isinstance(label, torch.Tensor) and label.dtype == torch.bool):
+        raise InputError(f"{where} has the label {label!r}; labels must be integer class indices")
+    try:
+        return operator.index(label)
+    except TypeError:
+        raise InputError(f"{where} has the label {label!r}; labels must be integer class indices") from None
+
+
+def _default_classes(dataset: Any, labels: torch.Tensor) -> tuple[str, ...]:
+    """The dataset's own class names (torchvision's ``classes``), else the label numbers up to the largest."""
+    named = getattr(dataset, "classes", None)
+    if isinstance(named, Sequence) and not isinstance(named, str) and all(isinstance(c, str) for c in named):
+        return tuple(named)
+    return tuple(str(c) for c in range(max(int(labels.max()) + 1, 1)))
 
 
 @dataclass(frozen=True)
