@@ -1,4 +1,5 @@
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,4 +23,20 @@ def test_the_from_python_block_runs_as_written_and_shows_ownership(tmp_path: Pat
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "runs" / "python" / "owner.claim.json").is_file()
+    assert capsys.readouterr().out.startswith("ownership shown")
+
+
+@pytest.mark.slow
+def test_the_your_own_model_block_runs_with_a_users_module_beside_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Your own model"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    package = tmp_path / "mypackage"
+    package.mkdir()
+    (package / "nets.py").write_text((ROOT / "tests" / "zoo.py").read_text())  # a module the user wrote
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "mypackage", raising=False)
+    monkeypatch.delitem(sys.modules, "mypackage.nets", raising=False)
+    exec(compile(block, "README.md", "exec"), {})
     assert capsys.readouterr().out.startswith("ownership shown")

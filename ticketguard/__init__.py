@@ -18,11 +18,15 @@ from ticketguard.data import ImageData, Normalization, load_dataset, load_subset
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict
+from ticketguard.fixed_mask import MaskKeeper, keep_mask
 from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.masks import Mask
+from ticketguard.masks import Mask, prunable_names
+from ticketguard.models import build_model, trust_model_code
 from ticketguard.protect import (
+    BatchMixer,
     Protected,
     SignatureConfig,
+    TrainFn,
     TriggerConfig,
     keyed_trigger_for,
     protect,
@@ -38,6 +42,7 @@ from ticketguard.verify import verify, verify_key
 
 __all__ = [
     "ATTACKS",
+    "BatchMixer",
     "Claim",
     "DEFAULT_ALPHA",
     "DefenceClaim",
@@ -46,6 +51,7 @@ __all__ = [
     "InputError",
     "Key",
     "Mask",
+    "MaskKeeper",
     "Normalization",
     "Protected",
     "SearchConfig",
@@ -54,6 +60,7 @@ __all__ = [
     "Suspect",
     "Ticket",
     "TrainConfig",
+    "TrainFn",
     "TriggerClaim",
     "TriggerConfig",
     "TriggerSet",
@@ -61,8 +68,10 @@ __all__ = [
     "Verdict",
     "__version__",
     "attack",
+    "build_model",
     "find_extreme_ticket",
     "generate_keys",
+    "keep_mask",
     "keyed_trigger_for",
     "keyed_trigger_set",
     "load_claim",
@@ -72,11 +81,13 @@ __all__ = [
     "load_trigger_folder",
     "merge_key",
     "protect",
+    "prunable_names",
     "save_claim",
     "sign",
     "sign_mask",
     "split_key",
     "train",
+    "trust_model_code",
     "verify",
     "verify_key",
 ]

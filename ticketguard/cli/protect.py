@@ -16,15 +16,38 @@ from rich.table import Table
 
 from ticketguard.claim import Claim, load_private_key
 from ticketguard.cli.options import (
-    Alpha, ALPHA, BatchSize, DataDir, Device, Epochs, Force, Json, Lr, Momentum, Schedule, Seed, SigningKey,
-    TestPerClass, TrainPerClass, WeightDecay, training_overrides,
+    ALPHA,
+    Alpha,
+    BatchSize,
+    DataDir,
+    Device,
+    Epochs,
+    Force,
+    Json,
+    Lr,
+    Momentum,
+    Schedule,
+    Seed,
+    SigningKey,
+    TestPerClass,
+    TrainPerClass,
+    TrustCode,
+    WeightDecay,
+    training_overrides,
 )
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
 from ticketguard.data import ImageData, load_subset
 from ticketguard.data.triggers import TriggerSet, load_trigger_folder
 from ticketguard.errors import InputError
 from ticketguard.protect import (
-    STARTS, Protected, SignatureConfig, TriggerConfig, check_destinations, keyed_trigger_for, protect, sign_mask,
+    STARTS,
+    Protected,
+    SignatureConfig,
+    TriggerConfig,
+    check_destinations,
+    keyed_trigger_for,
+    protect,
+    sign_mask,
     signature_to_carry,
 )
 from ticketguard.schemes import signature as v2
@@ -151,13 +174,14 @@ def protect_command(
     device: Device = "auto",
     force: Force = False,
     as_json: Json = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Sign the mask (QR payload) and/or watermark the weights (trigger set) in ONE retraining from W_k; write
     the protected ticket and the secret claim. Exit 1 if the result fails its own verification."""
     claim_path = _claim_path(out, claim)
     check_destinations(out, claim_path, force)
     key = load_private_key(signing_key) if signing_key else None
-    ticket = Ticket.load(ticket_path)
+    ticket = Ticket.load(ticket_path, trust_code=trust_code)
     marking = None
     if trigger is not None or trigger_seed is not None:
         marking = TriggerConfig(_trigger(ticket, trigger, trigger_labels, trigger_seed, trigger_count), per_batch, chance)
@@ -194,6 +218,7 @@ def embed(
     device: Device = "auto",
     force: Force = False,
     as_json: Json = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Write a QR signature into the ticket's mask (V2) and retrain; save the protected ticket and the claim."""
     if payload is None:
@@ -201,7 +226,7 @@ def embed(
     claim_path = _claim_path(out, claim)
     check_destinations(out, claim_path, force)
     key = load_private_key(signing_key) if signing_key else None
-    ticket = Ticket.load(ticket_path)
+    ticket = Ticket.load(ticket_path, trust_code=trust_code)
     signing = SignatureConfig(payload, qr_version, error, copies, weights_per_connection, polarity)
     if not train:
         signed, found, _ = sign_mask(ticket, signing)
@@ -242,13 +267,14 @@ def watermark(
     device: Device = "auto",
     force: Force = False,
     as_json: Json = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Retrain a ticket with a trigger set mixed into every batch (V3); the claim keeps a signature from embed."""
     if start not in STARTS:
         raise InputError(f"--start must be one of {', '.join(STARTS)}, got {start!r}")
     existing = signature_to_carry(claim, ticket_path)
     check_destinations(out, claim, force, extend_claim=existing is not None)
-    ticket = Ticket.load(ticket_path)
+    ticket = Ticket.load(ticket_path, trust_code=trust_code)
     marking = TriggerConfig(_trigger(ticket, trigger, trigger_labels, trigger_seed, trigger_count), per_batch, chance)
     config = ticket.train_config(**training_overrides(epochs, batch_size, lr, momentum, weight_decay, seed, schedule))
     dataset = _data(ticket, data, data_dir, train_per_class, test_per_class, config.seed)

@@ -1,0 +1,154 @@
+"""Bring your own model: architectures ticketguard does not register, named by import path, through the whole
+story (find -> protect -> attack -> verify) from the command line and from Python."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ticketguard
+from ticketguard import Claim, SearchConfig, TrainConfig, attack, find_extreme_ticket, protect, verify
+from ticketguard.blackbox import Endpoint, ModelServer, load_served_model
+from ticketguard.cli import main
+from ticketguard.errors import InputError
+from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.models import build_model, spec
+from ticketguard.schemes.keymask import split_key
+from ticketguard.schemes.signature import embed_signature, raise_code_weights
+from ticketguard.ticket import Ticket
+from ticketguard.verify import verify_endpoint
+
+OWN_MODELS = ("tests.zoo:small_cnn", "tests.zoo:mlp", "tests.zoo:tiny_transformer")
+QUICK = ["--epochs", "4", "--rewind-epoch", "1", "--ratios", "0.5", "--max-rounds", "1", "--decide-on", "test",
+         "--validation-fraction", "0"]
+
+
+@pytest.fixture(autouse=True)
+def new_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trust is per process: every test starts as a fresh command would."""
+    monkeypatch.setattr(spec, "_trusted", set())
+
+
+def forget_trust() -> None:
+    spec._trusted.clear()
+
+
+def test_import_paths_are_parsed_not_evaluated() -> None:
+    parsed = spec.parse_spec("tests.zoo:mlp(hidden=32, side=8)")
+    assert (parsed.module, parsed.factory, dict(parsed.kwargs)) == ("tests.zoo", "mlp", {"hidden": 32, "side": 8})
+    for bad in ("tests.zoo:mlp(__import__('os'))", "tests.zoo:mlp(hidden=print(1))", "os;rm:x", "tests.zoo:"):
+        with pytest.raises(InputError):
+            spec.parse_spec(bad)
+
+
+def test_a_named_model_is_imported_only_once_trusted() -> None:
+    with pytest.raises(InputError, match="--trust-code"):
+        build_model("tests.zoo:mlp", 1, 10)
+    ticketguard.trust_model_code("tests.zoo:mlp(hidden=16)")
+    model = build_model("tests.zoo:mlp(hidden=16)", 1, 3)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 3)  # num_classes passed because the factory takes it
+
+
+def test_the_prunable_set_is_every_conv_and_linear_weight_but_the_first_and_last() -> None:
+    ticketguard.trust_model_code("tests.zoo:tiny_transformer")
+    model = build_model("tests.zoo:tiny_transformer", 1, 10)
+    names = prunable_names(model)
+    assert "patches.weight" not in names and "head.weight" not in names
+    assert {"encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.1.linear2.weight"} <= set(names)
+    assert prunable_names(model, patterns=["encoder.layers.1.*"]) == [
+        n for n in names if n.startswith("encoder.layers.1.")
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", OWN_MODELS)
+def test_the_whole_story_from_the_command_line(architecture: str, tmp_path: Path, capsys) -> None:
+    ticket, protected, stolen = tmp_path / "ticket", tmp_path / "protected", tmp_path / "stolen.safetensors"
+    assert main(["find", "--model", architecture, "--out", str(ticket), *QUICK]) == 0
+    forget_trust()
+    capsys.readouterr()
+    assert main(["info", str(ticket), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"] == architecture
+    marking = ["--payload", "ACME", "--trigger-seed", "7", "--out", str(protected)]
+    assert main(["protect", str(ticket), *marking]) == 2  # a ticket naming code does not run it by itself
+    assert "--trust-code" in capsys.readouterr().err
+    assert main(["protect", str(ticket), *marking, "--trust-code"]) == 0
+    forget_trust()
+    assert main(["attack", str(protected), "--attack", "magnitude:fraction=0.2", "--out", str(stolen)]) == 0
+    claim = str(protected) + ".claim.json"
+    capsys.readouterr()
+    assert main(["verify", str(stolen), "--claim", claim, "--model", architecture, "--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    found = {item["name"]: item for item in verdict["evidence"]}
+    assert found["qr-signature"]["details"]["decodes_to_claim"]
+    assert "trigger" in found  # the suspect was rebuilt from its weights through the import path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", OWN_MODELS)
+def test_the_whole_story_from_python(architecture: str, digits, tmp_path: Path) -> None:
+    config = SearchConfig(model=architecture, ratios=(0.5,), max_rounds=1, rewind_epoch=1, decide_on="test",
+                          validation_fraction=0.0, train=TrainConfig(epochs=4))
+    ticket = find_extreme_ticket(digits, config, tmp_path / "search")
+    ticket.save(tmp_path / "ticket")
+    forget_trust()
+    reloaded = Ticket.load(tmp_path / "ticket", trust_code=True)
+    trigger = ticketguard.TriggerConfig(ticketguard.keyed_trigger_for(reloaded, 7))
+    result = protect(reloaded, digits, signature="ACME", trigger=trigger)
+    assert result.report["self_check"]["owned"]
+    weights, _ = attack(result.ticket.weights, result.ticket.mask, "magnitude:fraction=0.2")
+    verdict = verify(weights, result.claim, model=architecture)
+    assert verdict.owned
+    assert {e.name for e in verdict.evidence} >= {"qr-signature", "trigger"}
+    result.save(tmp_path / "protected", tmp_path / "owner.claim.json")
+    forget_trust()
+    with pytest.raises(InputError, match="trust"):
+        load_served_model(tmp_path / "protected")
+    served = load_served_model(tmp_path / "protected", trust_code=True)  # input shape from the ticket
+    with ModelServer(served, port=0) as server:
+        remote = verify_endpoint(Endpoint(server.url), result.claim)
+    local = verify(result.ticket.weights, result.claim, model=architecture)
+    local_trigger = next(e for e in local.evidence if e.name == "trigger")
+    assert remote.evidence[0].score == local_trigger.score  # the server answers as the model does
+
+
+def test_a_tiny_bert_carries_a_signature_in_a_linear_layer_through_pruning() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config)  # from a config: nothing is downloaded
+    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    mask = magnitude_prune(weights, Mask.ones_like(weights, prunable_names(model)), 0.5)
+    signed, signature, _ = embed_signature(mask, weights, weights, "ACME-BERT")
+    assert weights[signature.regions[0].layer].dim() == 2  # a linear layer hosts the code
+    kept = raise_code_weights({n: t * signed[n] if n in signed else t for n, t in weights.items()}, signed, signature)
+    pruned, _ = attack(kept, signed, "magnitude:fraction=0.2")
+    verdict = verify(pruned, Claim(signature, {}))
+    assert verdict.owned and verdict.evidence[0].details["decodes_to_claim"]
+
+
+def random_ticket(architecture: str) -> Ticket:
+    ticketguard.trust_model_code(architecture)
+    model = build_model(architecture, 1, 10)
+    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    mask = magnitude_prune(weights, Mask.ones_like(weights, prunable_names(model)), 0.5)
+    return Ticket(architecture, 1, 10, (8, 8), "digits", [str(c) for c in range(10)], mask, weights, weights)
+
+
+def test_key_masks_score_a_traceable_model_by_its_traced_channel_graph() -> None:
+    ticket = random_ticket("tests.zoo:small_cnn")
+    locked, key = split_key(ticket, 0.2, "ewp")
+    assert key.size() == round(0.2 * ticket.mask.kept()) and locked.mask.kept() == ticket.mask.kept() - key.size()
+    omp_key = split_key(ticket, 0.2, "omp")[1]
+    assert any(not torch.equal(key.index[n], omp_key.index[n]) for n in key.index)  # the graph changed the choice
+
+
+def test_a_model_the_channel_graph_cannot_follow_gets_a_clear_error_and_omp_still_works() -> None:
+    ticket = random_ticket("tests.zoo:tiny_transformer")
+    with pytest.raises(InputError, match="OMP and random scores keep working"):
+        split_key(ticket, 0.2, "ewp")
+    assert split_key(ticket, 0.2, "omp")[1].size() > 0
