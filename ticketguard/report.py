@@ -15,7 +15,15 @@ from matplotlib.figure import Figure
 from ticketguard import qr
 from ticketguard.files import atomic_path
 from ticketguard.paper import (
-    FAKE3, TABLE1, TABLE2, TABLE3, V1_KEY_DENSITY, V2_PRUNING_DECODES, for_attack, percent, quantity,
+    FAKE3,
+    TABLE1,
+    TABLE2,
+    TABLE3,
+    V1_KEY_DENSITY,
+    V2_PRUNING_DECODES,
+    for_attack,
+    percent,
+    quantity,
 )
 from ticketguard.schemes.signature import Signature
 
@@ -33,7 +41,7 @@ COLUMNS = (
     "trigger p-value",
     "fingerprint p-value",
     "owned",
-    "error",
+    "note",
 )
 SERIES = (
     ("accuracy", "test accuracy"),
@@ -76,7 +84,8 @@ def display_row(row: dict[str, Any]) -> dict[str, str]:
         "fingerprint_p_value": "p",
         "owned": "bool",
     }
-    values = [row["attack"], *(_cell(row.get(k), kind) for k, kind in kinds.items()), row.get("error") or ""]
+    note = row.get("error") or ("not read: " + ", ".join(row["not_read"]) if row.get("not_read") else "")
+    values = [row["attack"], *(_cell(row.get(k), kind) for k, kind in kinds.items()), note]
     return dict(zip(COLUMNS, values))
 
 
