@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from ticketguard.cli.output import console, progress_bar
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
 from ticketguard.files import atomic_path, write_json
 from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.cli.output import console, progress_bar
 from ticketguard.reproduce import key_density_curve, plot_key_density
 from ticketguard.scores import SCORES
 from ticketguard.training import TrainConfig, resolve_device

@@ -24,7 +24,13 @@ from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, load_sub
 from ticketguard.cli.output import console
 from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, FORGERY_TRIALS
 from ticketguard.masks import squeeze
-from ticketguard.schemes.placement import POLARITIES, candidate_layers, placement_costs, placement_count, qr_codes
+from ticketguard.schemes.placement import (
+    POLARITIES,
+    candidate_layers,
+    placement_costs,
+    placement_count,
+    qr_codes,
+)
 from ticketguard.schemes.signature import match_p_value
 
 SECONDS_PER_YEAR = 365.25 * 24 * 3600

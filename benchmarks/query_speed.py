@@ -24,10 +24,10 @@ import torch
 from rich.table import Table
 
 from ticketguard.blackbox import Endpoint, query_labels
+from ticketguard.cli.output import console
 from ticketguard.data.triggers import keyed_trigger_set
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.cli.output import console
 from ticketguard.ticket import Ticket
 from ticketguard.training import state_copy
 

@@ -17,9 +17,9 @@ import networkx as nx
 import torch
 from rich.table import Table
 
+from ticketguard.cli.output import console
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.cli.output import console
 from ticketguard.scores import SCORES, edge_betweenness, graph_of
 
 

@@ -21,12 +21,12 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from ticketguard.attacks import ATTACKS
+from ticketguard.cli.output import console
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
 from ticketguard.files import atomic_path
 from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.models import build_model
-from ticketguard.cli.output import console
 from ticketguard.protect import SignatureConfig, protect
 from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme

@@ -19,9 +19,9 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from ticketguard.attacks import magnitude_pruning
+from ticketguard.cli.output import console
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.cli.output import console
 from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme
 from ticketguard.training import state_copy

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from ticketguard.cli.output import console
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
 from ticketguard.files import write_json
 from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.masks import Mask, magnitude_prune
-from ticketguard.cli.output import console
 from ticketguard.schemes.trigger import verify_local, watermark
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig, evaluate, train

@@ -1,5 +1,5 @@
-import dataclasses
 import contextlib
+import dataclasses
 import http.client
 import json
 import os

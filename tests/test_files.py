@@ -7,7 +7,13 @@ import torch
 
 from ticketguard.errors import InputError
 from ticketguard.files import (
-    atomic_path, check_json, load_tensors, prepare_output, read_json, save_tensors, staged_folder,
+    atomic_path,
+    check_json,
+    load_tensors,
+    prepare_output,
+    read_json,
+    save_tensors,
+    staged_folder,
 )
 
 

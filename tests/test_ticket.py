@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from ticketguard.errors import InputError
+from ticketguard.files import save_tensors
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.ticket import MASK_FILE, WEIGHTS_FILE, Ticket
-from ticketguard.files import save_tensors
 
 
 def make_ticket() -> Ticket:

@@ -6,6 +6,7 @@ import torch
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
 from ticketguard.errors import InputError
+from ticketguard.evidence import Verdict, binomial_p_value
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes.trigger import (
@@ -18,7 +19,6 @@ from ticketguard.schemes.trigger import (
     watermark,
 )
 from ticketguard.training import TrainConfig, train
-from ticketguard.evidence import Verdict, binomial_p_value
 
 EPOCHS = 10
 

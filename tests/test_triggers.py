@@ -9,6 +9,7 @@ from PIL import Image
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
 from ticketguard.errors import InputError
 
+
 @pytest.fixture(scope="module")
 def adi_cifar(adi_trigger_set: Path):
     return load_trigger_folder(adi_trigger_set, 3, (32, 32), num_classes=10)

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ticketguard import reproduce
 from ticketguard.cli.options import DataDir, Device, Json
-from ticketguard.cli.output import console, emit_json, progress_bar, results as shown
+from ticketguard.cli.output import console, emit_json, progress_bar
+from ticketguard.cli.output import results as shown
 from ticketguard.training import resolve_device
 
 commands = typer.Typer()

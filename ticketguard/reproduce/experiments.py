@@ -15,21 +15,30 @@ from rich.progress import Progress
 
 from ticketguard import harness, report
 from ticketguard.claim import load_claim
-from ticketguard.demo import DEMO, protect_demo
 from ticketguard.data import ImageData
+from ticketguard.demo import DEMO, protect_demo
 from ticketguard.errors import InputError
+from ticketguard.evidence import DEFAULT_ALPHA
 from ticketguard.files import read_json, write_json
 from ticketguard.imp import find_extreme_ticket
+from ticketguard.paper import (
+    FAKE3,
+    TABLE1,
+    TABLE2,
+    TABLE3,
+    V1_KEY_DENSITY,
+    V2_PRUNING_DECODES,
+    for_attack,
+    percent,
+    quantity,
+)
 from ticketguard.schemes import keymask as v1
 from ticketguard.ticket import MANIFEST, Ticket
 from ticketguard.training import TrainConfig
-from ticketguard.evidence import DEFAULT_ALPHA
-from ticketguard.paper import (
-    FAKE3, TABLE1, TABLE2, TABLE3, V1_KEY_DENSITY, V2_PRUNING_DECODES, for_attack, percent, quantity,
-)
 
 log = logging.getLogger(__name__)
 from ticketguard.reproduce.plan import Plan
+
 
 @dataclass
 class Run:

@@ -19,7 +19,6 @@ from ticketguard.models import MODELS
 from ticketguard.scores import SCORES
 from ticketguard.training import TrainConfig
 
-
 FULL_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
 SMALL_DENSITIES = (0.05, 0.2)
 SMALL_SCORES = ("omp", "ewp", "random")

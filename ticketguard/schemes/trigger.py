@@ -21,14 +21,18 @@ from torch import nn
 
 from ticketguard.data import ImageData, Normalization
 from ticketguard.data.triggers import (
-    KEYED_GENERATOR, MAX_TRIGGER_IMAGES, TriggerSet, keyed_trigger_set, load_trigger_folder,
+    KEYED_GENERATOR,
+    MAX_TRIGGER_IMAGES,
+    TriggerSet,
+    keyed_trigger_set,
+    load_trigger_folder,
 )
 from ticketguard.errors import InputError
+from ticketguard.evidence import DEFAULT_ALPHA, Evidence, binomial_p_value
 from ticketguard.files import SHA256_SCHEMA, check_json
 from ticketguard.masks import Mask
 from ticketguard.ticket import MAX_INPUT_SIDE, NORMALIZATION_SCHEMA, nullable
 from ticketguard.training import TrainConfig, evaluate, predict_labels, train
-from ticketguard.evidence import DEFAULT_ALPHA, Evidence, binomial_p_value
 
 EXTENSION = "trigger"
 CLAIM_SCHEME = "trigger-set/1"
