@@ -125,7 +125,7 @@ def verify_key_command(
     if key_mask is None:
         ticket, secret = Ticket.load(locked, trust_code=trust_code), None
     else:
-        ticket, secret = load_pair(locked, key_mask)
+        ticket, secret = load_pair(locked, key_mask, trust_code)
     config = ticket.train_config(**training_overrides(epochs, batch_size, lr, None, None, seed, None))
     data = load_subset(ticket.dataset, data_dir, train_per_class, test_per_class, config.seed)
     with progress_bar() as progress:

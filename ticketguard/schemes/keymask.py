@@ -271,10 +271,11 @@ def _check_key_tensors(tensors: Mapping[str, torch.Tensor], names: list[str], pa
             raise InputError(f"{path}: {name!r} needs one weight and one rewind value per key position")
 
 
-def load_pair(locked_folder: str | Path, key_folder: str | Path) -> tuple[Ticket, Key]:
-    """Load a locked ticket and its key, refusing a key that was split from another ticket."""
+def load_pair(locked_folder: str | Path, key_folder: str | Path, trust_code: bool = False) -> tuple[Ticket, Key]:
+    """Load a locked ticket and its key, refusing a key that was split from another ticket; ``trust_code`` as
+    in ``Ticket.load``."""
     locked_folder = Path(locked_folder)
-    locked = Ticket.load(locked_folder)
+    locked = Ticket.load(locked_folder, trust_code=trust_code)
     key, binding = load_key(key_folder)
     if binding != _binding(locked_folder):
         raise InputError(
