@@ -11,18 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ticketguard.channel_graph import channel_graph, graph_of
 from ticketguard.errors import InputError
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.scores import (
-    SCORES,
-    betweenness_scores,
-    channel_graph,
-    edge_betweenness,
-    ewp_scores,
-    graph_of,
-    score,
-)
+from ticketguard.scores import SCORES, betweenness_scores, edge_betweenness, ewp_scores, score
 
 
 class Tiny(nn.Module):
