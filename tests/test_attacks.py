@@ -9,9 +9,7 @@ import torch
 
 from ticketguard.attacks import (
     ATTACKS,
-    Step,
     add_on,
-    chain,
     defence_threshold,
     fake1,
     fake2,
@@ -19,11 +17,10 @@ from ticketguard.attacks import (
     fine_tuning,
     magnitude_defence,
     magnitude_pruning,
-    parse_chain,
     random_pruning,
-    run_step,
     transfer,
 )
+from ticketguard.chains import Step, chain, parse_chain, run_step
 from ticketguard.cli import main
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError

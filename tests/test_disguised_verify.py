@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketguard import attacks, disguises
+from ticketguard import chains, disguises
 from ticketguard.cli import main
 from ticketguard.data import ImageData
 from ticketguard.files import save_tensors
@@ -33,7 +33,7 @@ CHAINS = {
 
 def disguise(ticket: Ticket, spec: str) -> dict[str, torch.Tensor]:
     """The shipped weights after a chain of disguises and attacks, e.g. ``permute:seed=3+rescale:seed=4``."""
-    return attacks.attack(dict(ticket.weights), ticket.mask, spec)[0]
+    return chains.attack(dict(ticket.weights), ticket.mask, spec)[0]
 
 
 @pytest.fixture(scope="module")

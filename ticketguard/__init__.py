@@ -12,7 +12,8 @@ The whole story from Python::
 
 __version__ = "0.1.0"
 
-from ticketguard.attacks import ATTACKS, attack
+from ticketguard.attacks import ATTACKS
+from ticketguard.chains import attack
 from ticketguard.claim import Claim, DefenceClaim, generate_keys, load_claim, save_claim, sign
 from ticketguard.data import ImageData, Normalization, load_dataset, load_subset
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder

@@ -1,6 +1,6 @@
 """The evaluation harness: run an attack grid on a protected ticket and measure every piece of evidence.
 
-Each grid point is a chain of attacks (``attacks.parse_chain``). Per point: weights left, test accuracy, QR
+Each grid point is a chain of attacks (``chains.parse_chain``). Per point: weights left, test accuracy, QR
 decode, module match rate and p-value (V2), trigger accuracy and p-value (V3), and the overall decision. Each
 finished point is stored atomically in ``OUT/points/<key>.json`` with the sha256 of the attacked ticket's
 weights, so a rerun on the same ticket skips it; a point that fails is recorded with its error (and retried on
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from ticketguard import attacks
+from ticketguard import chains
 from ticketguard.claim import Claim
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
@@ -61,7 +61,7 @@ class Subject:
         return digest.hexdigest()
 
     def context(self) -> dict[str, Any]:
-        """What attacks may take from the claim and the setting (``attacks.run_step`` picks per attack)."""
+        """What attacks may take from the claim and the setting (``chains.run_step`` picks per attack)."""
         context = {
             "data": self.data,
             "signature": self.claim.signature,
@@ -183,8 +183,8 @@ def run_point(subject: Subject, point: GridPoint) -> dict[str, Any]:
     """Attack the shipped ticket as ``point`` says and measure the result."""
     started = time.perf_counter()
     torch.manual_seed(0)
-    weights, mask = attacks.chain(
-        subject.ticket.weights, subject.ticket.mask, attacks.parse_chain(point.spec), subject.context()
+    weights, mask = chains.chain(
+        subject.ticket.weights, subject.ticket.mask, chains.parse_chain(point.spec), subject.context()
     )
     row = measure(subject, weights, mask.density())
     return {**_identity(point), **row, "seconds": time.perf_counter() - started, "error": None}

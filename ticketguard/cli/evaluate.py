@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ticketguard import attacks, harness, report
+from ticketguard import attacks, chains, harness, report
 from ticketguard.claim import load_claim
 from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Force, Json, TestPerClass, TrustCode
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
@@ -115,7 +115,7 @@ def attack(
     trust_code: TrustCode = False,
 ) -> None:
     """Attack a suspect model and write the attacked weights as a new safetensors file."""
-    steps = attacks.parse_chain(attack_spec)
+    steps = chains.parse_chain(attack_spec)
     path = out if out.suffix == ".safetensors" else out / "attacked.safetensors"
     prepare_output(path, force, inputs=[suspect])
     is_ticket = (suspect / MANIFEST).is_file()
@@ -153,7 +153,7 @@ def attack(
         context["device"] = resolve_device(device)
     context = {k: v for k, v in context.items() if v is not None}
     started = time.perf_counter()
-    attacked, attacked_mask = attacks.chain(weights, mask, steps, context)
+    attacked, attacked_mask = chains.chain(weights, mask, steps, context)
     save_tensors(path, attacked)
     summary = {"attack": " then ".join(map(str, steps)), "out": str(path), "density_before": mask.density(),
                "density": attacked_mask.density(), "seconds": time.perf_counter() - started}
