@@ -60,6 +60,7 @@ def find(
         "runs that module's code."
     )] = SEARCH.model,
     prune: Annotated[Optional[list[str]], typer.Option(
+        metavar="GLOB",
         help="Weights to prune, as fnmatch patterns of parameter names (repeatable), e.g. 'encoder.*.weight'. "
         "Default: every conv and linear weight but the first layer and the classifier."
     )] = None,
