@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.utils.prune as torch_prune
 
 import ticketguard
 from ticketguard import Claim, SearchConfig, TrainConfig, attack, find_extreme_ticket, protect, verify
@@ -152,3 +153,23 @@ def test_a_model_the_channel_graph_cannot_follow_gets_a_clear_error_and_omp_stil
     with pytest.raises(InputError, match="OMP and random scores keep working"):
         split_key(ticket, 0.2, "ewp")
     assert split_key(ticket, 0.2, "omp")[1].size() > 0
+
+
+@pytest.mark.slow
+def test_a_model_pruned_with_torch_prune_is_adopted_protected_and_verified(tmp_path: Path, capsys) -> None:
+    ticketguard.trust_model_code("tests.zoo:small_cnn")
+    model = build_model("tests.zoo:small_cnn", 1, 10)
+    for layer in (model.conv1, model.conv2):
+        torch_prune.l1_unstructured(layer, "weight", amount=0.6)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "pruned.ckpt")  # weight_orig + weight_mask
+    forget_trust()
+    ticket, protected = tmp_path / "ticket", tmp_path / "protected"
+    assert main(["adopt", str(tmp_path / "pruned.ckpt"), "--model", "tests.zoo:small_cnn", "--out", str(ticket)]) == 0
+    adopted = Ticket.load(ticket)
+    assert adopted.mask.layer_densities() == pytest.approx({"conv1.weight": 0.4, "conv2.weight": 0.4}, abs=1e-3)
+    assert torch.equal(adopted.weights["conv1.weight"], model.conv1.weight.detach())
+    forget_trust()
+    assert main(["protect", str(ticket), "--payload", "ACME", "--epochs", "3", "--out", str(protected),
+                 "--trust-code"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(protected), "--claim", str(protected) + ".claim.json"]) == 0

@@ -11,11 +11,13 @@ import typer
 from rich.table import Table
 
 from ticketguard import distributed
+from ticketguard.adopt import adopt as adopt_model
 from ticketguard.cli.options import (
     BatchSize,
     DataDir,
     Device,
     Epochs,
+    Force,
     Json,
     Lr,
     Momentum,
@@ -27,8 +29,9 @@ from ticketguard.cli.options import (
     training_overrides,
 )
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
-from ticketguard.data import dataset_spec
+from ticketguard.data import dataset_spec, load_subset
 from ticketguard.errors import InputError
+from ticketguard.files import prepare_output
 from ticketguard.imp import SearchConfig
 from ticketguard.jobs import DataSource, run_jobs, search_job
 from ticketguard.models import MODELS
@@ -183,6 +186,37 @@ def _print_seed_table(summaries: list[dict[str, Any]]) -> None:
             percent(row["density"]), str(tuple(row["pruning_spec"])),
         )
     results.print(table)
+
+
+@commands.command()
+def adopt(
+    model_file: Annotated[Path, typer.Argument(
+        metavar="MODEL_FILE", help="A sparse model: state_dict, Lightning or torch.nn.utils.prune checkpoint, "
+        "or safetensors file.")],
+    model: Annotated[str, typer.Option(
+        help="Its architecture: a registered name or an import path (package.module:factory(...)). Importing runs "
+        "that module's code.")],
+    out: Annotated[Path, typer.Option(help="Ticket folder to write.")],
+    data: Annotated[str, typer.Option(help="The data it was trained on: digits, cifar10, cifar100, folder.")]
+    = "digits",
+    data_dir: DataDir = None,
+    prune: Annotated[Optional[list[str]], typer.Option(
+        metavar="GLOB", help="Weights the mask covers (fnmatch patterns); default as for find.")] = None,
+    include_classifier: Annotated[bool, typer.Option(help="The mask covers the classifier too.")] = False,
+    test_per_class: TestPerClass = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Make a ticket folder from a sparse model found elsewhere, so that protect, attack and verify take it.
+
+    The file holds no late-rewind weights W_k, so the ticket's are its own weights: protecting it retrains
+    from them."""
+    prepare_output(out, force, folder=True, inputs=[model_file])
+    images = load_subset(data, data_dir, None, test_per_class, 0)
+    adopt_model(model_file, model, images, include_classifier=include_classifier, prune=tuple(prune or ())).save(out)
+    report = _ticket_report(out)
+    emit_json(report) if as_json else _print_report(report)
+    console.print(f"ticket written to [bold]{out}[/]")
 
 
 @commands.command()
