@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
+from ticketguard.data.torch_datasets import (
+    dataset_item,
+    dataset_length,
+    default_classes,
+    dims,
+    image_array,
+    materialise,
+)
 from ticketguard.errors import InputError
 
 MAX_CHANNELS = 64
 MAX_DATASET_BYTES = 8 << 30
 """The uint8 pixels ``ImageData.from_datasets`` materialises at most (both splits), unless told otherwise."""
-GREY_IMAGE_MODES = ("1", "L", "LA")
-DEEP_IMAGE_MODES = ("I", "F")  # more than 8 bits per pixel: converting them would clip or round silently
 
 
 @dataclass(frozen=True)
@@ -111,21 +115,21 @@ class ImageData:
         """
         if crop_padding < 0:
             raise InputError(f"crop padding must be >= 0 pixels, got {crop_padding}")
-        train_count, test_count = _dataset_length(train, "train"), _dataset_length(test, "test")
-        shape = _image_array(_item(train, 0, "train")[0], "train item 0").shape
+        train_count, test_count = dataset_length(train, "train"), dataset_length(test, "test")
+        shape = image_array(dataset_item(train, 0, "train")[0], "train item 0").shape
         if not 1 <= shape[0] <= MAX_CHANNELS:
             raise InputError(f"train item 0 has {shape[0]} channels; images need 1 to {MAX_CHANNELS}")
         size = (train_count + test_count) * math.prod(shape)
         if size > max_bytes:
             raise InputError(
-                f"{train_count + test_count} images of {_dims(shape)} would take {size / 2**30:.1f} GiB as "
+                f"{train_count + test_count} images of {dims(shape)} would take {size / 2**30:.1f} GiB as "
                 f"uint8 tensors, more than max_bytes ({max_bytes / 2**30:.1f} GiB); use a Subset or smaller "
                 "images, or raise max_bytes"
             )
-        train_x, train_y = _materialise(train, "train", train_count, shape)
-        test_x, test_y = _materialise(test, "test", test_count, shape)
+        train_x, train_y = materialise(train, "train", train_count, shape)
+        test_x, test_y = materialise(test, "test", test_count, shape)
         if classes is None:
-            classes = _default_classes(train, torch.cat([train_y, test_y]))
+            classes = default_classes(train, torch.cat([train_y, test_y]))
         classes = tuple(str(c) for c in classes)
         for split, labels in (("train", train_y), ("test", test_y)):
             outside = ((labels < 0) | (labels >= len(classes))).nonzero()
@@ -212,116 +216,6 @@ def _balanced_indices(
     order = torch.randperm(labels.numel(), generator=generator)
     chosen = [order[labels[order] == c][:per_class] for c in labels.unique()]
     return torch.cat(chosen).sort().values
-
-
-def _dataset_length(dataset: Any, split: str) -> int:
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-        raise InputError(
-            f"the {split} data is a {type(dataset).__name__}; give a map-style Dataset (len() and [index])"
-        )
-    try:
-        length = len(dataset)
-    except TypeError:
-        raise InputError(
-            f"the {split} data ({type(dataset).__name__}) has no len(); give a map-style Dataset"
-        ) from None
-    if length < 1:
-        raise InputError(f"the {split} dataset is empty")
-    return length
-
-
-def _item(dataset: Any, index: int, split: str) -> tuple[Any, Any]:
-    item = dataset[index]
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise InputError(
-            f"{split} item {index} is of type {type(item).__name__}; a dataset must give (image, label) pairs"
-        )
-    return item[0], item[1]
-
-
-def _materialise(
-    dataset: Any, split: str, length: int, shape: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split as (N, C, H, W) uint8 images and (N,) int64 labels, filled in place: no second copy."""
-    images = torch.empty((length, *shape), dtype=torch.uint8)
-    pixels = images.numpy()
-    labels = torch.empty(length, dtype=torch.long)
-    for index in range(length):
-        image, label = _item(dataset, index, split)
-        array = _image_array(image, f"{split} item {index}")
-        if array.shape != shape:
-            raise InputError(
-                f"{split} item {index} is {_dims(array.shape)} but train item 0 is {_dims(shape)} "
-                "(C x H x W); give all images one shape, e.g. with Resize or Grayscale transforms"
-            )
-        pixels[index] = array
-        labels[index] = _label(label, f"{split} item {index}")
-    return images, labels
-
-
-def _image_array(image: Any, where: str) -> np.ndarray:
-    """One image as a (C, H, W) uint8 array."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        if image.mode.startswith(DEEP_IMAGE_MODES):
-            raise InputError(
-                f"{where} is a PIL image of mode {image.mode}, deeper than 8 bits; convert it to L or RGB"
-            )
-        image = np.asarray(image.convert("L" if image.mode in GREY_IMAGE_MODES else "RGB"))
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise InputError(
-                f"{where} is a {image.dtype} array of shape {image.shape}; numpy images must be uint8 "
-                "(H, W) or (H, W, C)"
-            )
-        return image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)
-    if isinstance(image, torch.Tensor):
-        return _tensor_array(image, where)
-    raise InputError(
-        f"{where} is of type {type(image).__name__}; images must be PIL images, uint8 numpy arrays or "
-        "(C, H, W) tensors"
-    )
-
-
-def _tensor_array(image: torch.Tensor, where: str) -> np.ndarray:
-    if image.dim() not in (2, 3):
-        raise InputError(
-            f"{where} is a tensor of shape {tuple(image.shape)}; tensor images must be (C, H, W)"
-        )
-    image = image.detach().cpu().reshape(-1, *image.shape[-2:])
-    if image.is_floating_point():
-        image = image.float()
-        if not bool(torch.isfinite(image).all()) or image.min() < 0 or image.max() > 1:
-            raise InputError(
-                f"{where} is a float tensor with values outside [0, 1]; give pixels in [0, 1] (ToTensor "
-                "without Normalize) or uint8"
-            )
-        return (image * 255).round_().to(torch.uint8).numpy()
-    if image.dtype != torch.uint8:
-        raise InputError(f"{where} is a {image.dtype} tensor; tensor images must be uint8 or float in [0, 1]")
-    return image.numpy()
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
-
-
-def _label(label: Any, where: str) -> int:
-    if isinstance(label, (bool, np.bool_)) or (isinstance(label, torch.Tensor) and label.dtype == torch.bool):
-        raise InputError(f"{where} has the label {label!r}; labels must be integer class indices")
-    try:
-        return operator.index(label)
-    except TypeError:
-        raise InputError(f"{where} has the label {label!r}; labels must be integer class indices") from None
-
-
-def _default_classes(dataset: Any, labels: torch.Tensor) -> tuple[str, ...]:
-    """The dataset's own class names (torchvision's ``classes``), else the label numbers up to the largest."""
-    named = getattr(dataset, "classes", None)
-    if isinstance(named, Sequence) and not isinstance(named, str) and all(isinstance(c, str) for c in named):
-        return tuple(named)
-    return tuple(str(c) for c in range(max(int(labels.max()) + 1, 1)))
 
 
 @dataclass(frozen=True)
