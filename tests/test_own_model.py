@@ -173,3 +173,17 @@ def test_a_model_pruned_with_torch_prune_is_adopted_protected_and_verified(tmp_p
                  "--trust-code"]) == 0
     capsys.readouterr()
     assert main(["verify", str(protected), "--claim", str(protected) + ".claim.json"]) == 0
+
+
+@pytest.mark.parametrize("architecture", OWN_MODELS)
+def test_an_independent_model_of_the_same_architecture_is_not_claimed(architecture: str) -> None:
+    torch.manual_seed(1)
+    owner = random_ticket(architecture)
+    signed, signature, _ = embed_signature(owner.mask, owner.weights, owner.weights, "ACME")
+    claim = Claim(signature, {})
+    owned = {n: t * signed[n] if n in signed else t for n, t in owner.weights.items()}
+    assert verify(owned, claim).owned
+    torch.manual_seed(2)
+    other = random_ticket(architecture)
+    verdict = verify({n: t * other.mask[n] if n in other.mask else t for n, t in other.weights.items()}, claim)
+    assert not verdict.owned and verdict.evidence[0].p_value > 1e-3
