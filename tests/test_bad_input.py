@@ -231,8 +231,8 @@ def _set(path: str, value: Any):
     ("change", "message"),
     [
         (_set("architecture.in_channels", "1"), "architecture.in_channels: '1' is not of type 'integer'"),
-        (_set("architecture.name", None), "architecture.name: None is not valid"),
-        (_set("architecture.name", "not a model"), "architecture.name: 'not a model' does not match"),
+        (_set("architecture.name", None), "architecture.name: None is not of type 'string'"),
+        (_set("architecture.name", "mymodel"), "unknown model 'mymodel'; choose one of: resnet20"),
         (_set("architecture", []), "at architecture: [] is not of type 'object'"),
         (_set("architecture.num_classes", 10**9), "architecture.num_classes: 1000000000 is greater than"),
         (_set("architecture.num_classes", 100), "expected torch.float32 (100"),

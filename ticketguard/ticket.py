@@ -29,7 +29,7 @@ from ticketguard.files import (
     write_json,
 )
 from ticketguard.masks import Mask, load_mask, save_mask
-from ticketguard.models import MIN_INPUT_SIZE, MODELS, build_model, is_import_path, trust_model_code
+from ticketguard.models import MIN_INPUT_SIZE, build_model, check_model_name, is_import_path, trust_model_code
 from ticketguard.models.spec import MAX_SPEC_LENGTH, is_trusted
 from ticketguard.training import TrainConfig
 
@@ -108,10 +108,7 @@ TICKET_SCHEMA = {
             "type": "object",
             "required": ["name", "in_channels", "num_classes", "input_size"],
             "properties": {
-                "name": {"anyOf": [
-                    {"enum": list(MODELS)},
-                    {"type": "string", "pattern": r"^[A-Za-z_][\w.]*:", "maxLength": MAX_SPEC_LENGTH},
-                ]},
+                "name": {"type": "string", "maxLength": MAX_SPEC_LENGTH},  # then check_model_name
                 "in_channels": {"type": "integer", "minimum": 1, "maximum": MAX_CHANNELS},
                 "num_classes": {"type": "integer", "minimum": 2, "maximum": MAX_CLASSES},
                 "input_size": {
@@ -245,6 +242,7 @@ class Ticket:
         folder = Path(folder)
         manifest = read_manifest(folder, MANIFEST, TICKET_FORMAT, "ticket", TICKET_SCHEMA, TENSOR_FILES)
         arch = manifest["architecture"]
+        check_model_name(arch["name"])
         if trust_code and is_import_path(arch["name"]):
             trust_model_code(arch["name"])
         ticket = cls(
