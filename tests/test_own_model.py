@@ -12,7 +12,7 @@ import torch.nn.utils.prune as torch_prune
 
 import ticketguard
 from ticketguard import Claim, SearchConfig, TrainConfig, attack, find_extreme_ticket, protect, verify
-from ticketguard.blackbox import Endpoint, ModelServer, load_served_model
+from ticketguard.blackbox import Endpoint, ModelServer, load_served_model, query_labels
 from ticketguard.cli import main
 from ticketguard.errors import InputError
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
@@ -20,6 +20,7 @@ from ticketguard.models import build_model, spec
 from ticketguard.schemes.keymask import split_key
 from ticketguard.schemes.signature import embed_signature, raise_code_weights
 from ticketguard.ticket import Ticket
+from ticketguard.training import predict_labels
 from ticketguard.verify import verify_endpoint
 
 OWN_MODELS = ("tests.zoo:small_cnn", "tests.zoo:mlp", "tests.zoo:tiny_transformer")
@@ -187,3 +188,20 @@ def test_an_independent_model_of_the_same_architecture_is_not_claimed(architectu
     other = random_ticket(architecture)
     verdict = verify({n: t * other.mask[n] if n in other.mask else t for n, t in other.weights.items()}, claim)
     assert not verdict.owned and verdict.evidence[0].p_value > 1e-3
+
+
+def test_a_model_file_of_the_users_architecture_is_served_as_it_predicts(tmp_path: Path, digits) -> None:
+    ticketguard.trust_model_code("tests.zoo:small_cnn")
+    model = build_model("tests.zoo:small_cnn", 1, 10).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    forget_trust()
+    mean, std = digits.channel_stats()
+    with pytest.raises(InputError, match="--num-classes"):
+        load_served_model(tmp_path / "model.pth", input_size=8, mean=mean.tolist(), std=std.tolist(),
+                          architecture="tests.zoo:small_cnn")
+    served = load_served_model(tmp_path / "model.pth", input_size=8, mean=mean.tolist(), std=std.tolist(),
+                               architecture="tests.zoo:small_cnn", num_classes=10)
+    images = digits.test_images[:20]
+    with ModelServer(served, port=0) as server:
+        remote = query_labels(Endpoint(server.url), images)
+    assert torch.equal(remote, predict_labels(model, images, mean, std))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ticketguard.data import DATASETS, load_dataset
 from ticketguard.errors import InputError
-from ticketguard.models import build_from_state
+from ticketguard.models import build_from_state, check_model_name, is_import_path, trust_model_code
 from ticketguard.suspect import load_suspect
 from ticketguard.ticket import MANIFEST, Ticket
 
@@ -54,9 +54,12 @@ def load_served_model(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     trust_code: bool = False,
+    architecture: str | None = None,
+    num_classes: int | None = None,
 ) -> ServedModel:
-    """A ticket folder (of any architecture; ``trust_code`` as in ``Ticket.load``) or a model file of a registered
-    architecture, in eval mode on the CPU."""
+    """A ticket folder (of any architecture; ``trust_code`` as in ``Ticket.load``) or a model file, of a
+    registered architecture or of ``architecture`` (a name or import path the caller gives, with the
+    ``num_classes`` it predicts), in eval mode on the CPU."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         ticket = Ticket.load(path, trust_code=trust_code)
@@ -65,9 +68,17 @@ def load_served_model(
         stats = ticket_normalization(ticket) if mean is None or std is None else None
     else:
         weights = load_suspect(path).weights
-        model, (_, channels, classes) = build_from_state(weights, f"serving {path}")
         if input_size is None or mean is None or std is None:
             raise InputError(f"serving the model file {path} needs --input-size, --mean and --std")
+        named = None
+        if architecture is not None:
+            if num_classes is None:
+                raise InputError(f"serving {path} as {architecture} needs --num-classes")
+            check_model_name(architecture)
+            if is_import_path(architecture):  # named by the caller
+                trust_model_code(architecture)
+            named = (architecture, len(mean), num_classes)
+        model, (_, channels, classes) = build_from_state(weights, f"serving {path}", named)
         size, stats = (input_size, input_size), None
     _check_servable(weights, model, path)
     if input_size is not None:

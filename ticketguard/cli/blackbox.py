@@ -110,6 +110,11 @@ def serve(
     ] = None,
     std: Annotated[Optional[str], typer.Option(help="Channel standard deviations, comma-separated.")] = None,
     trust_code: TrustCode = False,
+    model: Annotated[Optional[str], typer.Option(
+        help="A model file's architecture: a registered name or an import path (package.module:factory). "
+        "Importing runs that code.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes a model file given with --model predicts.")]
+    = None,
 ) -> None:
     """Serve a model over the Open Inference Protocol v2 (and KServe v1 predict) until interrupted."""
     if not 0 <= port <= MAX_PORT:
@@ -119,7 +124,7 @@ def serve(
             f"--input-size must lie in {MIN_INPUT_SIZE}..{MAX_INPUT_SIDE} pixels, got {input_size}"
         )
     served = load_served_model(
-        path, name, input_size, _floats(mean, "--mean"), _floats(std, "--std"), trust_code
+        path, name, input_size, _floats(mean, "--mean"), _floats(std, "--std"), trust_code, model, num_classes
     )
     server = ModelServer(served, host, port)
     console.print(f"serving [bold]{path}[/] as {server.url}/v2/models/{name} (Ctrl-C stops)")
