@@ -205,3 +205,24 @@ def test_a_model_file_of_the_users_architecture_is_served_as_it_predicts(tmp_pat
     with ModelServer(served, port=0) as server:
         remote = query_labels(Endpoint(server.url), images)
     assert torch.equal(remote, predict_labels(model, images, mean, std))
+
+
+def test_adopt_refuses_weights_of_another_architecture_and_an_existing_folder(tmp_path: Path, capsys) -> None:
+    ticketguard.trust_model_code("tests.zoo:mlp")
+    torch.save(build_model("tests.zoo:mlp", 1, 10).state_dict(), tmp_path / "mlp.pth")
+    forget_trust()
+    args = ["adopt", str(tmp_path / "mlp.pth"), "--out", str(tmp_path / "ticket")]
+    assert main([*args, "--model", "tests.zoo:small_cnn"]) == 2
+    assert "do not fit tests.zoo:small_cnn" in capsys.readouterr().err
+    assert not (tmp_path / "ticket").exists()
+    assert main([*args, "--model", "tests.zoo:mlp"]) == 0
+    assert main([*args, "--model", "tests.zoo:mlp"]) == 2  # never overwritten without --force
+    assert "--force" in capsys.readouterr().err
+    assert main(["adopt", str(tmp_path / "missing.pth"), "--model", "tests.zoo:mlp", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_find_prunes_only_the_weights_its_patterns_name(tmp_path: Path) -> None:
+    out = tmp_path / "ticket"
+    assert main(["find", "--model", "tests.zoo:mlp", "--prune", "1.weight", "--prune", "5.*",
+                 "--out", str(out), *QUICK]) == 0
+    assert set(Ticket.load(out).mask) == {"1.weight", "5.weight"}  # the default would be 3.weight and 5.weight
