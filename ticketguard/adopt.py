@@ -14,7 +14,7 @@ from pathlib import Path
 from ticketguard.data import ImageData
 from ticketguard.files import load_tensors
 from ticketguard.masks import fold_pruning_reparametrisation, mask_from_zeros, prunable_names
-from ticketguard.models import build_from_state, is_import_path, trust_model_code
+from ticketguard.models import accept_model_name, build_from_state
 from ticketguard.ticket import Ticket
 from ticketguard.training import evaluate, state_copy
 
@@ -29,8 +29,7 @@ def adopt(
 ) -> Ticket:
     """The ticket N[W, M] of the model file at ``path``, built as ``architecture`` for ``data``, with its test
     accuracy measured. M covers the prunable weights (``masks.prunable_names``) and keeps their non-zeros."""
-    if is_import_path(architecture):  # the caller named this code
-        trust_model_code(architecture)
+    accept_model_name(architecture)
     weights, _ = fold_pruning_reparametrisation(load_tensors(path))
     channels, classes = data.input_shape[0], data.num_classes
     model, _ = build_from_state(weights, f"adopting {path}", (architecture, channels, classes))

@@ -40,7 +40,7 @@ from ticketguard.data import ImageData
 from ticketguard.errors import InputError
 from ticketguard.files import load_tensors, read_json, save_tensors, write_json
 from ticketguard.masks import Mask, load_mask, magnitude_prune, prunable_names, save_mask
-from ticketguard.models import build_model, check_model_name, is_import_path, trust_model_code
+from ticketguard.models import accept_model_name, build_model, check_model_name
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig, predict_labels, state_copy, train
 
@@ -285,8 +285,7 @@ def find_extreme_ticket(
 ) -> Ticket:
     """Run (or resume) the extreme-ticket search; returns the ticket of the last matching round."""
     workdir, device = Path(workdir), torch.device(device)
-    if is_import_path(config.model):  # the caller named this code, so building it is theirs to allow
-        trust_model_code(config.model)
+    accept_model_name(config.model)
     split, held = _Split.carve(data, config)
     record = _config_record(config, data, held)
     if restart and workdir.exists() and distributed.is_main():

@@ -34,7 +34,7 @@ from ticketguard.models import MODELS
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, evaluate, predict_labels, state_copy, train
+from ticketguard.training import TrainConfig, evaluate, state_copy, train
 from ticketguard.verify import verify
 
 STARTS = ("rewind", "weights")
@@ -292,9 +292,7 @@ def _accuracies(model: nn.Module, data: ImageData, marking: TriggerConfig | None
     accuracy = evaluate(model, data)
     if marking is None:
         return accuracy, None
-    trigger = marking.trigger
-    predicted = predict_labels(model, trigger.images, *data.channel_stats())
-    return accuracy, int((predicted == trigger.labels.cpu()).sum()) / len(trigger)
+    return accuracy, v3.trigger_accuracy(model, marking.trigger, *data.channel_stats())
 
 
 def _train_custom(

@@ -22,7 +22,7 @@ from ticketguard.data import ImageData, Normalization
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
 from ticketguard.fingerprint import fingerprint_evidence
-from ticketguard.models import build_from_state, check_model_name, is_import_path, trust_model_code
+from ticketguard.models import accept_model_name, build_from_state
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
@@ -169,9 +169,7 @@ def _trigger_evidence(
     ``recorded`` is the suspect's own normalisation when it is a ticket folder."""
     named = None
     if architecture is not None:
-        check_model_name(architecture)
-        if is_import_path(architecture):
-            trust_model_code(architecture)
+        accept_model_name(architecture)
         named = (architecture, claim.shape[0], claim.classes)
     model, (_, channels, classes) = build_from_state(weights, "checking the trigger set in process", named)
     if (channels, classes) != (claim.shape[0], claim.classes):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ticketguard.data import DATASETS, load_dataset
 from ticketguard.errors import InputError
-from ticketguard.models import build_from_state, check_model_name, is_import_path, trust_model_code
+from ticketguard.models import accept_model_name, build_from_state
 from ticketguard.suspect import load_suspect
 from ticketguard.ticket import MANIFEST, Ticket
 
@@ -74,9 +74,7 @@ def load_served_model(
         if architecture is not None:
             if num_classes is None:
                 raise InputError(f"serving {path} as {architecture} needs --num-classes")
-            check_model_name(architecture)
-            if is_import_path(architecture):  # named by the caller
-                trust_model_code(architecture)
+            accept_model_name(architecture)
             named = (architecture, len(mean), num_classes)
         model, (_, channels, classes) = build_from_state(weights, f"serving {path}", named)
         size, stats = (input_size, input_size), None

@@ -27,8 +27,8 @@ MODELS: dict[str, ModelFactory] = {
 MIN_INPUT_SIZE = 8
 
 __all__ = [
-    "MIN_INPUT_SIZE", "MODELS", "ModelFactory", "build_from_state", "build_model", "check_model_name",
-    "identify_architecture", "is_import_path", "trust_model_code",
+    "MIN_INPUT_SIZE", "MODELS", "ModelFactory", "accept_model_name", "build_from_state", "build_model",
+    "check_model_name", "identify_architecture", "is_import_path", "trust_model_code",
 ]
 
 
@@ -51,6 +51,14 @@ def check_model_name(name: str) -> None:
             f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or name any model by import path "
             "(package.module:factory)"
         )
+
+
+def accept_model_name(name: str) -> None:
+    """A model name the caller gave (an option, a Python argument): checked, and trusted when it is an import
+    path, since the caller named that code; a name read from a file is never trusted this way."""
+    check_model_name(name)
+    if is_import_path(name):
+        trust_model_code(name)
 
 
 def build_from_state(

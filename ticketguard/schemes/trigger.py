@@ -173,8 +173,8 @@ def watermark(
     mean, std = data.channel_stats()
 
     def measure(epochs_done: int, trained: nn.Module) -> dict[str, float]:
-        trigger_accuracy = _trigger_accuracy(trained, trigger, mean, std)
-        return {"accuracy": evaluate(trained, data), "trigger_accuracy": trigger_accuracy}
+        marked = trigger_accuracy(trained, trigger, mean, std)
+        return {"accuracy": evaluate(trained, data), "trigger_accuracy": marked}
 
     result = train(
         model, data, config, mask, progress=progress, description="watermark",
@@ -184,7 +184,8 @@ def watermark(
     return WatermarkResult(last["accuracy"], last["trigger_accuracy"], result.history)
 
 
-def _trigger_accuracy(model: nn.Module, trigger: TriggerSet, mean: torch.Tensor, std: torch.Tensor) -> float:
+def trigger_accuracy(model: nn.Module, trigger: TriggerSet, mean: torch.Tensor, std: torch.Tensor) -> float:
+    """The share of the trigger set that ``model`` labels as the owner trained it to."""
     agreed = int((predict_labels(model, trigger.images, mean, std) == trigger.labels.cpu()).sum())
     return agreed / len(trigger)
 
