@@ -20,6 +20,7 @@ from functools import cache
 from typing import Any
 
 import numpy as np
+import reedsolo
 import torch
 from rich.progress import Progress
 
@@ -153,18 +154,9 @@ def _layout(version: int, error: str) -> _Layout:
     )
 
 
-def _gf_tables() -> tuple[np.ndarray, np.ndarray]:
-    """exp and log tables of QR's GF(256) (polynomial 0x11D, generator 2); exp is doubled to skip a modulo."""
-    exp, log = np.zeros(512, dtype=np.int64), np.zeros(256, dtype=np.int64)
-    value = 1
-    for power in range(255):
-        exp[power], log[value] = value, power
-        value = (value << 1) ^ (0x11D if value & 0x80 else 0)
-    exp[255:510] = exp[:255]
-    return exp, log
-
-
-_EXP, _LOG = _gf_tables()
+# QR's GF(256) (polynomial 0x11D, generator 2) as reedsolo builds it; exp runs to 2 x 255 so that a product
+# of two elements needs no modulo
+_LOG, _EXP = (np.array(table, dtype=np.int64) for table in reedsolo.init_tables(prim=0x11D, generator=2)[:2])
 
 
 def _gf_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
