@@ -37,7 +37,7 @@ from ticketguard.files import (
     write_json,
 )
 from ticketguard.masks import Mask
-from ticketguard.models import build_model, is_import_path
+from ticketguard.models import build_model
 from ticketguard.scores import GRAPH_SCORES, score
 from ticketguard.ticket import MANIFEST, MASK_FILE, SHARE, WEIGHTS_FILE, Ticket, nullable
 from ticketguard.training import TrainConfig, train
@@ -126,11 +126,11 @@ def _without(state: Mapping[str, torch.Tensor], removed: Mask) -> dict[str, torc
 def split_key(ticket: Ticket, key_density: float, score_name: str = "ewp") -> tuple[Ticket, Key]:
     """Algorithm 1: score W⊙M, take M_s, and return the locked ticket N[W⊙M_l] and the key.
 
-    EWP and betweenness trace the channel graph: of the registered architecture the weights fit, or of the
-    ticket's own model when it is named by import path (built on the meta device: tracing runs nothing)."""
+    EWP and betweenness trace the channel graph of the ticket's own architecture, built on the meta device:
+    tracing runs nothing."""
     check_key_density(key_density)
     model = None
-    if score_name in GRAPH_SCORES and is_import_path(ticket.architecture):
+    if score_name in GRAPH_SCORES:
         with torch.device("meta"):
             model = build_model(ticket.architecture, ticket.in_channels, ticket.num_classes)
     secret = key_mask(score(score_name, ticket.weights, ticket.mask, model=model), ticket.mask, key_density)
