@@ -12,7 +12,7 @@ every seed, and the spread of those ends in pruning steps, log(max / min) / log(
 
 - ``find``: ``ticketguard find``'s decision, the paired test against the first dense network at the margin the
   seed's validation split resolves;
-- ``test, pooled, w rounds, -x``: a rule no search can use, there to show how much of the spread is training
+- ``test, pooled, w, -x``: a rule no search can use, there to show how much of the spread is training
   noise: the same 360 test images for every seed, the mean of the dense networks as reference, and the mean
   difference of the last w rounds below -x points as failure.
 
@@ -121,8 +121,8 @@ def report(out: Path, dense: int) -> None:
         descents.append((record, correct))
     rules: dict[str, list[float]] = {"find": [find_end(record, correct) for record, correct in descents]}
     for window in (1, 3):
-        for points in (1.0, 2.0, 3.0):
-            rules[f"test, pooled, {window} rounds, -{points:g}"] = [
+        for points in (1.0, 2.0, 3.0, 6.0):
+            rules[f"test, pooled, w = {window}, -{points:g}"] = [
                 pooled_end(record, correct, dense, window, points / 100) for record, correct in descents
             ]
     step = 1 / (1 - descents[0][0]["ratio"])
