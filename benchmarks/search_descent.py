@@ -12,6 +12,9 @@ every seed, and the spread of those ends in pruning steps, log(max / min) / log(
 
 - ``find``: ``ticketguard find``'s decision, the paired test against the first dense network at the margin the
   seed's validation split resolves;
+- ``find, pooled``: the same test against the mean of the seed's dense networks (per image, the share of them
+  that is right), at the margin their mean error count resolves; the bound is Agresti and Min's with the
+  squared per-image differences in place of the discordant count;
 - ``test, pooled, w, -x``: a rule no search can use, there to show how much of the spread is training
   noise: the same 360 test images for every seed, the mean of the dense networks as reference, and the mean
   difference of the last w rounds below -x points as failure.
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import norm
 
 from ticketguard.data import dataset_spec, load_dataset
 from ticketguard.files import load_tensors, save_tensors
@@ -119,7 +123,10 @@ def report(out: Path, dense: int) -> None:
         record = json.loads(Path(path).read_text())
         correct = {k: v.bool() for k, v in load_tensors(Path(path).with_suffix(".safetensors")).items()}
         descents.append((record, correct))
-    rules: dict[str, list[float]] = {"find": [find_end(record, correct) for record, correct in descents]}
+    rules: dict[str, list[float]] = {
+        "find": [find_end(record, correct) for record, correct in descents],
+        "find, pooled": [pooled_find_end(record, correct, dense) for record, correct in descents],
+    }
     for window in (1, 3):
         for points in (1.0, 2.0, 3.0, 6.0):
             rules[f"test, pooled, w = {window}, -{points:g}"] = [
@@ -150,6 +157,20 @@ def find_end(record: dict[str, Any], correct: dict[str, torch.Tensor]) -> float:
     margin = max(0.01, resolution(images, images - int(dense.sum()), 0.95))
     for index in range(len(record["rounds"])):
         if not paired_test(correct[f"round{index + 1}.validation"], dense, margin, 0.95).matched:
+            return record["rounds"][index - 1]["density"] if index else 1.0
+    return record["rounds"][-1]["density"]
+
+
+def pooled_find_end(record: dict[str, Any], correct: dict[str, torch.Tensor], dense: int) -> float:
+    reference = torch.stack([correct[f"dense{k}.validation"].float() for k in range(dense)]).mean(0)
+    images = reference.numel()
+    margin = max(0.01, resolution(images, round(float((1 - reference).sum())), 0.95))
+    z = float(norm.ppf(0.95))
+    for index in range(len(record["rounds"])):
+        difference = correct[f"round{index + 1}.validation"].float() - reference
+        total, squares = float(difference.sum()), float((difference * difference).sum())
+        bound = total / (images + 2) - z * math.sqrt(squares + 1 - total**2 / (images + 2)) / (images + 2)
+        if bound < -margin:
             return record["rounds"][index - 1]["density"] if index else 1.0
     return record["rounds"][-1]["density"]
 
