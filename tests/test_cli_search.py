@@ -55,7 +55,8 @@ def test_adaptive_find_and_info_show_validation_test_and_the_matching_test(
 
 def test_find_can_decide_on_test_as_the_paper_does(fake_training, tmp_path: Path, capsys) -> None:
     out = tmp_path / "paper"
-    assert main(["find", "--out", str(out), *QUICK, "--decide-on", "test", "--validation-fraction", "0"]) == 0
+    assert main(["find", "--out", str(out), *QUICK, "--pruning-schedule", "paper", "--decide-on", "test",
+                 "--validation-fraction", "0"]) == 0
     capsys.readouterr()
     assert main(["info", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -14,7 +14,14 @@ import torch
 from ticketguard import imp
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
-from ticketguard.imp import SearchConfig, find_extreme_ticket, matches, paired_test, resolution
+from ticketguard.imp import (
+    DEFAULT_RATIOS,
+    SearchConfig,
+    find_extreme_ticket,
+    matches,
+    paired_test,
+    resolution,
+)
 from ticketguard.masks import load_mask
 from ticketguard.training import TrainConfig, TrainResult, state_copy
 
@@ -34,7 +41,8 @@ def test_schedule_prunes_until_failure_then_reverts_to_smaller_ratios(digits: Im
         return TrainResult(accuracy=0.99 if density >= 0.3 else 0.5, rewind_state=state_copy(model))
 
     monkeypatch.setattr(imp, "train", fake_train)
-    config = SearchConfig(train=TrainConfig(epochs=2), rewind_epoch=1, decide_on="test", validation_fraction=0)
+    config = SearchConfig(train=TrainConfig(epochs=2), rewind_epoch=1, decide_on="test", validation_fraction=0,
+                          pruning_schedule="paper")
     ticket = find_extreme_ticket(digits, config, tmp_path, CPU)
     search = ticket.metadata["search"]
     density, expected_counts = 1.0, []
@@ -81,10 +89,17 @@ def test_resuming_with_other_settings_is_refused(digits: ImageData, tmp_path) ->
     other = SearchConfig(ratios=(0.4,), max_rounds=1, rewind_epoch=0, train=TrainConfig(epochs=1))
     with pytest.raises(InputError, match="ratios"):
         find_extreme_ticket(small, other, tmp_path, CPU)
-    for changed in ({"validation_fraction": 0.3}, {"confidence": 0.9}, {"pruning_schedule": "adaptive"}):
+    for changed in ({"validation_fraction": 0.3}, {"confidence": 0.9}, {"pruning_schedule": "paper"}):
         with pytest.raises(InputError, match=next(iter(changed))):
             find_extreme_ticket(small, replace(config, **changed), tmp_path, CPU)
     find_extreme_ticket(small, other, tmp_path, CPU, restart=True)
+
+
+def test_each_schedule_has_its_own_default_ratios() -> None:
+    default = SearchConfig()
+    assert default.pruning_schedule == "adaptive" and default.ratios == DEFAULT_RATIOS["adaptive"] == (0.5, 0.01)
+    assert SearchConfig(pruning_schedule="paper").ratios == DEFAULT_RATIOS["paper"] == (0.2, 0.1, 0.05, 0.01)
+    assert SearchConfig(pruning_schedule="paper", ratios=(0.3,)).ratios == (0.3,)
 
 
 def test_bad_schedules_are_refused() -> None:
@@ -241,7 +256,8 @@ def test_adaptive_schedule_bisects_to_the_resolution_in_fewer_trainings(
     _fake_search(monkeypatch, lambda d: 0.99 if d >= 0.3 else 0.5, lambda d, n: range(0 if d >= 0.3 else n // 2))
     tickets = {}
     for kind in ("paper", "adaptive"):
-        config = SearchConfig(train=TrainConfig(epochs=2), rewind_epoch=1, pruning_schedule=kind)
+        config = SearchConfig(train=TrainConfig(epochs=2), rewind_epoch=1, pruning_schedule=kind,
+                              ratios=DEFAULT_RATIOS["paper"])
         tickets[kind] = find_extreme_ticket(digits, config, tmp_path / kind, CPU)
     paper, adaptive = (tickets[k].metadata["search"] for k in ("paper", "adaptive"))
     for ticket in tickets.values():

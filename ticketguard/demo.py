@@ -87,6 +87,7 @@ def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Prog
     data = load_subset("digits", None, config.train_per_class, config.test_per_class, config.seed)
     search = SearchConfig(
         ratios=(config.ratio,),
+        pruning_schedule="paper",
         max_rounds=config.rounds,
         rewind_epoch=config.rewind_epoch,
         eps=config.eps,

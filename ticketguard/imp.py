@@ -5,9 +5,16 @@ magnitude, rewinds to W_k and retrains. Two schedules choose r (``PRUNING_SCHEDU
 
 - ``paper``: walk the ratio list. While rounds match, pruning goes on at r; a failure reverts to the last matching
   mask and moves to the next smaller r; after the smallest r fails, the last matching mask is the extreme ticket.
-- ``adaptive``: prune at the first (largest) ratio while rounds match; after the first failure, bisect the ratio
-  between the last matching mask and the known failure until that gap is the last ratio t (the paper's 1 %
-  extreme-sparsity resolution): about log2(r / t) trainings after the first failure.
+- ``adaptive`` (the default): prune at the first (largest) ratio while rounds match; after the first failure,
+  bisect the ratio between the last matching mask and the known failure until that gap is the last ratio t (the
+  paper's 1 % extreme-sparsity resolution): about log2(r / t) trainings after the first failure.
+
+Each schedule has its own default ratios (``DEFAULT_RATIOS``). Adaptive starts at r = 0.5 because every round is a
+decision that can fail by chance, and near the extreme ticket accuracy declines slowly while rounds vary from
+seed to seed by more than that decline: r = 0.2 takes six or seven rounds through the decline, each a chance to
+stop early for good, where halving crosses it in two and then only narrows the bracket between a match and a
+failure. On digits that halves the trainings and gathers the seeds' tickets into a much narrower band of
+densities (``benchmarks/README.md``).
 
 A round *matches* when a paired non-inferiority test (``paired_test``) on a validation split carved from the
 training images shows it within the margin of the dense network; test accuracy is measured for the report and
@@ -50,6 +57,7 @@ STATE_FILE = "search.json"
 REWIND_FILE = "rewind.safetensors"
 DENSE_FILE = "dense-validation.safetensors"
 PRUNING_SCHEDULES = ("paper", "adaptive")
+DEFAULT_RATIOS: dict[str, tuple[float, ...]] = {"paper": (0.2, 0.1, 0.05, 0.01), "adaptive": (0.5, 0.01)}
 DECISION_SPLITS = ("validation", "test")
 RATIO_TOLERANCE = 1e-9
 
@@ -63,14 +71,15 @@ class SearchConfig:
     """
 
     model: str = "resnet20"
-    ratios: tuple[float, ...] = (0.2, 0.1, 0.05, 0.01)
+    ratios: tuple[float, ...] = ()
+    """pruning ratios, largest first; empty: the schedule's ``DEFAULT_RATIOS``"""
     eps: float = 0.01
     rewind_epoch: int = 3
     max_rounds: int = 40
     include_classifier: bool = False
     prune: tuple[str, ...] = ()
     """fnmatch patterns of the weights to prune; empty: every conv and linear weight but the first and last"""
-    pruning_schedule: str = "paper"
+    pruning_schedule: str = "adaptive"
     decide_on: str = "validation"
     validation_fraction: float = 0.2
     confidence: float = 0.95
@@ -78,7 +87,13 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
-        if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
+        if self.pruning_schedule not in PRUNING_SCHEDULES:
+            raise InputError(
+                f"unknown pruning schedule {self.pruning_schedule!r}; choose one of: {', '.join(PRUNING_SCHEDULES)}"
+            )
+        if not self.ratios:
+            object.__setattr__(self, "ratios", DEFAULT_RATIOS[self.pruning_schedule])
+        if any(not 0 < r < 1 for r in self.ratios):
             raise InputError(f"pruning ratios must lie in (0, 1), got {list(self.ratios)}")
         if list(self.ratios) != sorted(self.ratios, reverse=True):
             raise InputError(f"pruning ratios must shrink, got {list(self.ratios)}")
@@ -89,10 +104,6 @@ class SearchConfig:
         if self.max_rounds < 1:
             raise InputError(
                 f"the search needs at least 1 pruning round (--max-rounds), got {self.max_rounds}"
-            )
-        if self.pruning_schedule not in PRUNING_SCHEDULES:
-            raise InputError(
-                f"unknown pruning schedule {self.pruning_schedule!r}; choose one of: {', '.join(PRUNING_SCHEDULES)}"
             )
         if self.decide_on not in DECISION_SPLITS:
             raise InputError(f"matching is decided on {' or '.join(DECISION_SPLITS)}, got {self.decide_on!r}")

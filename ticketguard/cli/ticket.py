@@ -32,7 +32,7 @@ from ticketguard.cli.output import console, emit_json, percent, progress_bar, re
 from ticketguard.data import dataset_spec, load_subset
 from ticketguard.errors import InputError
 from ticketguard.files import prepare_output
-from ticketguard.imp import SearchConfig
+from ticketguard.imp import DEFAULT_RATIOS, SearchConfig
 from ticketguard.jobs import DataSource, run_jobs, search_job
 from ticketguard.models import MODELS
 from ticketguard.suspect import load_suspect
@@ -45,7 +45,9 @@ TRAIN = TrainConfig()
 SEARCH = SearchConfig()
 
 
-def _parse_ratios(text: str) -> tuple[float, ...]:
+def _parse_ratios(text: str | None) -> tuple[float, ...]:
+    if text is None:
+        return ()
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -76,15 +78,17 @@ def find(
     momentum: Momentum = None,
     weight_decay: WeightDecay = None,
     rewind_epoch: Annotated[int, typer.Option(help="Late-rewinding epoch k of W_k.")] = SEARCH.rewind_epoch,
-    ratios: Annotated[str, typer.Option(help="Pruning-ratio schedule, largest first.")] = ",".join(
-        map(str, SEARCH.ratios)
-    ),
+    ratios: Annotated[Optional[str], typer.Option(
+        help="Pruning ratios, largest first. Default: "
+        + "; ".join(f"{kind} {','.join(map(str, values))}" for kind, values in DEFAULT_RATIOS.items()) + ".")
+    ] = None,
     eps: Annotated[float, typer.Option(help="eps_f: a ticket matches within this many accuracy points.")] = 100
     * SEARCH.eps,
     max_rounds: Annotated[int, typer.Option(help="Stop after this many pruning rounds.")] = SEARCH.max_rounds,
     pruning_schedule: Annotated[str, typer.Option(
-        help="paper: walk the ratio list, reverting to the last matching mask and a smaller ratio on each failure; "
-        "adaptive: prune at the first ratio until a round fails, then bisect down to the last ratio t.")
+        help="adaptive: prune at the first ratio until a round fails, then bisect down to the last ratio t (fewer "
+        "trainings, steadier across seeds); paper: walk the ratio list, reverting to the last matching mask and a "
+        "smaller ratio on each failure.")
     ] = SEARCH.pruning_schedule,
     decide_on: Annotated[str, typer.Option(
         help="Where matching is decided: validation (held out from the training images) or test (the paper's "

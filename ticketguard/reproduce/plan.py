@@ -14,7 +14,7 @@ from ticketguard.data import ImageData, dataset_spec, load_dataset
 from ticketguard.data.cifar import load_image_folder
 from ticketguard.errors import InputError
 from ticketguard.files import read_json, write_json
-from ticketguard.imp import SearchConfig
+from ticketguard.imp import DEFAULT_RATIOS, SearchConfig
 from ticketguard.models import MODELS
 from ticketguard.scores import SCORES
 from ticketguard.training import TrainConfig
@@ -62,6 +62,7 @@ class Plan:
             eps=self.eps,
             rewind_epoch=self.rewind_epoch,
             max_rounds=self.max_rounds,
+            pruning_schedule="paper",
             decide_on="test",  # the paper's protocol: every training image trains, matching on test accuracy
             validation_fraction=0.0,
             train=self.train,
@@ -91,7 +92,7 @@ def make_plan(
         epochs=epochs,
         train_per_class=per_class[0],
         test_per_class=per_class[1],
-        ratios=SearchConfig.ratios if full else (SearchConfig.ratios[0],),
+        ratios=DEFAULT_RATIOS["paper"] if full else (DEFAULT_RATIOS["paper"][0],),
         max_rounds=max(1, round(scale * SearchConfig.max_rounds)),
         rewind_epoch=min(max(1, round(PAPER_REWIND_EPOCH * epochs / PAPER_EPOCHS)), epochs - 1),
         prune=(0.05, 0.1, 0.2, 0.3, 0.5) if full else (0.05, 0.2, 0.5),
