@@ -74,7 +74,7 @@ def main() -> None:
     started = time.perf_counter()
     with progress_bar() as progress:
         ratios = tuple(float(r) for r in args.ratios.split(","))
-        search = SearchConfig(ratios=ratios, rewind_epoch=args.rewind_epoch, train=config)
+        search = SearchConfig(ratios=ratios, pruning_schedule="paper", rewind_epoch=args.rewind_epoch, train=config)
         ticket = find_extreme_ticket(data, search, args.out / "search", device, progress)
         search_seconds = time.perf_counter() - started
         curve = key_density_curve(ticket, data, config, densities, scores, device, progress)

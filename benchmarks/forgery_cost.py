@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args()
     data = load_subset("digits")
-    search = SearchConfig(ratios=(0.2,), max_rounds=args.rounds, rewind_epoch=1, train=TrainConfig(epochs=args.epochs))
+    search = SearchConfig(ratios=(0.2,), pruning_schedule="paper", max_rounds=args.rounds, rewind_epoch=1, train=TrainConfig(epochs=args.epochs))
     with tempfile.TemporaryDirectory() as workdir:
         ticket = find_extreme_ticket(data, search, Path(workdir))
     weights = {name: ticket.weights[name] * ticket.mask[name] for name in ticket.mask}

@@ -1,7 +1,8 @@
 """Paper vs adaptive pruning schedule: trainings, wall time, final density, validation and test accuracy.
 
 Every search decides matching on a validation split held out from the training images (the default of
-``ticketguard find``); only the schedule differs. Searches are resumable folders under --out, so an interrupted
+``ticketguard find``); only the schedule differs, each with its own default ratios unless --ratios gives one list
+for both. Searches are resumable folders under --out, so an interrupted
 benchmark picks up where it stopped (a resumed search's seconds count only the trainings run after the restart).
 
     OMP_NUM_THREADS=1 python benchmarks/search_schedules.py --data digits --seeds 0,1,2 --jobs 2
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -59,7 +61,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per training (default: the data set's)")
     parser.add_argument("--rewind-epoch", type=int, default=SearchConfig.rewind_epoch)
     parser.add_argument("--schedule", default="step", help="learning-rate schedule: step or onecycle")
-    parser.add_argument("--ratios", default=",".join(map(str, SearchConfig.ratios)), help="largest first")
+    parser.add_argument("--ratios", default=None, help="largest first (default: each schedule's own)")
     parser.add_argument("--validation-fraction", type=float, default=SearchConfig.validation_fraction)
     parser.add_argument("--confidence", type=float, default=SearchConfig.confidence)
     parser.add_argument("--max-rounds", type=int, default=SearchConfig.max_rounds)
@@ -75,7 +77,8 @@ def main() -> None:
     for kind in args.schedules.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             config = SearchConfig(
-                ratios=tuple(float(r) for r in args.ratios.split(",")), rewind_epoch=args.rewind_epoch,
+                ratios=tuple(float(r) for r in args.ratios.split(",")) if args.ratios else (),
+                rewind_epoch=args.rewind_epoch,
                 max_rounds=args.max_rounds, pruning_schedule=kind, validation_fraction=args.validation_fraction,
                 confidence=args.confidence,
                 train=TrainConfig(epochs=epochs, seed=seed, schedule=args.schedule),
@@ -86,19 +89,23 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.data}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"{args.data}: {len(rows)} searches in {time.perf_counter() - started:.0f} s, {args.jobs} at once")
-    print("| schedule | seed | trainings | seconds | weights left | validation (dense) | test (dense) | spec |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| schedule | seed | trainings | seconds | weights left | margin (points) | validation (dense) | test (dense) "
+          "| spec |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['schedule']} | {row['seed']} | {row['trainings']} | {row['seconds']:.0f} | "
-              f"{100 * row['density']:.3f} % | {100 * row['validation']:.2f} % ({100 * row['dense_validation']:.2f} %) | "
+              f"{100 * row['density']:.3f} % | {100 * row['margin']:.2f} | "
+              f"{100 * row['validation']:.2f} % ({100 * row['dense_validation']:.2f} %) | "
               f"{100 * row['test']:.2f} % ({100 * row['dense_test']:.2f} %) | {tuple(row['counts'])} |")
     for kind in args.schedules.split(","):
         mine = [r for r in rows if r["schedule"] == kind]
         densities = ", ".join(f"{100 * r['density']:.3f} %" for r in mine)
         margins = ", ".join(f"{100 * r['margin']:.2f}" for r in mine)
+        spread = max(r["density"] for r in mine) / min(r["density"] for r in mine)
         print(f"{kind}: mean trainings {statistics.mean(r['trainings'] for r in mine):.1f}, "
               f"mean seconds {statistics.mean(r['seconds'] for r in mine):.0f}, densities {densities}, "
-              f"margins {margins} points on {mine[0]['validation_images']} validation images")
+              f"margins {margins} points on {mine[0]['validation_images']} validation images; densest / sparsest "
+              f"ticket {spread:.2f}x ({math.log(spread) / math.log(1.25):.1f} steps of r = 0.2)")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def main() -> None:
     torch.manual_seed(0)
     data = load(args.data, args.per_class)
     config = SearchConfig(
-        ratios=(0.2,), max_rounds=args.rounds, rewind_epoch=1, train=TrainConfig(epochs=args.epochs)
+        ratios=(0.2,), pruning_schedule="paper", max_rounds=args.rounds, rewind_epoch=1, train=TrainConfig(epochs=args.epochs)
     )
     started = time.perf_counter()
     if args.ticket and (args.ticket / MANIFEST).is_file():

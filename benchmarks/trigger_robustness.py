@@ -106,7 +106,7 @@ def main() -> None:
     data = load_dataset("digits")
     config = TrainConfig(epochs=args.epochs)
     with tempfile.TemporaryDirectory() as workdir:
-        search = SearchConfig(ratios=(0.2,), max_rounds=args.rounds, rewind_epoch=1, train=config)
+        search = SearchConfig(ratios=(0.2,), pruning_schedule="paper", max_rounds=args.rounds, rewind_epoch=1, train=config)
         ticket = find_extreme_ticket(data, search, workdir, torch.device("cpu"))
     console.print(
         f"ticket: {100 * ticket.mask.density():.2f} % of prunable weights, accuracy "
