@@ -272,6 +272,12 @@ def test_adaptive_schedule_bisects_to_the_resolution_in_fewer_trainings(
     densest_failure = max(r["density"] for r in rounds if not r["matched"])  # within t below the ticket
     assert tickets["adaptive"].mask.density() > densest_failure >= tickets["adaptive"].mask.density() * (1 - 0.01)
 
+    default = find_extreme_ticket(digits, SearchConfig(train=TrainConfig(epochs=2), rewind_epoch=1),
+                                  tmp_path / "default", CPU)  # halving from 0.5, then the same bisection
+    assert 0.3 <= default.mask.density() < 0.3 / (1 - 0.01)
+    assert default.metadata["search"]["trainings"] < adaptive["trainings"]
+    assert default.metadata["search"]["history"][1]["ratio"] == 0.5
+
 
 def test_a_margin_that_admits_guessing_is_called_out(caplog) -> None:
     validation = {"images": 200, "dense_errors": 160, "dense_accuracy": 0.2, "resolution": 0.3, "margin": 0.3,
