@@ -30,6 +30,8 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from scipy.stats import norm
 
 from ticketguard.data import dataset_spec, load_dataset
 from ticketguard.files import load_tensors, save_tensors
-from ticketguard.imp import paired_test, resolution
+from ticketguard.imp import SearchConfig, paired_test, resolution
 from ticketguard.jobs import run_jobs
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
@@ -64,18 +66,21 @@ def descend(
     tensors: dict[str, torch.Tensor] = {}
     record: dict[str, Any] = {"seed": seed, "ratio": ratio, "validation_images": int(held.numel()), "rounds": []}
     started = time.perf_counter()
-    rewind: dict[str, torch.Tensor] = {}
-    weights: dict[str, torch.Tensor] = {}
-    for k in range(dense):
+
+    def train_dense(k: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
         run_seed = seed if k == 0 else EXTRA_DENSE_SEED * k + seed
         torch.manual_seed(run_seed)
         model = build_model("resnet20", fit.input_shape[0], fit.num_classes).to(device)
-        result = train(model, fit, TrainConfig(**{**config.__dict__, "seed": run_seed}), rewind_epoch=3)
+        result = train(model, fit, replace(config, seed=run_seed), rewind_epoch=SearchConfig.rewind_epoch)
         tensors[f"dense{k}.validation"], tensors[f"dense{k}.test"] = correct(model)
-        if k == 0:
-            assert result.rewind_state is not None
-            rewind, weights = result.rewind_state, state_copy(model)
-            mask = Mask.ones_like(weights, prunable_names(model, False, ()))
+        return model, result.rewind_state
+
+    model, rewind = train_dense(0)
+    assert rewind is not None
+    weights = state_copy(model)
+    mask = Mask.ones_like(weights, prunable_names(model, False, ()))
+    for k in range(1, dense):
+        train_dense(k)
     round_index = 0
     while mask.density() > floor:
         round_index += 1
@@ -83,14 +88,15 @@ def descend(
         model = build_model("resnet20", fit.input_shape[0], fit.num_classes)
         model.load_state_dict(rewind)
         model.to(device)
-        result = train(model, fit, config, mask)
+        train(model, fit, config, mask)
         weights = state_copy(model)
         validation, test = correct(model)
         tensors[f"round{round_index}.validation"], tensors[f"round{round_index}.test"] = validation, test
-        record["rounds"].append({"density": mask.density(), "validation": float(validation.float().mean()),
-                                 "test": float(test.float().mean())})
-        print(f"seed {seed} round {round_index}: {100 * mask.density():.3f} % validation "
-              f"{100 * float(validation.float().mean()):.2f} test {100 * result.accuracy:.2f}", flush=True)
+        row = {"density": mask.density(), "validation": float(validation.float().mean()),
+               "test": float(test.float().mean())}
+        record["rounds"].append(row)
+        print(f"seed {seed} round {round_index}: {100 * row['density']:.3f} % validation "
+              f"{100 * row['validation']:.2f} test {100 * row['test']:.2f}", flush=True)
     record["seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / f"seed-{seed}.safetensors", {k: v.to(torch.uint8) for k, v in tensors.items()})
@@ -151,39 +157,44 @@ def report(out: Path, dense: int) -> None:
                   f"{statistics.mean(validation):.2f} % ({statistics.stdev(validation):.2f}) |")
 
 
+def end_before_first_failure(record: dict[str, Any], failed: Callable[[int], bool]) -> float:
+    """The density of the last round before the first one (0-based index) that ``failed``; 1 if round 1 did."""
+    for index in range(len(record["rounds"])):
+        if failed(index):
+            return record["rounds"][index - 1]["density"] if index else 1.0
+    return record["rounds"][-1]["density"]
+
+
 def find_end(record: dict[str, Any], correct: dict[str, torch.Tensor]) -> float:
     dense = correct["dense0.validation"]
     images = dense.numel()
-    margin = max(0.01, resolution(images, images - int(dense.sum()), 0.95))
-    for index in range(len(record["rounds"])):
-        if not paired_test(correct[f"round{index + 1}.validation"], dense, margin, 0.95).matched:
-            return record["rounds"][index - 1]["density"] if index else 1.0
-    return record["rounds"][-1]["density"]
+    margin = max(SearchConfig.eps, resolution(images, images - int(dense.sum()), SearchConfig.confidence))
+    return end_before_first_failure(record, lambda index: not paired_test(
+        correct[f"round{index + 1}.validation"], dense, margin, SearchConfig.confidence).matched)
 
 
 def pooled_find_end(record: dict[str, Any], correct: dict[str, torch.Tensor], dense: int) -> float:
     reference = torch.stack([correct[f"dense{k}.validation"].float() for k in range(dense)]).mean(0)
     images = reference.numel()
-    margin = max(0.01, resolution(images, round(float((1 - reference).sum())), 0.95))
-    z = float(norm.ppf(0.95))
-    for index in range(len(record["rounds"])):
+    margin = max(SearchConfig.eps, resolution(images, round(float((1 - reference).sum())), SearchConfig.confidence))
+    z = float(norm.ppf(SearchConfig.confidence))
+
+    def failed(index: int) -> bool:
         difference = correct[f"round{index + 1}.validation"].float() - reference
         total, squares = float(difference.sum()), float((difference * difference).sum())
         bound = total / (images + 2) - z * math.sqrt(squares + 1 - total**2 / (images + 2)) / (images + 2)
-        if bound < -margin:
-            return record["rounds"][index - 1]["density"] if index else 1.0
-    return record["rounds"][-1]["density"]
+        return bound < -margin
+
+    return end_before_first_failure(record, failed)
 
 
 def pooled_end(record: dict[str, Any], correct: dict[str, torch.Tensor], dense: int, window: int, drop: float) -> float:
     reference = torch.stack([correct[f"dense{k}.test"].float() for k in range(dense)]).mean(0)
-    differences: list[float] = []
-    for index in range(len(record["rounds"])):
-        differences.append(float((correct[f"round{index + 1}.test"].float() - reference).mean()))
-        recent = differences[-window:]
-        if sum(recent) / len(recent) < -drop:
-            return record["rounds"][index - 1]["density"] if index else 1.0
-    return record["rounds"][-1]["density"]
+    differences = [float((correct[f"round{index + 1}.test"].float() - reference).mean())
+                   for index in range(len(record["rounds"]))]
+    return end_before_first_failure(
+        record, lambda index: statistics.mean(differences[max(0, index - window + 1) : index + 1]) < -drop
+    )
 
 
 if __name__ == "__main__":

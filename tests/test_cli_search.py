@@ -30,15 +30,21 @@ def fake_training(monkeypatch) -> None:
     monkeypatch.setattr(imp._Split, "correct", fake_correct)
 
 
+def _find_and_report(out: Path, options: list[str], capsys) -> dict:
+    """Run `find` with the quick settings and these options, then return `info --json` of the ticket."""
+    assert main(["find", "--out", str(out), *QUICK, *options]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_adaptive_find_and_info_show_validation_test_and_the_matching_test(
     fake_training, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     out = tmp_path / "ticket"
-    assert main(["find", "--out", str(out), *QUICK, "--pruning-schedule", "adaptive", "--validation-fraction", "0.5",
-                 "--confidence", "0.9"]) == 0
-    capsys.readouterr()
-    assert main(["info", str(out), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = _find_and_report(
+        out, ["--pruning-schedule", "adaptive", "--validation-fraction", "0.5", "--confidence", "0.9"], capsys
+    )
     assert report["pruning_schedule"] == "adaptive" and report["decide_on"] == "validation"
     assert report["validation"]["images"] == 150 and report["validation"]["confidence"] == 0.9
     assert report["trainings"] == len(report["history"]) and report["seconds"] >= 0
@@ -55,11 +61,9 @@ def test_adaptive_find_and_info_show_validation_test_and_the_matching_test(
 
 def test_find_can_decide_on_test_as_the_paper_does(fake_training, tmp_path: Path, capsys) -> None:
     out = tmp_path / "paper"
-    assert main(["find", "--out", str(out), *QUICK, "--pruning-schedule", "paper", "--decide-on", "test",
-                 "--validation-fraction", "0"]) == 0
-    capsys.readouterr()
-    assert main(["info", str(out), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = _find_and_report(
+        out, ["--pruning-schedule", "paper", "--decide-on", "test", "--validation-fraction", "0"], capsys
+    )
     assert report["decide_on"] == "test" and report["validation"]["images"] == 0
     assert all(h["validation_accuracy"] is None for h in report["history"])
     assert report["pruning_spec"] == [2, 0]
