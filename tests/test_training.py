@@ -1,4 +1,5 @@
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset, IterableDataset
 from ticketguard import training
 from ticketguard.data import ImageData
 from ticketguard.errors import InputError
+from ticketguard.files import load_checkpoint, save_checkpoint
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.training import TrainConfig, evaluate, train
@@ -219,3 +221,121 @@ def test_a_test_image_of_another_size_and_too_much_data_are_refused() -> None:
         ImageData.from_datasets(train_set, Items([(torch.zeros(1, 4, 4, dtype=torch.uint8), 0)]))
     with pytest.raises(InputError, match="3 images of 1x8x8 would take .* more than max_bytes"):
         ImageData.from_datasets(train_set, Items([(PIXELS, 0)]), max_bytes=100)
+
+
+def _smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> float:
+    """By hand: (1 - s) of the target's -log p plus s of the mean -log p over all classes."""
+    log_p = logits.log_softmax(1)
+    picked = -log_p.gather(1, labels[:, None]).squeeze(1)
+    return float(((1 - smoothing) * picked + smoothing * -log_p.mean(1)).mean())
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_label_smoothing_gives_the_hand_computed_loss(digits: ImageData, smoothing: float) -> None:
+    small = digits.subset(10, 2, 0)
+    model = build_model("resnet20", 1, 10)
+    train(model, small, TrainConfig(epochs=3, batch_size=20))  # confident logits, where smoothing matters
+    before = build_model_like(model).train()
+    seen = []
+
+    def capture(images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append((images.clone(), labels.clone()))
+        return images, labels
+
+    config = TrainConfig(epochs=1, batch_size=100, label_smoothing=smoothing)  # one step over all 100 images
+    result = train(model, small, config, batch_hook=capture)
+    (images, labels), = seen
+    with torch.no_grad():
+        logits = before(training.normalize(images, *small.channel_stats()))
+    by_hand = _smoothed_cross_entropy(logits, labels, smoothing)
+    assert result.history[0]["loss"] == pytest.approx(by_hand, rel=1e-5)
+    assert _smoothed_cross_entropy(logits, labels, smoothing) != pytest.approx(
+        _smoothed_cross_entropy(logits, labels, 0.15), rel=0.01
+    )
+
+
+@pytest.mark.parametrize("decay_norm_and_bias", [True, False])
+def test_batchnorm_and_biases_can_be_spared_weight_decay(decay_norm_and_bias: bool) -> None:
+    model = build_model("resnet20", 1, 10)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    config = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.1, decay_norm_and_bias=decay_norm_and_bias)
+    optimizer = training.make_optimizer(model, config)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # a zero gradient leaves only the decay: p <- (1 - lr * wd) p
+    for name, p in model.named_parameters():
+        shrinks = p.dim() > 1 or decay_norm_and_bias
+        assert torch.allclose(p.detach(), before[name] * (0.9 if shrinks else 1.0)), name
+    assert any(n.startswith("bn") for n in before) and "fc.bias" in before
+
+
+def test_nesterov_momentum_looks_ahead_along_the_velocity() -> None:
+    model = torch.nn.Linear(2, 1)
+    config = TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=True)
+    optimizer = training.make_optimizer(model, config)
+    start = model.weight.detach().clone()
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+    optimizer.step()  # first step: v = g, update g + 0.9 v = 1.9 g (plain momentum moves by g)
+    assert torch.allclose(model.weight.detach(), start - 0.1 * 1.9)
+    with pytest.raises(ValueError, match="Nesterov momentum needs a momentum above 0"):
+        TrainConfig(momentum=0.0, nesterov=True)
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror(digits: ImageData) -> None:
+    model = build_model("resnet20", 1, 10)
+    train(model, digits.subset(20, 10, 0), TrainConfig(epochs=1, batch_size=64))
+    images, labels = digits.test_images[:300], digits.test_labels[:300]
+    stats = digits.channel_stats()
+    plain = training.predict_logits(model, images, *stats)
+    mirrored = training.predict_logits(model, images.flip(3), *stats)
+    averaged = training.predict_logits(model, images, *stats, flip_tta=True)
+    assert torch.allclose(averaged, (plain + mirrored) / 2, atol=1e-5)
+    assert not torch.allclose(averaged, plain, atol=1e-3)  # digits are not mirror-symmetric
+    assert torch.equal(training.predict_labels(model, images, *stats, flip_tta=True), averaged.argmax(1))
+    flipped_data = replace(digits, test_images=images, test_labels=labels, flip=True)
+    expected = float((averaged.argmax(1) == labels).float().mean())
+    assert evaluate(model, flipped_data, flip_tta=True) == pytest.approx(expected)
+
+
+def test_flip_tta_is_refused_for_data_trained_without_flips(digits: ImageData) -> None:
+    with pytest.raises(InputError, match="not trained with flips"):
+        train(build_model("resnet20", 1, 10), digits, TrainConfig(epochs=1, flip_tta=True))
+
+
+def test_the_short_run_options_train_together(digits: ImageData) -> None:
+    config = TrainConfig(
+        epochs=4, lr=0.2, schedule="onecycle", nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False,
+        label_smoothing=0.1,
+    )
+    result = train(build_model("resnet20", 1, 10), digits, config)
+    assert result.accuracy > 0.7  # chance is 0.1
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_checkpoint_from_before_the_short_run_options_resumes(digits: ImageData, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run.pt"
+    config = TrainConfig(epochs=1)
+    train(build_model("resnet20", 1, 10), digits, config, checkpoint=checkpoint)
+    saved = load_checkpoint(checkpoint)
+    for name in ("label_smoothing", "nesterov", "decay_norm_and_bias", "flip_tta"):
+        del saved["config"][name]
+    save_checkpoint(checkpoint, saved)
+    resumed = train(build_model("resnet20", 1, 10), digits, config, checkpoint=checkpoint)
+    assert resumed.history == saved["history"]  # nothing retrained: the old checkpoint was accepted
+    with pytest.raises(ValueError, match="other training settings"):
+        train(build_model("resnet20", 1, 10), digits, replace(config, nesterov=True), checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"label_smoothing": 1.0}, "label smoothing must lie in"),
+        ({"label_smoothing": -0.1}, "label smoothing must lie in"),
+        ({"label_smoothing": float("nan")}, "label smoothing must be a finite number"),
+        ({"flip_tta": "yes"}, "flip_tta must be True or False"),
+        ({"decay_norm_and_bias": 0}, "decay_norm_and_bias must be True or False"),
+    ],
+)
+def test_bad_short_run_options_are_refused(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        TrainConfig(**settings)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,11 @@ class TrainConfig:
 
     ``schedule="onecycle"`` (linear warm-up over the first 30 % of the steps, then linear decay to zero) is
     the faster alternative for short runs; ``compile`` runs the training forward/backward through
-    torch.compile.
+    torch.compile. The remaining options are short-run tricks from the fast-CIFAR literature, all off by
+    default: ``label_smoothing`` (the share of each target spread evenly over all classes), ``nesterov``
+    momentum, ``decay_norm_and_bias=False`` (weight decay on conv and linear weights only, not on BatchNorm
+    scales and shifts or on biases) and ``flip_tta`` (the final test accuracy averages the logits of each
+    image and its mirror image).
     """
 
     epochs: int = 182
@@ -61,11 +65,15 @@ class TrainConfig:
     seed: int = 0
     schedule: str = "step"
     compile: bool = False
+    label_smoothing: float = 0.0
+    nesterov: bool = False
+    decay_norm_and_bias: bool = True
+    flip_tta: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
-        for name in ("lr", "momentum", "weight_decay", "lr_decay"):
+        for name in ("lr", "momentum", "weight_decay", "lr_decay", "label_smoothing"):
             if not math.isfinite(getattr(self, name)):
                 raise InputError(
                     f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}"
@@ -79,6 +87,13 @@ class TrainConfig:
             )
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise InputError(f"label smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.nesterov and self.momentum == 0:
+            raise InputError("Nesterov momentum needs a momentum above 0; set momentum or drop nesterov")
+        for name in ("nesterov", "decay_norm_and_bias", "flip_tta"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def lr_at(self, epoch: float) -> float:
         """The rate at a (fractional) epoch: step decay at the milestones, or the one-cycle triangle."""
@@ -141,28 +156,61 @@ def _batches(
 
 
 @torch.inference_mode()
-def predict_labels(
-    model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, flip_tta: bool = False
 ) -> torch.Tensor:
-    """Top-1 labels (on the CPU) of uint8 images, standardised with the training data's statistics."""
+    """float32 logits (N, classes), on the CPU, of uint8 images standardised with the training data's
+    statistics; with ``flip_tta`` the mean of the logits of each image and its horizontal mirror."""
     device = next(model.parameters()).device
     mean, std = mean.to(device), std.to(device)
     was_training = model.training
     model.eval()
-    labels = []
+    logits = []
     with autocast(device):
         for start in range(0, images.shape[0], EVAL_BATCH_SIZE):
             batch = normalize(images[start : start + EVAL_BATCH_SIZE].to(device), mean, std)
-            labels.append(model(batch.contiguous(memory_format=torch.channels_last)).argmax(1))
+            views = (batch, batch.flip(3)) if flip_tta else (batch,)
+            outputs = [model(view.contiguous(memory_format=torch.channels_last)).float() for view in views]
+            logits.append((sum(outputs) / len(outputs)).cpu())
     model.train(was_training)
-    return torch.cat(labels).cpu() if labels else torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits) if logits else torch.zeros(0, 0)
 
 
-def evaluate(model: nn.Module, data: ImageData, split: str = "test") -> float:
-    """Top-1 accuracy (a fraction) on a split, in large batches."""
+def predict_labels(
+    model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, flip_tta: bool = False
+) -> torch.Tensor:
+    """Top-1 labels (on the CPU) of uint8 images, standardised with the training data's statistics."""
+    if images.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return predict_logits(model, images, mean, std, flip_tta=flip_tta).argmax(1)
+
+
+def evaluate(model: nn.Module, data: ImageData, split: str = "test", *, flip_tta: bool = False) -> float:
+    """Top-1 accuracy (a fraction) on a split, in large batches; ``flip_tta`` averages each image's logits
+    with its mirror image's."""
     images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-    predicted = predict_labels(model, images, *data.channel_stats())
+    predicted = predict_labels(model, images, *data.channel_stats(), flip_tta=flip_tta)
     return int((predicted == labels.cpu()).sum()) / max(labels.numel(), 1)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD as ``config`` says; without ``decay_norm_and_bias`` the 1-d parameters (BatchNorm scales and
+    shifts, biases) form a second group without weight decay, as decaying them only shrinks the scale BN
+    restores."""
+    params: Any = model.parameters()
+    if not config.decay_norm_and_bias:
+        trained = [p for p in model.parameters() if p.requires_grad]
+        params = [
+            {"params": [p for p in trained if p.dim() > 1]},
+            {"params": [p for p in trained if p.dim() <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
 
 
 def train(
@@ -184,11 +232,13 @@ def train(
     from that file if it exists and saves to it after every epoch; the caller removes it when done.
     ``batch_hook`` changes every batch after augmentation; ``epoch_hook`` adds numbers to each epoch's record.
     """
+    if config.flip_tta and not data.flip:
+        raise InputError(
+            f"flip_tta averages over mirror images, but {data.name} is not trained with flips; drop flip_tta"
+        )
     device = next(model.parameters()).device
     model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(model, config)
     # SGD is elementwise: pruned gradients and momentum never reach a kept weight, so re-zeroing suffices
     with keep_mask(model, mask if mask is not None else Mask({}), [optimizer], mask_gradients=False):
         return _fit(
@@ -241,7 +291,7 @@ def _fit(
             progress.update(
                 task, advance=1, status=f"loss {record['loss']:.3f} acc {100 * record['train_accuracy']:.1f}%"
             )
-    accuracy = evaluate(model, data)
+    accuracy = evaluate(model, data, flip_tta=config.flip_tta)
     if progress is not None:
         progress.update(task, status=f"test acc {100 * accuracy:.2f}%")
     return TrainResult(accuracy=accuracy, history=state["history"], rewind_state=state["rewind_state"])
@@ -271,7 +321,7 @@ def _run_epoch(
             group["lr"] = config.lr_at(epoch + step / steps)
         with autocast(device):
             logits = forward(normalize(images, mean, std))
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -313,7 +363,10 @@ def _resume(
     config: TrainConfig,
 ) -> dict[str, Any]:
     saved = load_checkpoint(path)
-    if saved.get("config") != asdict(config):
+    # a checkpoint from before an option existed was written with that option's default
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    recorded = saved.get("config")
+    if not isinstance(recorded, dict) or {**defaults, **recorded} != asdict(config):
         raise InputError(
             f"checkpoint {path} was written with other training settings; delete it to start over"
         )
