@@ -80,7 +80,8 @@ def test_grid_measures_every_point_and_records_a_failed_one(subject, tmp_path: P
     by_family = {row["family"]: row for row in rows}
     assert [row["spec"] for row in rows] == [p.spec for p in POINTS]
     clean = by_family["none"]
-    assert clean["qr_decodes"] and clean["match_rate"] == 1.0 and clean["owned"]
+    # the claim has no reference, so every weight below its threshold t is dropped, the owner's weakest too
+    assert clean["qr_decodes"] and clean["match_rate"] >= 0.99 and clean["owned"]
     assert clean["accuracy"] == subject.ticket.accuracy and clean["trigger_accuracy"] is not None
     assert by_family["magnitude pruning"]["density"] == pytest.approx(0.8 * clean["density"], rel=1e-3)
     assert "key" in by_family["fake1"]["error"]  # no key size known: reported, the grid goes on

@@ -17,8 +17,10 @@ from torch import nn
 
 from ticketguard import qr
 from ticketguard.data import ImageData
+from ticketguard.data.augment import normalize
 from ticketguard.disguises import DISGUISES
 from ticketguard.errors import InputError
+from ticketguard.fixed_mask import keep_mask
 from ticketguard.masks import Mask, magnitude_prune, mask_from_zeros
 from ticketguard.models import build_from_state, build_model, identify_architecture
 from ticketguard.schemes.keymask import forge_random_key, merge_key
@@ -94,14 +96,22 @@ def _tune(
     free: bool,
     device: torch.device | None,
     description: str,
+    optimizer: str = "sgd",
 ) -> tuple[Weights, Mask]:
-    """Constant-lr SGD; the mask held fixed (paper) or, with ``free``, every weight trainable (dense)."""
+    """Constant-lr SGD (or Adam); the mask held fixed (paper) or, with ``free``, every weight trainable
+    (dense)."""
     if epochs < 1:
         raise InputError(f"fine-tuning needs >= 1 epoch, got {epochs}")
     _check_positive(lr, "the fine-tuning learning rate")
+    if optimizer not in TUNING_OPTIMIZERS:
+        raise InputError(f"unknown fine-tuning optimizer {optimizer!r}; choose one of: {', '.join(TUNING_OPTIMIZERS)}")
     model.to(device or torch.device("cpu"))
-    config = TrainConfig(epochs=epochs, lr=lr, milestones=(), seed=seed)
-    train(model, data, config, None if free else mask, description=description)
+    kept = None if free else mask
+    if optimizer == "adam":
+        _adam_epochs(model, data, epochs, lr, seed, kept)
+    else:
+        config = TrainConfig(epochs=epochs, lr=lr, milestones=(), seed=seed)
+        train(model, data, config, kept, description=description)
     tuned = state_copy(model)
     if not free:
         return tuned, mask
@@ -117,14 +127,40 @@ def fine_tuning(
     lr: float = 0.01,
     seed: int = 0,
     free: bool = False,
+    optimizer: str = "sgd",
     device: torch.device | None = None,
     architecture: str | None = None,
 ) -> tuple[Weights, Mask]:
-    """A few epochs of SGD at a small, constant learning rate on ``data``; ``free`` lets pruned weights grow
-    back (dense fine-tuning, a stronger attacker than the paper's). ``architecture``: the model's name or
-    import path when the weights are not of a registered architecture."""
+    """A few epochs of SGD (or ``optimizer="adam"``) at a small, constant learning rate on ``data``; ``free``
+    lets pruned weights grow back (dense fine-tuning, a stronger attacker than the paper's).
+    ``architecture``: the model's name or import path when the weights are not of a registered
+    architecture."""
     model = _model_of(weights, architecture, data)
-    return _tune(model, mask, data, epochs, lr, seed, free, device, "fine-tune")
+    return _tune(model, mask, data, epochs, lr, seed, free, device, "fine-tune", optimizer)
+
+
+TUNING_OPTIMIZERS = ("sgd", "adam")
+
+
+def _adam_epochs(
+    model: nn.Module, data: ImageData, epochs: int, lr: float, seed: int, mask: Mask | None
+) -> None:
+    """Adam at a constant rate on plain batches of 128: the thief's usual fine-tuning loop, which moves
+    every weight (even small ones) by about lr a step."""
+    device = next(model.parameters()).device
+    images, labels = data.train_images.to(device), data.train_labels.to(device)
+    mean, std = (t.to(device) for t in data.channel_stats())
+    adam = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    with keep_mask(model, mask if mask is not None else Mask({}), [adam]):
+        for _ in range(epochs):
+            for batch in torch.randperm(len(labels), generator=generator).split(128):
+                loss = nn.functional.cross_entropy(model(normalize(images[batch], mean, std)), labels[batch])
+                adam.zero_grad()
+                loss.backward()
+                adam.step()
+    model.eval()
 
 
 def transfer(

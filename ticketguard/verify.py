@@ -17,12 +17,13 @@ from rich.progress import Progress
 
 from ticketguard.align import AlignmentError, align
 from ticketguard.blackbox import Endpoint, query_labels
-from ticketguard.claim import Claim, DefenceClaim, check_signature, load_claim
+from ticketguard.claim import Claim, check_signature, load_claim
 from ticketguard.data import ImageData, Normalization
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
 from ticketguard.fingerprint import fingerprint_evidence
 from ticketguard.models import accept_model_name, build_from_state
+from ticketguard.reading import effective_magnitudes, masked, rank_read, read_summary, threshold_read
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
@@ -67,19 +68,7 @@ def verify(
         "claim_created": claim.created,
         "suspect_source": loaded.source,
     }
-    weights = loaded.weights
-    if claim.reference is not None:
-        try:
-            alignment = align(loaded, claim.reference)
-        except AlignmentError as err:
-            unavailable.append(
-                Unavailable("alignment", f"the suspect cannot be put in the reference's form: {err}")
-            )
-        else:
-            weights, details["alignment"] = alignment.weights, alignment.report
-    readable = weights
-    if "alignment" in details:
-        readable = _defended(weights, claim.defence, claim.reference.masks)
+    weights, readable = _read_on_own_terms(loaded, claim, unavailable, details)
     if claim.signature is not None:
         try:
             reading = v2.extract(readable, claim.signature, alpha)
@@ -130,20 +119,42 @@ def verify_endpoint(
     )
 
 
-def _defended(
-    weights: dict[str, torch.Tensor], defence: DefenceClaim | None, owned: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The owner's add-on defence, applied inside verification to aligned weights: they are in the reference's
-    units, so scaling a layer up before adding weights on does not hide them from the claim's threshold t, and
-    the positions the owner kept (``owned``) are known, so only weights switched on elsewhere are thresholded
-    and the owner's own weak weights stay."""
-    if defence is None:
-        return weights
-    defended = dict(weights)
-    for name, kept in owned.items():
-        weak = (weights[name].abs() < defence.threshold) & ~kept
-        defended[name] = torch.where(weak, torch.zeros_like(weights[name]), weights[name])
-    return defended
+def _read_on_own_terms(
+    loaded: Suspect, claim: Claim, unavailable: list[Unavailable], details: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The suspect's weights (aligned when the claim has a reference: same function, the reference's form),
+    and the same with only what it keeps on its own terms (``ticketguard.reading``) non-zero.
+
+    With a reference: aligned, then each layer's largest weights in BatchNorm units, as many as the owner kept
+    there. A suspect that cannot be aligned is read by rank under its own names; a claim without a reference
+    drops every weight below its add-on threshold t. ``details`` gets what was read.
+    """
+    weights = loaded.weights
+    if claim.reference is not None:
+        try:
+            alignment = align(loaded, claim.reference)
+        except AlignmentError as err:
+            unavailable.append(
+                Unavailable("alignment", f"the suspect cannot be put in the reference's form: {err}")
+            )
+        else:
+            details["alignment"] = alignment.report
+            details["reading"] = alignment.report["reading"]
+            return alignment.weights, masked(alignment.weights, alignment.mask)
+        counts = {n: int(m.sum()) for n, m in claim.reference.masks.items()}
+        kept = {
+            n: rank_read(effective_magnitudes(weights[n], None), count)
+            for n, count in counts.items()
+            if n in weights and weights[n].shape == claim.reference.masks[n].shape
+        }
+        details["reading"] = read_summary(kept, {n: counts[n] for n in kept})
+        return weights, masked(weights, kept)
+    if claim.defence is not None:
+        details["reading"] = {"rule": "every weight below the claim's add-on threshold t dropped",
+                              "threshold": claim.defence.threshold}
+        return weights, threshold_read(weights, claim.defence.threshold)
+    details["reading"] = {"rule": "every non-zero weight"}
+    return weights, weights
 
 
 def _as_suspect(suspect: SuspectLike) -> Suspect:

@@ -35,6 +35,7 @@ from ticketguard.align.reference import KernelPrint, Reference
 from ticketguard.align.scales import _canonicalise, _state_dict
 from ticketguard.align.structure import _attach_vectors, _check_tensors, _read_structure
 from ticketguard.masks import Mask
+from ticketguard.reading import effective_magnitudes, rank_read, read_summary
 from ticketguard.suspect import Suspect
 from ticketguard.threads import one_intra_op_thread
 
@@ -44,7 +45,8 @@ __all__ = ["Alignment", "AlignmentError", "KernelPrint", "Reference", "align"]
 @dataclass(frozen=True)
 class Alignment:
     """The suspect in the reference's state_dict form (same keys, shapes and dtypes, same function as the
-    suspect), the mask of its non-zero prunable weights, and a JSON-ready account of what was undone."""
+    suspect), the mask read from its prunable weights on its own terms (``ticketguard.reading``), and a
+    JSON-ready account of what was undone and how the mask was read."""
 
     weights: Weights
     mask: Mask
@@ -70,14 +72,16 @@ def _align(suspect: Suspect, reference: Reference) -> Alignment:
         for g in layout.groups
         if g.kind == "hidden" and _width(parts.tensors, g) > g.size
     }
-    perms, rounds, converged = _recover_permutations(parts.tensors, reference, layout)
+    perms, rounds, converged = _recover_permutations(
+        parts.tensors, _read(parts.tensors, reference, layout), reference, layout
+    )
     if parts.vectors is not None:
         _attach_vectors(parts, perms, reference, layout)
     owner = _owners(layout, parts.tensors)
     aligned = {key: _reorder(tensor, key, perms, owner) for key, tensor in parts.tensors.items()}
+    mask = Mask(_read(aligned, reference, layout))  # in the suspect's units, in which its values were stored
     scales = _canonicalise(aligned, reference, layout, parts.folded)
     weights = _state_dict(aligned, layout)
-    mask = Mask({key: weights[key] != 0 for key in reference.masks})
     overlap = {key: _jaccard(mask[key], reference.masks[key]) for key in mask}
     report = {
         "structure": parts.structure,
@@ -90,8 +94,23 @@ def _align(suspect: Suspect, reference: Reference) -> Alignment:
         "rescaled": {conv: _scale_summary(s) for conv, s in scales.items()},
         "overlap": overlap,
         "mean_overlap": sum(overlap.values()) / len(overlap) if overlap else float("nan"),
+        "reading": read_summary(mask, {key: int(m.sum()) for key, m in reference.masks.items()}),
     }
     return Alignment(weights, mask, report)
+
+
+def _read(tensors: Weights, reference: Reference, layout: _Layout) -> dict[str, torch.Tensor]:
+    """Each masked layer's kept weights, read by rank in BatchNorm units where its BatchNorm is present, as
+    many as the reference keeps there (in proportion for a layer still wider than the reference's)."""
+    kept = {}
+    for key, owned in reference.masks.items():
+        tensor, bn = tensors[key], layout.bn_of.get(key.removesuffix(".weight"))
+        stats = None
+        if bn is not None and f"{bn}.weight" in tensors and f"{bn}.running_var" in tensors:
+            stats = (tensors[f"{bn}.weight"], tensors[f"{bn}.running_var"], layout.eps[bn])
+        count = round(int(owned.sum()) * tensor.numel() / owned.numel())
+        kept[key] = rank_read(effective_magnitudes(tensor, stats), count, tensor)
+    return kept
 
 
 def _jaccard(mask: torch.Tensor, reference: torch.Tensor) -> float:

@@ -51,16 +51,16 @@ def _droppable(tensors: Mapping[str, torch.Tensor], group: PermutationGroup) -> 
 
 
 def _recover_permutations(
-    tensors: Weights, reference: Reference, layout: _Layout
+    tensors: Weights, kept: Mapping[str, torch.Tensor], reference: Reference, layout: _Layout
 ) -> tuple[dict[str, torch.Tensor], int, bool]:
-    """Per group, the suspect channel for each reference channel, by linear assignment on mask disagreement.
+    """Per group, the suspect channel for each reference channel, by linear assignment on disagreement
+    between the suspect's read mask ``kept`` and the reference's.
 
     A channel's incoming and outgoing patterns depend on the orders of the neighbouring groups, so groups are
     solved in turn until no order changes (weight matching). The first round knows no neighbour yet and
     compares kept counts per kernel position instead, which no neighbour's order changes.
     """
     owner = _owners(layout, tensors)
-    kept = {key: tensors[key] != 0 for key in reference.masks}
     droppable = {g.name: _droppable(tensors, g) for g in layout.groups if _width(tensors, g) > g.size}
     children: dict[str, list[PermutationGroup]] = defaultdict(list)
     for group in layout.groups:

@@ -74,6 +74,14 @@ def print_verdict(report: dict[str, Any], title: str) -> None:
     if "claim_signed" in report:
         summary += f"; claim {'signed, signature valid' if report['claim_signed'] else 'unsigned'}"
         summary += f", created {report.get('claim_created')}"
+    reading = report.get("reading", {})
+    if "density_read" in reading:
+        summary += (
+            f"; suspect's mask read on its own terms: {percent(reading['density_read'])} of the weights "
+            f"({reading['kept_read']} kept; the owner's ticket keeps {reading['kept_by_owner']})"
+        )
+    elif "threshold" in reading:
+        summary += f"; suspect's mask read: weights of magnitude >= {reading['threshold']:.3g}"
     results.print(summary, highlight=False)
 
 
@@ -85,6 +93,11 @@ def _evidence_details(item: dict[str, Any]) -> str:
             f"decodes {decoded!r}" + ("" if details.get("decodes_to_claim") else " (NOT the claimed payload)")
         )
         return f"{state}; {details.get('matches')}/{details.get('modules')} modules match"
+    if item["name"] == "fingerprint":
+        return (
+            f"keeps {details.get('kept_of_reference')} of the reference's {details.get('reference_kept')} "
+            f"weights; innocent tickets keep up to {details.get('expected_by_chance', 0):.0f}"
+        )
     if item["name"] == "trigger":
         return f"{details.get('agreed')}/{details.get('trials')} agree; chance {percent(details.get('chance'), 1)}"
     return ", ".join(f"{k} {percent(v) if isinstance(v, float) else v}" for k, v in details.items())
