@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -163,7 +164,6 @@ def test_the_table_shows_what_was_read_and_no_share_above_100_percent(owner, inn
     assert main(["verify", str(tmp_path / "suspect.safetensors"), "--claim", str(claim)]) == 1
     table = " ".join(capsys.readouterr().out.split())
     assert "mask read on its own terms: 12.50 % of the weights" in table
-    shares = [float(word.rstrip("%,;")) for word in table.replace("(", " ").split() if word.rstrip(",;").endswith("%")
-              and word.rstrip("%,;").replace(".", "", 1).isdigit()]
+    shares = [float(number) for number in re.findall(r"(\d+(?:\.\d+)?) ?%", table)]
     assert shares and max(shares) <= 100.0
 
