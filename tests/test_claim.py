@@ -15,6 +15,7 @@ from ticketguard.claim import (
     Claim,
     DefenceClaim,
     check_signature,
+    commitment,
     generate_keys,
     load_claim,
     load_private_key,
@@ -204,3 +205,23 @@ def test_cli_bad_inputs_exit_2(shipped: tuple[Path, Path, Path], tmp_path: Path,
         )
         == 2
     )
+
+
+def test_verify_checks_the_claim_against_its_published_commitment(
+    shipped: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    protected, claim, _ = shipped
+    capsys.readouterr()
+    assert main(["commit", str(claim)]) == 0
+    published = capsys.readouterr().out.strip()
+    assert published == commitment(load_claim(claim)) and len(published) == 64
+    assert main(["verify", str(protected), "--claim", str(claim), "--commitment", published, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["claim_commitment"] == "matches the published commitment"
+    changed = load_claim(claim)
+    changed.created = "2020-01-01T00:00:00+00:00"  # a backdated, unsigned copy of the same claim
+    changed.signed = changed.public_key = None
+    save_claim(tmp_path / "backdated.json", changed)
+    assert main(["verify", str(protected), "--claim", str(tmp_path / "backdated.json"), "--commitment", published]) == 2
+    assert "does not match the published commitment" in capsys.readouterr().err
+    assert main(["verify", str(protected), "--claim", str(claim), "--commitment", "xyz"]) == 2
+    assert "64 hex digits" in capsys.readouterr().err

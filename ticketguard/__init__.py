@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from ticketguard.attacks import ATTACKS
 from ticketguard.chains import attack
-from ticketguard.claim import Claim, DefenceClaim, generate_keys, load_claim, save_claim, sign
+from ticketguard.claim import Claim, DefenceClaim, commitment, generate_keys, load_claim, save_claim, sign
 from ticketguard.data import ImageData, Normalization, load_dataset, load_subset
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
 from ticketguard.errors import InputError
@@ -70,6 +70,7 @@ __all__ = [
     "__version__",
     "attack",
     "build_model",
+    "commitment",
     "find_extreme_ticket",
     "generate_keys",
     "keep_mask",

@@ -7,6 +7,7 @@ anyone holding the owner's public key can check that the claim is the owner's an
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -151,6 +152,21 @@ class Claim:
 
 def canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def commitment(claim: Claim) -> str:
+    """sha256 of the claim's canonical body: publishable (a model card, a transparency log) without revealing
+    the secret, since the body holds the trigger seed or labels and the reference mask, which no one can guess."""
+    return hashlib.sha256(canonical(claim.body())).hexdigest()
+
+
+def check_commitment(claim: Claim, published: str) -> None:
+    """Refuse a claim whose body is not the one committed to by ``published`` (64 hex digits)."""
+    text = published.strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise InputError(f"a commitment is 64 hex digits from `ticketguard commit`, got {published!r}")
+    if commitment(claim) != text:
+        raise InputError("the claim does not match the published commitment: it was changed or is another claim")
 
 
 def ticket_hashes(folder: str | Path) -> dict[str, str]:

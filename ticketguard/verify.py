@@ -17,7 +17,7 @@ from rich.progress import Progress
 
 from ticketguard.align import AlignmentError, align
 from ticketguard.blackbox import Endpoint, query_labels
-from ticketguard.claim import Claim, check_signature, load_claim
+from ticketguard.claim import Claim, check_commitment, check_signature, load_claim
 from ticketguard.data import ImageData, Normalization
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
@@ -45,17 +45,21 @@ def verify(
     qr_image: str | Path | None = None,
     device: torch.device | str | None = None,
     model: str | None = None,
+    commitment: str | None = None,
 ) -> Verdict:
     """V(...): does ``suspect`` (a path, a loaded ``Suspect`` or a state_dict) carry what ``claim`` records?
 
     ``public_key``: the claim must be signed with it. ``trigger_folder``: where a folder trigger set is now.
     ``qr_image``: also write the extracted QR code beside the expected one (PNG). ``model``: the suspect's
     architecture by import path, for the trigger check on weights of a model that is not built in (the caller
-    names that code, so it is imported).
+    names that code, so it is imported). ``commitment``: the claim must match this published digest
+    (``ticketguard.claim.commitment``).
     """
     check_alpha(alpha)
     claim = claim if isinstance(claim, Claim) else load_claim(claim)
     signed = check_signature(claim, public_key)
+    if commitment is not None:
+        check_commitment(claim, commitment)
     if claim.signature is None and claim.trigger is None:
         raise InputError(
             "the claim holds neither a QR signature nor a trigger set, so it cannot show anything"
@@ -68,6 +72,8 @@ def verify(
         "claim_created": claim.created,
         "suspect_source": loaded.source,
     }
+    if commitment is not None:
+        details["claim_commitment"] = "matches the published commitment"
     weights, readable = _read_on_own_terms(loaded, claim, unavailable, details)
     if claim.signature is not None:
         try:
@@ -80,9 +86,8 @@ def verify(
                 save_comparison_image(qr_image, reading)
     if claim.trigger is not None:
         try:
-            evidence.append(
-                _trigger_evidence(weights, loaded.normalization, claim.trigger, alpha, trigger_folder, device, model)
-            )
+            found = _trigger_evidence(weights, loaded.normalization, claim.trigger, alpha, trigger_folder, device, model)
+            evidence.append(v3.judged_against_forgery(found, claim.trigger.source.get("kind", ""), alpha))
         except InputError as err:
             unavailable.append(Unavailable("trigger", str(err)))
     if "alignment" in details:  # last: it shows derivation, and never decides alone
@@ -111,7 +116,11 @@ def verify_endpoint(
     v3.check_chance_model(chance)
     trigger = claim.trigger.trigger_set(trigger_folder)
     predicted = query_labels(endpoint, trigger.images)
-    found = v3.trigger_evidence(predicted, trigger.labels, claim.trigger.classes, chance, alpha)
+    found = v3.judged_against_forgery(
+        v3.trigger_evidence(predicted, trigger.labels, claim.trigger.classes, chance, alpha),
+        claim.trigger.source.get("kind", ""),
+        alpha,
+    )
     return Verdict(
         (found,),
         alpha,

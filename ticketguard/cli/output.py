@@ -73,7 +73,7 @@ def print_verdict(report: dict[str, Any], title: str) -> None:
         summary += f"; false-claim probability {level:.3g}"
     if "claim_signed" in report:
         summary += f"; claim {'signed, signature valid' if report['claim_signed'] else 'unsigned'}"
-        summary += f", created {report.get('claim_created')}"
+        summary += f", created {report.get('claim_created')} (stated by the claimant, unverified)"
     reading = report.get("reading", {})
     if "density_read" in reading:
         summary += (
@@ -96,8 +96,11 @@ def _evidence_details(item: dict[str, Any]) -> str:
     if item["name"] == "fingerprint":
         return (
             f"keeps {details.get('kept_of_reference')} of the reference's {details.get('reference_kept')} "
-            f"weights; innocent tickets keep up to {details.get('expected_by_chance', 0):.0f}"
+            f"weights; an innocent ticket would keep about {details.get('expected_by_chance', 0):.0f}"
         )
     if item["name"] == "trigger":
-        return f"{details.get('agreed')}/{details.get('trials')} agree; chance {percent(details.get('chance'), 1)}"
+        text = f"{details.get('agreed')}/{details.get('trials')} agree; chance {percent(details.get('chance'), 1)}"
+        if not item.get("decides_alone", True):
+            return text + "; labels chosen freely: never decides alone"
+        return text + (f"; seeds can be ground: judged at p <= {details['level']:.2g}" if "level" in details else "")
     return ", ".join(f"{k} {percent(v) if isinstance(v, float) else v}" for k, v in details.items())

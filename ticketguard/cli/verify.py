@@ -1,4 +1,5 @@
-"""CLI commands that check a suspect against a claim (verify, extract) and manage the owner's keys (keygen, sign).
+"""CLI commands that check a suspect against a claim (verify, extract) and manage the owner's keys and claims
+(keygen, sign, commit).
 
 ``verify`` and ``extract --claim`` exit 0 when ownership is shown, 1 when not, 2 on bad input.
 """
@@ -11,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ticketguard.claim import commitment as claim_commitment
 from ticketguard.claim import generate_keys, load_claim, load_private_key, load_public_key, save_claim, sign
 from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey
 from ticketguard.cli.output import console, emit_json, print_verdict, progress_bar, results
@@ -40,13 +42,15 @@ def verify(
     public_key: PublicKey = None,
     trigger_folder: TriggerFolder = None,
     model: SuspectModel = None,
+    commitment: Annotated[Optional[str], typer.Option(
+        help="The digest the owner published with `ticketguard commit`; the claim must match it.")] = None,
     alpha: Alpha = ALPHA,
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
     """Check every piece of evidence the claim holds (QR signature, trigger set) on a suspect's weights:
     exit 0 ownership shown, 1 not shown, 2 bad input."""
-    _verify(suspect, claim, image, public_key, trigger_folder, alpha, device, as_json, model)
+    _verify(suspect, claim, image, public_key, trigger_folder, alpha, device, as_json, model, commitment)
 
 
 @commands.command()
@@ -79,10 +83,12 @@ def extract(
 
 
 def _verify(suspect: Path, claim: Path, image: Path | None, public_key: Path | None, trigger_folder: Path | None,
-            alpha: float, device: str, as_json: bool, model: str | None = None) -> None:
+            alpha: float, device: str, as_json: bool, model: str | None = None,
+            commitment: str | None = None) -> None:
     verdict = verify_suspect(
         suspect, claim, alpha=alpha, public_key=load_public_key(public_key) if public_key else None,
         trigger_folder=trigger_folder, qr_image=image, device=resolve_device(device), model=model,
+        commitment=commitment,
     )
     report = {"suspect": str(suspect), **verdict.to_json()}
     if as_json:
@@ -115,6 +121,20 @@ def keygen(
         emit_json({"private_key": str(private_path), "public_key": str(public_path)})
     else:
         results.print(f"private key {private_path} (keep secret), public key {public_path} (share)")
+
+
+@commands.command()
+def commit(
+    claim: Annotated[Path, typer.Argument(help="The claim file to commit to.")],
+    as_json: Json = False,
+) -> None:
+    """Print the claim's commitment: a digest to publish now (model card, README, a transparency log) that
+    reveals nothing of the secret; later, `verify --commitment HEX` shows the claim is the one published."""
+    digest = claim_commitment(load_claim(claim))
+    if as_json:
+        emit_json({"claim": str(claim), "commitment": digest, "hash": "sha256 of the canonical claim body"})
+    else:
+        results.print(digest, highlight=False)
 
 
 @commands.command("sign")

@@ -9,7 +9,7 @@ saw T agrees this often, and the decision at the false-claim rate alpha.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from ticketguard.data.triggers import (
     load_trigger_folder,
 )
 from ticketguard.errors import InputError
-from ticketguard.evidence import DEFAULT_ALPHA, Evidence, binomial_p_value
+from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence, binomial_p_value
 from ticketguard.files import SHA256_SCHEMA, check_json
 from ticketguard.masks import Mask
 from ticketguard.ticket import MAX_INPUT_SIDE, NORMALIZATION_SCHEMA, nullable
@@ -63,6 +63,28 @@ CHANCE_MODELS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], float]] = {
 def check_chance_model(name: str) -> None:
     if name not in CHANCE_MODELS:
         raise InputError(f"unknown chance model {name!r}; choose one of: {', '.join(CHANCE_MODELS)}")
+
+
+FORGEABLE = {
+    "keyed": "a forger holding the model can try trigger seeds until one agrees with it, so without a trusted "
+    "time this counts only at p <= 2^-64",
+    "folder": "a forger chooses a folder trigger set's labels freely (the model's own answers agree fully), so "
+    "without a trusted time this never decides alone",
+}
+
+
+def judged_against_forgery(found: Evidence, source_kind: str, alpha: float) -> Evidence:
+    """The trigger evidence as a claim written after the suspect appeared could also show it: keyed sets pass
+    only at FORGERY_LEVEL (seeds can be ground), folder sets never decide alone (labels are free)."""
+    level = min(alpha, FORGERY_LEVEL) if source_kind == "keyed" else alpha
+    passed = found.p_value is not None and found.p_value <= level
+    return replace(
+        found,
+        threshold=required_matches(found.details["trials"], found.details["chance"], level) / found.details["trials"],
+        passed=passed,
+        decides_alone=source_kind == "keyed",
+        details={**found.details, "level": level, "forgeable": FORGEABLE.get(source_kind, FORGEABLE["folder"])},
+    )
 
 
 def required_matches(trials: int, chance: float, alpha: float) -> int:

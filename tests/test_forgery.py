@@ -1,0 +1,87 @@
+"""A claim written after the suspect appeared shows nothing: a forger's folder trigger set, labelled with the
+suspect's own answers and dated in the past, never decides; a keyed set counts only at the forgery level."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ticketguard.claim import Claim, save_claim
+from ticketguard.cli import main
+from ticketguard.data import ImageData
+from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
+from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
+from ticketguard.files import save_tensors
+from ticketguard.models import build_model
+from ticketguard.schemes import trigger as v3
+from ticketguard.training import predict_labels
+from conftest import trained_ticket
+
+
+def forged_folder_claim(weights: dict[str, torch.Tensor], data: ImageData, root: Path) -> Path:
+    """100 random 8x8 images labelled with the model's own answers, as a folder trigger set dated 2020."""
+    pics = root / "trigger" / "pics"
+    pics.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(100):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(pics / f"{i}.png")
+    (root / "trigger" / "labels.txt").write_text("0\n" * 100)
+    model = build_model("resnet20", 1, 10)
+    model.load_state_dict(weights)
+    images = load_trigger_folder(root / "trigger", 1, (8, 8)).images
+    answers = predict_labels(model.eval(), images, *data.channel_stats())
+    (root / "trigger" / "labels.txt").write_text("".join(f"{int(y)}\n" for y in answers))
+    trigger = load_trigger_folder(root / "trigger", 1, (8, 8))
+    claim = Claim(None, {}, v3.TriggerClaim.of(trigger, 10, data.normalization()), created="2020-01-01T00:00:00+00:00")
+    save_claim(root / "forged.claim.json", claim)
+    return root / "forged.claim.json"
+
+
+def test_a_forged_folder_trigger_claim_on_an_innocent_model_is_not_shown(digits: ImageData, tmp_path: Path,
+                                                                        capsys) -> None:
+    data = digits.subset(40, 10, 0)
+    innocent = trained_ticket(data, seed=3)
+    claim = forged_folder_claim(innocent.weights, data, tmp_path)
+    save_tensors(tmp_path / "weights.safetensors", innocent.weights)
+    capsys.readouterr()
+    code = main(["verify", str(tmp_path / "weights.safetensors"), "--claim", str(claim), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and not report["owned"]
+    trigger = report["evidence"][0]
+    # agreement is free for a forger: beyond even the forgery level, so only "never decides alone" stops it
+    assert trigger["details"]["agreed"] == 100 and trigger["p_value"] < FORGERY_LEVEL
+    assert trigger["decides_alone"] is False and "chooses" in trigger["details"]["forgeable"]
+    main(["verify", str(tmp_path / "weights.safetensors"), "--claim", str(claim)])
+    assert "stated by the claimant, unverified" in " ".join(capsys.readouterr().out.split())
+
+
+def evidence_at(p_value: float, trials: int = 100) -> Evidence:
+    return Evidence("trigger", 0.9, 0.2, True, p_value, {"agreed": 90, "trials": trials, "chance": 0.1})
+
+
+@pytest.mark.parametrize("p_value, passes", [(1e-10, False), (FORGERY_LEVEL / 2, True)])
+def test_a_keyed_trigger_counts_only_at_the_forgery_level(p_value: float, passes: bool) -> None:
+    judged = v3.judged_against_forgery(evidence_at(p_value), "keyed", DEFAULT_ALPHA)
+    assert judged.passed is passes and judged.decides_alone
+    assert judged.details["level"] == FORGERY_LEVEL
+    # the threshold is the agreement that reaches the forgery level, above what alpha alone would need
+    assert judged.threshold > v3.required_matches(100, 0.1, DEFAULT_ALPHA) / 100
+
+
+def test_a_keyed_trigger_set_of_an_innocent_model_is_far_from_the_forgery_level(digits: ImageData) -> None:
+    """A forger grinding seeds needs one whose labels agree at p <= 2^-64; an innocent model's best over many
+    seeds stays far above (the benchmark prices the grinding rate)."""
+    data = digits.subset(40, 10, 0)
+    model = build_model("resnet20", 1, 10)
+    model.load_state_dict(trained_ticket(data, seed=4).weights)
+    smallest = 1.0
+    for seed in range(20):
+        trigger = keyed_trigger_set(seed, 100, 10, 1, (8, 8))
+        found = v3.verify_local(model.eval(), trigger, *data.channel_stats(), 10)
+        smallest = min(smallest, found.p_value)
+    assert smallest > 1e-6
