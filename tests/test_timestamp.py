@@ -1,0 +1,253 @@
+"""RFC 3161 timestamps end to end against a TSA run inside the test: certificates made with cryptography,
+replies signed by ``openssl ts -reply`` and served over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ticketguard.errors import InputError
+from ticketguard.timestamp import MAX_RESPONSE_BYTES, TrustedTime, check_token, request_token
+
+DIGEST = hashlib.sha256(b"a ticketguard claim").digest()
+TSA_SUBJECT = "CN=Test TSA,O=ticketguard tests"
+REPLY_TYPE = "application/timestamp-reply"
+OPENSSL_TSA_CONFIG = """\
+[ tsa ]
+default_tsa = test_tsa
+[ test_tsa ]
+serial = {folder}/serial
+crypto_device = builtin
+signer_cert = {folder}/tsa.pem
+signer_key = {folder}/tsa.key
+signer_digest = sha256
+default_policy = 1.2.3.4.1
+digests = sha256, sha512
+accuracy = secs:1
+ordering = no
+tsa_name = yes
+ess_cert_id_chain = no
+ess_cert_id_alg = sha256
+"""
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A root CA and the TSA certificate it issued, as PEM files in ``folder``."""
+
+    folder: Path
+    ca_pem: bytes
+    tsa_pem: bytes
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ticketguard tests"),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+    ])
+
+
+def _certificate(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey,
+    tsa: bool,
+) -> x509.Certificate:
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=not tsa, path_length=None), critical=True)
+    )
+    if tsa:
+        # RFC 3161 section 2.3: the TSA certificate's only, critical, extended key usage is timeStamping.
+        time_stamping = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING])
+        builder = builder.add_extension(time_stamping, critical=True)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _make_authority(folder: Path, ca_name: str = "Test Root CA") -> Authority:
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, tsa_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate(ca_name, ca_key, ca_name, ca_key, tsa=False)
+    tsa = _certificate("Test TSA", tsa_key, ca_name, ca_key, tsa=True)
+    pem = serialization.Encoding.PEM
+    (folder / "tsa.key").write_bytes(
+        tsa_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (folder / "tsa.pem").write_bytes(tsa.public_bytes(pem))
+    (folder / "serial").write_text("01\n")
+    (folder / "tsa.cnf").write_text(OPENSSL_TSA_CONFIG.format(folder=folder))
+    return Authority(folder, ca.public_bytes(pem), tsa.public_bytes(pem))
+
+
+def _reply(authority: Authority, query: bytes) -> bytes:
+    """What the TSA answers to a TimeStampReq: a TimeStampResp signed by ``openssl ts -reply``."""
+    query_file = authority.folder / "query.tsq"
+    query_file.write_bytes(query)
+    return subprocess.run(
+        ["openssl", "ts", "-reply", "-config", str(authority.folder / "tsa.cnf"), 
+         "-queryfile", str(query_file)],
+        check=True, capture_output=True, timeout=30,
+    ).stdout
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> Authority:
+    return _make_authority(tmp_path / "tsa")
+
+
+Behaviour = Callable[[http.server.BaseHTTPRequestHandler, bytes], None]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Behaviour], str]]:
+    """Start an HTTP server on 127.0.0.1 that answers each POST with ``behaviour``; yield its URL."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+    released = threading.Event()
+
+    def start(behaviour: Behaviour) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                behaviour(self, self.rfile.read(int(self.headers["Content-Length"])))
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        server.released = released
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{server.server_address[1]}/tsa"
+
+    yield start
+    released.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _answer(handler: http.server.BaseHTTPRequestHandler, status: int, content_type: str, body: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _tsa(authority: Authority) -> Behaviour:
+    return lambda handler, query: _answer(handler, 200, REPLY_TYPE, _reply(authority, query))
+
+
+def test_good_token_gives_the_tsa_time_and_authority(authority: Authority, serve) -> None:
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    after = datetime.now(timezone.utc)
+    for trusted in (authority.ca_pem, authority.tsa_pem + authority.ca_pem):
+        stamped = check_token(token, DIGEST, trusted)
+        assert isinstance(stamped, TrustedTime)
+        assert before <= stamped.time <= after and stamped.time.tzinfo is not None
+        assert stamped.authority == TSA_SUBJECT
+        assert stamped.to_json() == {"time": stamped.time.isoformat(), "authority": TSA_SUBJECT}
+
+
+def test_token_for_another_digest_is_refused(authority: Authority, serve) -> None:
+    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    with pytest.raises(InputError):
+        check_token(token, hashlib.sha256(b"another claim").digest(), authority.ca_pem)
+
+
+def test_token_checked_against_an_unrelated_ca_or_tsa_is_refused(
+    authority: Authority, serve, tmp_path: Path
+) -> None:
+    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    stranger = _make_authority(tmp_path / "stranger", ca_name="Test Root CA")
+    for trusted in (stranger.ca_pem, stranger.tsa_pem + stranger.ca_pem, stranger.tsa_pem + authority.ca_pem):
+        with pytest.raises(InputError):
+            check_token(token, DIGEST, trusted)
+
+
+def test_trusted_tsa_certificate_without_its_issuer_gets_advice(authority: Authority, serve) -> None:
+    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    with pytest.raises(InputError, match="append the issuer"):
+        check_token(token, DIGEST, authority.tsa_pem)
+
+
+def test_truncated_or_garbage_token_is_an_input_error(authority: Authority, serve) -> None:
+    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    damaged = bytearray(token)
+    damaged[len(damaged) // 2] ^= 0x01
+    bad_tokens = (token[:-1], token[: len(token) // 2], token + b"0", bytes(damaged), b"", bytes(range(99)))
+    for bad in bad_tokens:
+        with pytest.raises(InputError):
+            check_token(bad, DIGEST, authority.ca_pem)
+    with pytest.raises(InputError):
+        check_token(token, DIGEST, b"not a certificate")
+    with pytest.raises(InputError):
+        check_token(token, DIGEST[:31], authority.ca_pem)
+
+
+def test_tsa_that_stamps_another_digest_is_refused(authority: Authority, serve) -> None:
+    other = hashlib.sha256(b"another claim").digest()
+    # A TSA that ignores the query: it answers every request with a reply made for another digest and nonce.
+    query = _query_for(authority, other)
+    reply = _reply(authority, query)
+    url = serve(lambda handler, _: _answer(handler, 200, REPLY_TYPE, reply))
+    with pytest.raises(InputError, match="another digest"):
+        request_token(DIGEST, url, timeout_s=20)
+
+
+def _query_for(authority: Authority, digest: bytes) -> bytes:
+    query_file = authority.folder / "other.tsq"
+    subprocess.run(
+        ["openssl", "ts", "-query", "-digest", digest.hex(), "-sha256", "-cert", "-out", str(query_file)],
+        check=True, capture_output=True, timeout=30,
+    )
+    return query_file.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "message"),
+    [
+        (lambda handler, _: _answer(handler, 500, "text/plain", b"boom"), "HTTP 500"),
+        (lambda handler, _: _answer(handler, 200, "text/html", b"<html></html>"), "content type"),
+        (lambda handler, _: _answer(handler, 200, REPLY_TYPE, bytes(MAX_RESPONSE_BYTES + 1)), "more than"),
+        (lambda handler, _: _answer(handler, 200, REPLY_TYPE, b"\x30\x03\x02\x01"), "not an RFC"),
+    ],
+    ids=["http-500", "wrong-content-type", "oversized", "garbage"],
+)
+def test_bad_tsa_answers_are_input_errors(serve, behaviour: Behaviour, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        request_token(DIGEST, serve(behaviour), timeout_s=10)
+
+
+def test_silent_tsa_hits_the_deadline(serve) -> None:
+    def silent(handler: http.server.BaseHTTPRequestHandler, _: bytes) -> None:
+        handler.server.released.wait(30)
+
+    url = serve(silent)
+    started = datetime.now(timezone.utc)
+    with pytest.raises(InputError, match="did not answer"):
+        request_token(DIGEST, url, timeout_s=0.5)
+    assert datetime.now(timezone.utc) - started < timedelta(seconds=5)
+
+
+def test_unreachable_tsa_is_an_input_error() -> None:
+    with pytest.raises(InputError):
+        request_token(DIGEST, "http://127.0.0.1:9/tsa", timeout_s=5)
