@@ -21,6 +21,8 @@ from ticketguard.models import build_model
 from ticketguard.schemes import trigger as v3
 from ticketguard.training import predict_labels
 from conftest import trained_ticket
+from test_timestamp import authority, serve  # noqa: F401  (fixtures: a local TSA on 127.0.0.1)
+from test_timestamp import make_authority, tsa_answering
 
 
 def forged_folder_claim(weights: dict[str, torch.Tensor], data: ImageData, root: Path) -> Path:
@@ -85,3 +87,50 @@ def test_a_keyed_trigger_set_of_an_innocent_model_is_far_from_the_forgery_level(
         found = v3.verify_local(model.eval(), trigger, *data.channel_stats(), 10)
         smallest = min(smallest, found.p_value)
     assert smallest > 1e-6
+
+
+@pytest.fixture
+def stamped(digits: ImageData, tmp_path: Path, authority, serve) -> tuple[Path, Path, Path]:
+    """(weights, a folder-trigger claim stamped by a local TSA, the TSA's certificate chain)."""
+    data = digits.subset(40, 10, 0)
+    ticket = trained_ticket(data, seed=3)
+    claim = forged_folder_claim(ticket.weights, data, tmp_path)
+    save_tensors(tmp_path / "weights.safetensors", ticket.weights)
+    assert main(["timestamp", str(claim), "--tsa", serve(tsa_answering(authority)), "--timeout", "20"]) == 0
+    (tmp_path / "tsa-chain.pem").write_bytes(authority.tsa_pem + authority.ca_pem)
+    return tmp_path / "weights.safetensors", claim, tmp_path / "tsa-chain.pem"
+
+
+def test_a_trusted_time_lets_trigger_evidence_decide_against_later_copies(stamped, capsys) -> None:
+    weights, claim, chain = stamped
+    capsys.readouterr()
+    assert main(["verify", str(weights), "--claim", str(claim), "--json"]) == 1  # token present, not checked
+    assert "not checked" in json.loads(capsys.readouterr().out)["trusted_time"]
+    assert main(["verify", str(weights), "--claim", str(claim), "--tsa-cert", str(chain), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["trusted_time"]["authority"].endswith("CN=Test TSA") or "Test TSA" in report["trusted_time"]["authority"]
+    assert report["trusted_time"]["holds_against"].startswith("copies first published after ")
+    assert report["evidence"][0]["decides_alone"] and report["evidence"][0]["details"]["level"] == DEFAULT_ALPHA
+
+
+def test_bad_timestamps_are_refused_in_one_line(stamped, tmp_path: Path, authority, capsys) -> None:
+    weights, claim, chain = stamped
+    edited = json.loads(claim.read_text())
+    edited["created"] = "2019-01-01T00:00:00+00:00"  # edited after stamping
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    broken = json.loads(claim.read_text())
+    broken["rfc3161"]["token"] = broken["rfc3161"]["token"][:40]  # truncated
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ca.pem").write_bytes(make_authority(other / "tsa", "Another Root CA").ca_pem)
+    unstamped = json.loads(claim.read_text())
+    del unstamped["rfc3161"]
+    (tmp_path / "unstamped.json").write_text(json.dumps(unstamped))
+    cases = [(tmp_path / "edited.json", chain), (tmp_path / "broken.json", chain), (claim, other / "ca.pem"),
+             (tmp_path / "unstamped.json", chain)]
+    for bad_claim, certificate in cases:
+        capsys.readouterr()
+        assert main(["verify", str(weights), "--claim", str(bad_claim), "--tsa-cert", str(certificate)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error:") and "Traceback" not in error

@@ -81,7 +81,7 @@ def _certificate(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _make_authority(folder: Path, ca_name: str = "Test Root CA") -> Authority:
+def make_authority(folder: Path, ca_name: str = "Test Root CA") -> Authority:
     folder.mkdir(parents=True, exist_ok=True)
     ca_key, tsa_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = _certificate(ca_name, ca_key, ca_name, ca_key, tsa=False)
@@ -109,7 +109,7 @@ def _reply(authority: Authority, query: bytes) -> bytes:
 
 @pytest.fixture
 def authority(tmp_path: Path) -> Authority:
-    return _make_authority(tmp_path / "tsa")
+    return make_authority(tmp_path / "tsa")
 
 
 Behaviour = Callable[[http.server.BaseHTTPRequestHandler, bytes], None]
@@ -151,13 +151,13 @@ def _answer(handler: http.server.BaseHTTPRequestHandler, status: int, content_ty
     handler.wfile.write(body)
 
 
-def _tsa(authority: Authority) -> Behaviour:
+def tsa_answering(authority: Authority) -> Behaviour:
     return lambda handler, query: _answer(handler, 200, REPLY_TYPE, _reply(authority, query))
 
 
 def test_good_token_gives_the_tsa_time_and_authority(authority: Authority, serve) -> None:
     before = datetime.now(timezone.utc).replace(microsecond=0)
-    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    token = request_token(DIGEST, serve(tsa_answering(authority)), timeout_s=20)
     after = datetime.now(timezone.utc)
     for trusted in (authority.ca_pem, authority.tsa_pem + authority.ca_pem):
         stamped = check_token(token, DIGEST, trusted)
@@ -168,7 +168,7 @@ def test_good_token_gives_the_tsa_time_and_authority(authority: Authority, serve
 
 
 def test_token_for_another_digest_is_refused(authority: Authority, serve) -> None:
-    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    token = request_token(DIGEST, serve(tsa_answering(authority)), timeout_s=20)
     with pytest.raises(InputError):
         check_token(token, hashlib.sha256(b"another claim").digest(), authority.ca_pem)
 
@@ -176,21 +176,21 @@ def test_token_for_another_digest_is_refused(authority: Authority, serve) -> Non
 def test_token_checked_against_an_unrelated_ca_or_tsa_is_refused(
     authority: Authority, serve, tmp_path: Path
 ) -> None:
-    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
-    stranger = _make_authority(tmp_path / "stranger", ca_name="Test Root CA")
+    token = request_token(DIGEST, serve(tsa_answering(authority)), timeout_s=20)
+    stranger = make_authority(tmp_path / "stranger", ca_name="Test Root CA")
     for trusted in (stranger.ca_pem, stranger.tsa_pem + stranger.ca_pem, stranger.tsa_pem + authority.ca_pem):
         with pytest.raises(InputError):
             check_token(token, DIGEST, trusted)
 
 
 def test_trusted_tsa_certificate_without_its_issuer_gets_advice(authority: Authority, serve) -> None:
-    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    token = request_token(DIGEST, serve(tsa_answering(authority)), timeout_s=20)
     with pytest.raises(InputError, match="append the issuer"):
         check_token(token, DIGEST, authority.tsa_pem)
 
 
 def test_truncated_or_garbage_token_is_an_input_error(authority: Authority, serve) -> None:
-    token = request_token(DIGEST, serve(_tsa(authority)), timeout_s=20)
+    token = request_token(DIGEST, serve(tsa_answering(authority)), timeout_s=20)
     damaged = bytearray(token)
     damaged[len(damaged) // 2] ^= 0x01
     bad_tokens = (token[:-1], token[: len(token) // 2], token + b"0", bytes(damaged), b"", bytes(range(99)))

@@ -27,12 +27,14 @@ from ticketguard.schemes.signature import SIGNATURE_SCHEMA, Signature
 from ticketguard.schemes.trigger import EXTENSION as TRIGGER_KEY
 from ticketguard.schemes.trigger import PLAIN_NAME, TRIGGER_SCHEMA, TriggerClaim
 from ticketguard.ticket import MANIFEST, nullable
+from ticketguard.timestamp import TrustedTime, check_token, request_token
 
 CLAIM_FORMAT = "ticketguard-claim/1"
 PRIVATE_KEY_FILE = "owner.key"
 PUBLIC_KEY_FILE = "owner.pub"
 DEFENCE_KEY = "defence"
 REFERENCE_KEY = "reference"
+MAX_TOKEN_BASE64 = 4 * (64 * 1024) // 3 + 4  # a TSA answer is read up to 64 KiB
 DEFENCE_SCHEMA = {
     "type": "object",
     "required": ["threshold", "quantile"],
@@ -57,6 +59,12 @@ CLAIM_SCHEMA = {
             "type": "object",
             # the reference fingerprint is checked field by field by Reference.from_json
             "properties": {TRIGGER_KEY: TRIGGER_SCHEMA, DEFENCE_KEY: DEFENCE_SCHEMA, REFERENCE_KEY: {"type": "object"}},
+            "additionalProperties": False,
+        }),
+        "rfc3161": nullable({
+            "type": "object",
+            "required": ["token"],
+            "properties": {"token": {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN_BASE64}},
             "additionalProperties": False,
         }),
         "ed25519": nullable({
@@ -105,6 +113,8 @@ class Claim:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     public_key: str | None = None
     signed: str | None = None
+    timestamp_token: str | None = None
+    """An RFC 3161 token (base64 DER) over ``commitment(claim)``: a trusted time at which the body existed."""
 
     def body(self) -> dict[str, Any]:
         """Everything the Ed25519 signature covers."""
@@ -127,6 +137,8 @@ class Claim:
         data = self.body()
         if self.signed is not None:
             data["ed25519"] = {"public_key": self.public_key, "signature": self.signed}
+        if self.timestamp_token is not None:
+            data["rfc3161"] = {"token": self.timestamp_token}
         return data
 
     @classmethod
@@ -147,6 +159,7 @@ class Claim:
             created=data.get("created", ""),
             public_key=signed.get("public_key"),
             signed=signed.get("signature"),
+            timestamp_token=(data.get("rfc3161") or {}).get("token"),
         )
 
 
@@ -167,6 +180,26 @@ def check_commitment(claim: Claim, published: str) -> None:
         raise InputError(f"a commitment is 64 hex digits from `ticketguard commit`, got {published!r}")
     if commitment(claim) != text:
         raise InputError("the claim does not match the published commitment: it was changed or is another claim")
+
+
+def stamp(claim: Claim, tsa_url: str, timeout_s: float = 30.0) -> Claim:
+    """Have the time-stamping authority at ``tsa_url`` sign the claim's commitment, in place: from then on the
+    claim provably existed at the TSA's time, which no later claim can backdate."""
+    token = request_token(bytes.fromhex(commitment(claim)), tsa_url, timeout_s)
+    claim.timestamp_token = base64.b64encode(token).decode()
+    return claim
+
+
+def trusted_time(claim: Claim, tsa_certificate_pem: bytes) -> TrustedTime:
+    """The time the claim's RFC 3161 token asserts, checked against the TSA certificate (or CA chain) the user
+    trusts; refused when the claim has no token, the token is malformed, untrusted or covers another body."""
+    if claim.timestamp_token is None:
+        raise InputError("the claim carries no RFC 3161 timestamp; stamp it with `ticketguard timestamp CLAIM --tsa URL`")
+    try:
+        token = base64.b64decode(claim.timestamp_token, validate=True)
+    except ValueError:
+        raise InputError("the claim's RFC 3161 token is not valid base64") from None
+    return check_token(token, bytes.fromhex(commitment(claim)), tsa_certificate_pem)
 
 
 def ticket_hashes(folder: str | Path) -> dict[str, str]:
@@ -254,7 +287,7 @@ def generate_keys(folder: str | Path) -> tuple[Path, Path]:
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(_read_pem(path), password=None)
+        key = serialization.load_pem_private_key(read_pem(path), password=None)
     except (ValueError, TypeError):
         raise InputError(
             f"{path} is not an unencrypted PEM private key; make one with `ticketguard keygen`"
@@ -266,7 +299,7 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
     try:
-        key = serialization.load_pem_public_key(_read_pem(path))
+        key = serialization.load_pem_public_key(read_pem(path))
     except ValueError:
         raise InputError(f"{path} is not a PEM public key; make one with `ticketguard keygen`") from None
     if not isinstance(key, Ed25519PublicKey):
@@ -274,11 +307,11 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     return key
 
 
-def _read_pem(path: str | Path) -> bytes:
+def read_pem(path: str | Path) -> bytes:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"key file {path} does not exist")
+        raise InputError(f"PEM file {path} does not exist")
     data = path.read_bytes()
     if b"-----BEGIN" not in data:
-        raise InputError(f"{path} is not a PEM key file")
+        raise InputError(f"{path} is not a PEM file")
     return data

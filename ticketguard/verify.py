@@ -17,7 +17,7 @@ from rich.progress import Progress
 
 from ticketguard.align import AlignmentError, align
 from ticketguard.blackbox import Endpoint, query_labels
-from ticketguard.claim import Claim, check_commitment, check_signature, load_claim
+from ticketguard.claim import Claim, check_commitment, check_signature, load_claim, trusted_time
 from ticketguard.data import ImageData, Normalization
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
@@ -29,6 +29,7 @@ from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.schemes.signature_figures import save_comparison_image
 from ticketguard.suspect import Suspect, load_suspect
+from ticketguard.timestamp import TrustedTime
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig
 
@@ -46,6 +47,7 @@ def verify(
     device: torch.device | str | None = None,
     model: str | None = None,
     commitment: str | None = None,
+    tsa_certificate: bytes | None = None,
 ) -> Verdict:
     """V(...): does ``suspect`` (a path, a loaded ``Suspect`` or a state_dict) carry what ``claim`` records?
 
@@ -53,7 +55,9 @@ def verify(
     ``qr_image``: also write the extracted QR code beside the expected one (PNG). ``model``: the suspect's
     architecture by import path, for the trigger check on weights of a model that is not built in (the caller
     names that code, so it is imported). ``commitment``: the claim must match this published digest
-    (``ticketguard.claim.commitment``).
+    (``ticketguard.claim.commitment``). ``tsa_certificate``: the PEM of the time-stamping authority the caller
+    trusts; with it the claim's RFC 3161 token is checked, and evidence a forger could search after the fact
+    (trigger seeds or labels, payloads) counts at alpha against copies first published after that time.
     """
     check_alpha(alpha)
     claim = claim if isinstance(claim, Claim) else load_claim(claim)
@@ -74,10 +78,11 @@ def verify(
     }
     if commitment is not None:
         details["claim_commitment"] = "matches the published commitment"
+    stamped = _trusted_time(claim, tsa_certificate, details)
     weights, readable = _read_on_own_terms(loaded, claim, unavailable, details)
     if claim.signature is not None:
         try:
-            reading = v2.extract(readable, claim.signature, alpha)
+            reading = v2.extract(readable, claim.signature, alpha, forgeable=stamped is None)
         except InputError as err:
             unavailable.append(Unavailable("qr-signature", str(err)))
         else:
@@ -87,7 +92,9 @@ def verify(
     if claim.trigger is not None:
         try:
             found = _trigger_evidence(weights, loaded.normalization, claim.trigger, alpha, trigger_folder, device, model)
-            evidence.append(v3.judged_against_forgery(found, claim.trigger.source.get("kind", ""), alpha))
+            evidence.append(
+                v3.judged_against_forgery(found, claim.trigger.source.get("kind", ""), alpha, stamped is not None)
+            )
         except InputError as err:
             unavailable.append(Unavailable("trigger", str(err)))
     if "alignment" in details:  # last: it shows derivation, and never decides alone
@@ -126,6 +133,20 @@ def verify_endpoint(
         alpha,
         details={"url": endpoint.infer_url(), "claim_signed": signed, "claim_created": claim.created},
     )
+
+
+def _trusted_time(claim: Claim, certificate: bytes | None, details: dict[str, Any]) -> TrustedTime | None:
+    """The claim's checked RFC 3161 time, or None; ``details`` says which, and what a trusted time covers."""
+    if certificate is None:
+        if claim.timestamp_token is not None:
+            details["trusted_time"] = "the claim carries an RFC 3161 token, not checked: give the TSA's certificate"
+        return None
+    stamped = trusted_time(claim, certificate)
+    details["trusted_time"] = {
+        **stamped.to_json(),
+        "holds_against": f"copies first published after {stamped.time.isoformat()}",
+    }
+    return stamped
 
 
 def _read_on_own_terms(

@@ -74,6 +74,11 @@ def print_verdict(report: dict[str, Any], title: str) -> None:
     if "claim_signed" in report:
         summary += f"; claim {'signed, signature valid' if report['claim_signed'] else 'unsigned'}"
         summary += f", created {report.get('claim_created')} (stated by the claimant, unverified)"
+    stamped = report.get("trusted_time")
+    if isinstance(stamped, dict):
+        summary += f"; trusted time {stamped['time']} by {stamped['authority']}: holds against {stamped['holds_against']}"
+    elif stamped:
+        summary += f"; {stamped}"
     reading = report.get("reading", {})
     if "density_read" in reading:
         summary += (

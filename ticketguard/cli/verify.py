@@ -1,5 +1,5 @@
 """CLI commands that check a suspect against a claim (verify, extract) and manage the owner's keys and claims
-(keygen, sign, commit).
+(keygen, sign, commit, timestamp).
 
 ``verify`` and ``extract --claim`` exit 0 when ownership is shown, 1 when not, 2 on bad input.
 """
@@ -13,7 +13,16 @@ import typer
 from rich.table import Table
 
 from ticketguard.claim import commitment as claim_commitment
-from ticketguard.claim import generate_keys, load_claim, load_private_key, load_public_key, save_claim, sign
+from ticketguard.claim import (
+    generate_keys,
+    load_claim,
+    load_private_key,
+    load_public_key,
+    read_pem,
+    save_claim,
+    sign,
+    stamp,
+)
 from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey
 from ticketguard.cli.output import console, emit_json, print_verdict, progress_bar, results
 from ticketguard.errors import InputError
@@ -44,13 +53,16 @@ def verify(
     model: SuspectModel = None,
     commitment: Annotated[Optional[str], typer.Option(
         help="The digest the owner published with `ticketguard commit`; the claim must match it.")] = None,
+    tsa_cert: Annotated[Optional[Path], typer.Option(
+        help="PEM of the time-stamping authority you trust (its certificate and issuers, or its root CA): checks "
+        "the claim's RFC 3161 token, so evidence counts at alpha against copies published after that time.")] = None,
     alpha: Alpha = ALPHA,
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
     """Check every piece of evidence the claim holds (QR signature, trigger set) on a suspect's weights:
     exit 0 ownership shown, 1 not shown, 2 bad input."""
-    _verify(suspect, claim, image, public_key, trigger_folder, alpha, device, as_json, model, commitment)
+    _verify(suspect, claim, image, public_key, trigger_folder, alpha, device, as_json, model, commitment, tsa_cert)
 
 
 @commands.command()
@@ -84,11 +96,11 @@ def extract(
 
 def _verify(suspect: Path, claim: Path, image: Path | None, public_key: Path | None, trigger_folder: Path | None,
             alpha: float, device: str, as_json: bool, model: str | None = None,
-            commitment: str | None = None) -> None:
+            commitment: str | None = None, tsa_cert: Path | None = None) -> None:
     verdict = verify_suspect(
         suspect, claim, alpha=alpha, public_key=load_public_key(public_key) if public_key else None,
         trigger_folder=trigger_folder, qr_image=image, device=resolve_device(device), model=model,
-        commitment=commitment,
+        commitment=commitment, tsa_certificate=read_pem(tsa_cert) if tsa_cert is not None else None,
     )
     report = {"suspect": str(suspect), **verdict.to_json()}
     if as_json:
@@ -135,6 +147,19 @@ def commit(
         emit_json({"claim": str(claim), "commitment": digest, "hash": "sha256 of the canonical claim body"})
     else:
         results.print(digest, highlight=False)
+
+
+@commands.command()
+def timestamp(
+    claim: Annotated[Path, typer.Argument(help="The claim file to stamp (rewritten in place).")],
+    tsa: Annotated[str, typer.Option(help="URL of an RFC 3161 time-stamping authority.")],
+    timeout: Annotated[float, typer.Option(min=0.1, max=600, help="Seconds the whole request may take.")] = 30.0,
+) -> None:
+    """Have a time-stamping authority sign the claim's commitment (RFC 3161): proof that the claim existed at
+    that time, which a claim written later cannot backdate. Only the digest leaves this machine."""
+    stamped = stamp(load_claim(claim), tsa, timeout)
+    save_claim(claim, stamped)
+    console.print(f"claim [bold]{claim}[/] stamped by {tsa}")
 
 
 @commands.command("sign")

@@ -358,9 +358,12 @@ def match_p_value(
 
 
 def extract(
-    weights: Mapping[str, torch.Tensor], signature: Signature, alpha: float = DEFAULT_ALPHA
+    weights: Mapping[str, torch.Tensor], signature: Signature, alpha: float = DEFAULT_ALPHA, forgeable: bool = True
 ) -> Reading:
     """Read every claimed copy, vote module by module, decode, and test the match rate against chance.
+
+    ``forgeable``: a forger could have searched payloads after the fact (no trusted time older than the
+    suspect), so a match without a decode must reach FORGERY_LEVEL.
 
     Pruning only removes connections, so a connection kept in any copy was written as kept: the vote keeps a
     module if any copy keeps it, and flags modules where copies disagree as unreliable for the mixed-damage
@@ -386,7 +389,7 @@ def extract(
     )
     placements = placement_count(weights, spec.size, len(signature.regions))
     corrected = np.minimum(tail * placements, 1.0)
-    level = alpha if decoded.text == signature.payload else min(alpha, FORGERY_LEVEL)
+    level = alpha if decoded.text == signature.payload or not forgeable else min(alpha, FORGERY_LEVEL)
     needed = int(np.argmax(corrected <= level)) if (corrected <= level).any() else len(tail)
     return Reading(
         signature,

@@ -73,9 +73,13 @@ FORGEABLE = {
 }
 
 
-def judged_against_forgery(found: Evidence, source_kind: str, alpha: float) -> Evidence:
+def judged_against_forgery(found: Evidence, source_kind: str, alpha: float, trusted_time: bool = False) -> Evidence:
     """The trigger evidence as a claim written after the suspect appeared could also show it: keyed sets pass
-    only at FORGERY_LEVEL (seeds can be ground), folder sets never decide alone (labels are free)."""
+    only at FORGERY_LEVEL (seeds can be ground), folder sets never decide alone (labels are free). With a
+    trusted time the claim predates any copy published after it, so neither search was possible: alpha."""
+    if trusted_time:
+        return replace(found, details={**found.details, "level": alpha, "forgeable": "not against copies "
+                                       "first published after the claim's trusted time"})
     level = min(alpha, FORGERY_LEVEL) if source_kind == "keyed" else alpha
     passed = found.p_value is not None and found.p_value <= level
     return replace(
