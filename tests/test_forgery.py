@@ -4,6 +4,7 @@ suspect's own answers and dated in the past, never decides; a keyed set counts o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
 from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
 from ticketguard.files import save_tensors
 from ticketguard.models import build_model
+from ticketguard.protect import protect
 from ticketguard.schemes import trigger as v3
-from ticketguard.training import predict_labels
+from ticketguard.training import TrainConfig, predict_labels
 from conftest import trained_ticket
 from test_timestamp import authority, serve  # noqa: F401  (fixtures: a local TSA on 127.0.0.1)
 from test_timestamp import make_authority, tsa_answering
@@ -134,3 +136,55 @@ def test_bad_timestamps_are_refused_in_one_line(stamped, tmp_path: Path, authori
         assert main(["verify", str(weights), "--claim", str(bad_claim), "--tsa-cert", str(certificate)]) == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith("error:") and "Traceback" not in error
+
+
+@pytest.fixture
+def stolen(digits: ImageData, tmp_path: Path, authority, serve) -> dict[str, Path]:
+    """The owner's protected ticket (shipped, then stolen), the owner's claim stamped first, a forger's folder
+    claim on the stolen copy stamped later, and an unrelated party's stamped claim on its own model."""
+    data = digits.subset(40, 10, 0)
+    url = serve(tsa_answering(authority))
+    protected = protect(trained_ticket(data, seed=0), data, signature="OWNER-1", train_config=TrainConfig(epochs=1))
+    paths = {"stolen": tmp_path / "stolen.safetensors", "owner": tmp_path / "owner.claim.json",
+             "chain": tmp_path / "tsa-chain.pem"}
+    save_tensors(paths["stolen"], protected.ticket.weights)
+    save_claim(paths["owner"], protected.claim)
+    (tmp_path / "forger").mkdir()
+    paths["forger"] = forged_folder_claim(protected.ticket.weights, data, tmp_path / "forger")
+    (tmp_path / "other").mkdir()
+    paths["other"] = forged_folder_claim(trained_ticket(data, seed=5).weights, data, tmp_path / "other")
+    for party in ("owner", "forger", "other"):
+        assert main(["timestamp", str(paths[party]), "--tsa", url, "--timeout", "20"]) == 0
+        time.sleep(1.1)  # the TSA's clock has one-second resolution: the owner is strictly first
+    paths["chain"].write_bytes(authority.tsa_pem + authority.ca_pem)
+    return paths
+
+
+def disputed(paths: dict[str, Path], parties: list[str], capsys, trusted: bool = True) -> tuple[int, dict]:
+    capsys.readouterr()
+    options = ["--tsa-cert", str(paths["chain"])] if trusted else []
+    code = main(["dispute", str(paths["stolen"]), *[str(paths[p]) for p in parties], *options, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_dispute_names_the_owner_stamped_before_a_forger_with_a_later_folder_claim(stolen, capsys) -> None:
+    code, result = disputed(stolen, ["forger", "owner", "other"], capsys)
+    assert code == 0 and result["winner"] == str(stolen["owner"])
+    holds = {Path(c["claim"]).parent.name if c["claim"] != str(stolen["owner"]) else "owner": c["holds"]
+             for c in result["claims"]}
+    # the forger's stamped claim holds too (against copies published after it), but is later; the unrelated one not
+    assert holds == {"owner": True, "forger": True, "other": False}
+    assert [c["claim"] for c in result["claims"]][0] == str(stolen["owner"])
+
+
+@pytest.mark.slow
+def test_dispute_without_trusted_times_is_undecided_when_two_claims_hold(stolen, capsys) -> None:
+    unchecked = stolen["owner"].with_name("owner-again.claim.json")
+    unchecked.write_text(stolen["owner"].read_text())
+    stolen = {**stolen, "again": unchecked}
+    code, result = disputed(stolen, ["owner", "again"], capsys, trusted=False)
+    assert code == 1 and result["winner"] is None and "cannot be ordered" in result["reason"]
+    code, result = disputed(stolen, ["forger", "other"], capsys, trusted=False)
+    assert code == 1 and "no claim" in result["reason"]  # untimed folder claims never decide alone
+    assert main(["dispute", str(stolen["stolen"]), str(stolen["owner"])]) == 2

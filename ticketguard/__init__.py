@@ -17,6 +17,7 @@ from ticketguard.chains import attack
 from ticketguard.claim import Claim, DefenceClaim, commitment, generate_keys, load_claim, save_claim, sign
 from ticketguard.data import ImageData, Normalization, load_dataset, load_subset
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
+from ticketguard.dispute import Dispute, dispute
 from ticketguard.errors import InputError
 from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict
 from ticketguard.fixed_mask import MaskKeeper, keep_mask
@@ -47,6 +48,7 @@ __all__ = [
     "Claim",
     "DEFAULT_ALPHA",
     "DefenceClaim",
+    "Dispute",
     "Evidence",
     "ImageData",
     "InputError",
@@ -71,6 +73,7 @@ __all__ = [
     "attack",
     "build_model",
     "commitment",
+    "dispute",
     "find_extreme_ticket",
     "generate_keys",
     "keep_mask",

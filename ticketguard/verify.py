@@ -68,7 +68,7 @@ def verify(
         raise InputError(
             "the claim holds neither a QR signature nor a trigger set, so it cannot show anything"
         )
-    loaded = _as_suspect(suspect)
+    loaded = as_suspect(suspect)
     evidence: list[Evidence] = []
     unavailable: list[Unavailable] = []
     details: dict[str, Any] = {
@@ -187,7 +187,8 @@ def _read_on_own_terms(
     return weights, weights
 
 
-def _as_suspect(suspect: SuspectLike) -> Suspect:
+def as_suspect(suspect: SuspectLike) -> Suspect:
+    """A path, a loaded suspect or a state_dict, as a ``Suspect``."""
     if isinstance(suspect, Suspect):
         return suspect
     if isinstance(suspect, (str, Path)):

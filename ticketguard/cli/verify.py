@@ -1,5 +1,5 @@
 """CLI commands that check a suspect against a claim (verify, extract) and manage the owner's keys and claims
-(keygen, sign, commit, timestamp).
+(keygen, sign, commit, timestamp) and orders rival claims (dispute).
 
 ``verify`` and ``extract --claim`` exit 0 when ownership is shown, 1 when not, 2 on bad input.
 """
@@ -24,6 +24,7 @@ from ticketguard.claim import (
     stamp,
 )
 from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey
+from ticketguard.dispute import dispute
 from ticketguard.cli.output import console, emit_json, print_verdict, progress_bar, results
 from ticketguard.errors import InputError
 from ticketguard.schemes.blind_scan import DEFAULT_BUDGET_S, BlindScan, blind_scan
@@ -160,6 +161,35 @@ def timestamp(
     stamped = stamp(load_claim(claim), tsa, timeout)
     save_claim(claim, stamped)
     console.print(f"claim [bold]{claim}[/] stamped by {tsa}")
+
+
+@commands.command("dispute")
+def dispute_command(
+    suspect: Suspect,
+    claims: Annotated[list[Path], typer.Argument(help="Two or more claim files from the parties.")],
+    tsa_cert: Annotated[Optional[Path], typer.Option(
+        help="PEM of the time-stamping authority you trust, to check the claims' RFC 3161 tokens.")] = None,
+    alpha: Alpha = ALPHA,
+    as_json: Json = False,
+) -> None:
+    """Verify each claim on the suspect and name the earliest (by trusted time) whose unforgeable evidence
+    holds: exit 0 when one claim wins, 1 when undecided, 2 on bad input."""
+    if len(claims) < 2:
+        raise InputError("a dispute needs two or more claims; check one with `ticketguard verify`")
+    result = dispute(suspect, claims, tsa_certificate=read_pem(tsa_cert) if tsa_cert else None, alpha=alpha)
+    if as_json:
+        emit_json({"suspect": str(suspect), **result.to_json()})
+    else:
+        table = Table(title=f"dispute over {suspect}: {result.to_json()['decision']}")
+        for column in ("order", "claim", "trusted time", "holds", "decided by"):
+            table.add_column(column)
+        for order, standing in enumerate(result.standings, 1):
+            row = standing.to_json()
+            table.add_row(str(order), row["claim"], row["trusted_time"] or "none (stated only)",
+                          "yes" if row["holds"] else "no", ", ".join(row["decided_by"]) or "-")
+        results.print(table)
+        results.print(result.reason, highlight=False)
+    raise typer.Exit(0 if result.winner is not None else 1)
 
 
 @commands.command("sign")
