@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ticketguard.claim import Claim, save_claim
+from ticketguard.claim import Claim, load_claim, save_claim, trusted_time
 from ticketguard.cli import main
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
@@ -188,3 +188,19 @@ def test_dispute_without_trusted_times_is_undecided_when_two_claims_hold(stolen,
     code, result = disputed(stolen, ["forger", "other"], capsys, trusted=False)
     assert code == 1 and "no claim" in result["reason"]  # untimed folder claims never decide alone
     assert main(["dispute", str(stolen["stolen"]), str(stolen["owner"])]) == 2
+
+
+@pytest.mark.slow
+def test_protect_stamps_the_claim_it_writes_and_keeps_it_when_the_tsa_fails(digits: ImageData, tmp_path: Path,
+                                                                             authority, serve, capsys) -> None:
+    trained_ticket(digits.subset(40, 10, 0), seed=0).save(tmp_path / "ticket")
+    common = ["--payload", "OWNER-1", "--epochs", "1", "--train-per-class", "40", "--device", "cpu"]
+    url = serve(tsa_answering(authority))
+    assert main(["protect", str(tmp_path / "ticket"), "--out", str(tmp_path / "a"), "--tsa", url, *common]) == 0
+    stamped_at = trusted_time(load_claim(tmp_path / "a.claim.json"), authority.tsa_pem + authority.ca_pem)
+    assert "Test TSA" in stamped_at.authority
+    capsys.readouterr()
+    assert main(["protect", str(tmp_path / "ticket"), "--out", str(tmp_path / "b"), "--tsa", "http://127.0.0.1:9/",
+                 *common]) == 2
+    assert "written unstamped" in capsys.readouterr().err
+    assert load_claim(tmp_path / "b.claim.json").timestamp_token is None

@@ -21,7 +21,7 @@ from torch import nn
 
 from ticketguard import attacks
 from ticketguard.align import Reference
-from ticketguard.claim import Claim, DefenceClaim, load_claim, save_claim, sign, ticket_hashes
+from ticketguard.claim import Claim, DefenceClaim, load_claim, save_claim, sign, stamp, ticket_hashes
 from ticketguard.data import ImageData
 from ticketguard.data.augment import normalize
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set
@@ -99,10 +99,13 @@ class Protected:
         claim_path: str | Path,
         private_key: Ed25519PrivateKey | None = None,
         force: bool = False,
+        tsa_url: str | None = None,
     ) -> None:
-        """Write the ticket, then the claim naming its hashes (signed when a key is given).
+        """Write the ticket, then the claim naming its hashes (signed when a key is given, stamped by the RFC 3161
+        authority at ``tsa_url`` when one is given).
 
-        Both destinations are checked before anything is written, so a refused save leaves no half pair.
+        Both destinations are checked before anything is written, so a refused save leaves no half pair; a
+        TSA that fails still gets the claim written, unstamped, and the error says how to stamp it later.
         """
         out, claim_path = Path(out), Path(claim_path)
         check_destinations(out, claim_path, force)
@@ -110,6 +113,15 @@ class Protected:
         self.claim.ticket_files = ticket_hashes(out)
         if private_key is not None:
             sign(self.claim, private_key)
+        try:
+            if tsa_url is not None:
+                stamp(self.claim, tsa_url)
+        except InputError as err:
+            save_claim(claim_path, self.claim)
+            raise InputError(
+                f"{err}; the claim {claim_path} was written unstamped: stamp it with "
+                f"`ticketguard timestamp {claim_path} --tsa URL`"
+            ) from None
         save_claim(claim_path, self.claim)
 
 

@@ -96,13 +96,13 @@ def _claim_path(out: Path, claim: Path | None) -> Path:
 
 def _protect_and_save(
     ticket: Ticket, data: ImageData, device: str, out: Path, claim_path: Path, key: Ed25519PrivateKey | None,
-    force: bool, as_json: bool, **settings: Any,
+    force: bool, as_json: bool, tsa_url: str | None = None, **settings: Any,
 ) -> None:
     """The one retraining (with a progress bar), then the ticket and claim written, then the result printed."""
     started = time.perf_counter()
     with progress_bar() as progress:
         protected = protect(ticket, data, device=resolve_device(device), progress=progress, **settings)
-    protected.save(out, claim_path, key, force)
+    protected.save(out, claim_path, key, force, tsa_url)
     _finish(_report(protected, out, claim_path, key is not None, time.perf_counter() - started), as_json)
 
 
@@ -148,6 +148,8 @@ def protect_command(
     payload: Payload = None,
     claim: ClaimPath = None,
     signing_key: SigningKey = None,
+    tsa: Annotated[Optional[str], typer.Option(
+        help="URL of an RFC 3161 time-stamping authority that stamps the claim as it is written.")] = None,
     trigger: TriggerDir = None,
     trigger_labels: TriggerLabels = None,
     trigger_seed: TriggerSeed = None,
@@ -188,7 +190,7 @@ def protect_command(
     signing = None if payload is None else SignatureConfig(payload, qr_version, error, copies, weights_per_connection, polarity)
     config = ticket.train_config(**training_overrides(epochs, batch_size, lr, momentum, weight_decay, seed, schedule))
     dataset = _data(ticket, data, data_dir, train_per_class, test_per_class, config.seed)
-    _protect_and_save(ticket, dataset, device, out, claim_path, key, force, as_json,
+    _protect_and_save(ticket, dataset, device, out, claim_path, key, force, as_json, tsa,
                       signature=signing, trigger=marking, train_config=config, alpha=alpha)
 
 
