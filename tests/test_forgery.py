@@ -3,6 +3,7 @@ suspect's own answers and dated in the past, never decides; a keyed set counts o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ticketguard.chains import attack
 from ticketguard.claim import Claim, load_claim, save_claim, trusted_time
 from ticketguard.cli import main
 from ticketguard.data import ImageData
@@ -153,17 +155,24 @@ def stolen(digits: ImageData, tmp_path: Path, authority, serve) -> dict[str, Pat
     paths["forger"] = forged_folder_claim(protected.ticket.weights, data, tmp_path / "forger")
     (tmp_path / "other").mkdir()
     paths["other"] = forged_folder_claim(trained_ticket(data, seed=5).weights, data, tmp_path / "other")
-    for party in ("owner", "forger", "other"):
+    # fake3: the forger writes his own QR over the owner's code region of the stolen copy and claims it
+    paths["fake3"], paths["qr-forger"] = tmp_path / "fake3.safetensors", tmp_path / "qr-forger.claim.json"
+    signature = protected.claim.signature
+    fake3, _ = attack(dict(protected.ticket.weights), protected.ticket.mask, "fake3:payload=FORGED", signature=signature)
+    save_tensors(paths["fake3"], fake3)
+    save_claim(paths["qr-forger"], Claim(dataclasses.replace(signature, payload="FORGED"), {}))
+    for party in ("owner", "forger", "other", "qr-forger"):
         assert main(["timestamp", str(paths[party]), "--tsa", url, "--timeout", "20"]) == 0
         time.sleep(1.1)  # the TSA's clock has one-second resolution: the owner is strictly first
     paths["chain"].write_bytes(authority.tsa_pem + authority.ca_pem)
     return paths
 
 
-def disputed(paths: dict[str, Path], parties: list[str], capsys, trusted: bool = True) -> tuple[int, dict]:
+def disputed(paths: dict[str, Path], parties: list[str], capsys, trusted: bool = True,
+             suspect: str = "stolen") -> tuple[int, dict]:
     capsys.readouterr()
     options = ["--tsa-cert", str(paths["chain"])] if trusted else []
-    code = main(["dispute", str(paths["stolen"]), *[str(paths[p]) for p in parties], *options, "--json"])
+    code = main(["dispute", str(paths[suspect]), *[str(paths[p]) for p in parties], *options, "--json"])
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -176,6 +185,19 @@ def test_dispute_names_the_owner_stamped_before_a_forger_with_a_later_folder_cla
     # the forger's stamped claim holds too (against copies published after it), but is later; the unrelated one not
     assert holds == {"owner": True, "forger": True, "other": False}
     assert [c["claim"] for c in result["claims"]][0] == str(stolen["owner"])
+
+
+@pytest.mark.slow
+def test_a_forger_who_overwrites_the_code_region_loses_to_the_earlier_stamped_owner(stolen, capsys) -> None:
+    """fake3: the forger's own QR decodes in his copy, the owner's does not; the owner's stamped reference
+    (the fingerprint) came first."""
+    code, result = disputed(stolen, ["qr-forger", "owner"], capsys, suspect="fake3")
+    assert code == 0 and result["winner"] == str(stolen["owner"])
+    owner = next(c for c in result["claims"] if c["claim"] == str(stolen["owner"]))
+    assert owner["decided_by"] == ["fingerprint"] and owner["shows_derivation"]
+    # without trusted times only the forger's decoded QR holds: stamping claims is what defeats fake3
+    code, result = disputed(stolen, ["qr-forger", "owner"], capsys, trusted=False, suspect="fake3")
+    assert code == 0 and result["winner"] == str(stolen["qr-forger"])
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ two in log-odds over the largest measured), and the p-value is the tail beyond t
 (benchmarks/README.md, "False claims on every kind of innocent model", records the measurement).
 
 The fingerprint shows that the suspect and the reference derive from one another, not in which direction, so
-it is reported but never decides ownership alone: a forger could name the stolen model as his reference.
+it is reported but never decides ownership alone (a forger could name the stolen model as his reference),
+unless the claim carries a trusted time: a reference stamped before a copy was published came first.
 """
 
 from __future__ import annotations
@@ -65,9 +66,15 @@ def _odds(share: float) -> float:
 
 
 def fingerprint_evidence(
-    aligned: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], alpha: float = DEFAULT_ALPHA
+    aligned: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    alpha: float = DEFAULT_ALPHA,
+    trusted_time: bool = False,
 ) -> Evidence:
-    """The overlap of the aligned suspect's mask with the reference mask, with its Bernstein p-value."""
+    """The overlap of the aligned suspect's mask with the reference mask, with its Bernstein p-value.
+
+    ``trusted_time``: the reference provably existed before any copy published after that time, which gives
+    derivation its direction, so the fingerprint then decides alone for such copies."""
     hits, total, mean, model_mean, variance, layers = 0, 0, 0.0, 0.0, 0.0, {}
     for name, owned in reference.items():
         kept = aligned[name]
@@ -96,5 +103,5 @@ def fingerprint_evidence(
             "odds_ratio_over_rank_one_model": _odds(hits / max(total, 1)) / max(_odds(model_mean / max(total, 1)), 1e-12),
             "layer_overlap": layers,
         },
-        decides_alone=False,
+        decides_alone=trusted_time,
     )
