@@ -6,7 +6,11 @@ match rate alone reaches the threshold. One trial is one payload with its best p
 search space, found with the same FFT correlation the owner uses. The corrected p-value bounds the chance that
 one trial reaches it, so the expected number of trials to reach a level is at least 1 / level.
 
-    python benchmarks/forgery_cost.py --trials 200
+A keyed trigger claim is searched the same way: one trial renders the 100 trigger images of a seed and asks the
+published model for their labels once; its trigger p-value bounds one seed's chance. A folder trigger set costs
+nothing to forge (its labels are the model's own answers), so it never decides without a trusted time.
+
+    python benchmarks/forgery_cost.py --trials 200 --seeds 2000
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import numpy as np
 from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, load_subset
 from ticketguard.cli.output import console
 from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, FORGERY_TRIALS
+from ticketguard.data.triggers import keyed_trigger_set
 from ticketguard.masks import squeeze
+from ticketguard.models import build_model
+from ticketguard.schemes import trigger as v3
 from ticketguard.schemes.placement import (
     POLARITIES,
     candidate_layers,
@@ -60,6 +67,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=2000, help="keyed trigger seeds a forger grinds")
     args = parser.parse_args()
     data = load_subset("digits")
     search = SearchConfig(ratios=(0.2,), pruning_schedule="paper", max_rounds=args.rounds, rewind_epoch=1, train=TrainConfig(epochs=args.epochs))
@@ -86,6 +94,27 @@ def main() -> None:
                       f"this rate, {trials / (rate * 1e6) / SECONDS_PER_YEAR:.3g} years on a million such CPUs")
     console.print(f"rule: evidence that does not decode passes only at p <= 2^-64 = {FORGERY_LEVEL:.3g} "
                   f"({FORGERY_TRIALS} trials)")
+    seed_rate, smallest = grind_trigger_seeds(ticket, data, args.seeds)
+    console.print(f"{args.seeds} keyed trigger seeds (100 images each, one forward pass) at {seed_rate:.1f} seeds/s; "
+                  f"smallest trigger p-value {smallest:.3g}")
+    for name, level in (("alpha alone (1e-6)", DEFAULT_ALPHA), ("forgery level 2^-64", FORGERY_LEVEL)):
+        seeds = 1 / level
+        console.print(f"keyed trigger at {name}: >= {seeds:.3g} seeds expected, "
+                      f"{seeds / seed_rate / SECONDS_PER_YEAR:.3g} years at this rate, "
+                      f"{seeds / (seed_rate * 1e6) / SECONDS_PER_YEAR:.3g} years on a million such CPUs")
+
+
+def grind_trigger_seeds(ticket, data, seeds: int) -> tuple[float, float]:
+    """Seeds per second and the smallest trigger p-value a forger reaches on the published model."""
+    model = build_model(ticket.architecture, ticket.in_channels, ticket.num_classes)
+    model.load_state_dict(ticket.weights)
+    model.eval()
+    mean, std = data.channel_stats()
+    started, smallest = time.perf_counter(), 1.0
+    for seed in range(seeds):
+        trigger = keyed_trigger_set(seed, 100, ticket.num_classes, ticket.in_channels, ticket.input_size)
+        smallest = min(smallest, v3.verify_local(model, trigger, mean, std, ticket.num_classes).p_value)
+    return seeds / (time.perf_counter() - started), smallest
 
 
 if __name__ == "__main__":

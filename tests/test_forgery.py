@@ -188,15 +188,13 @@ def test_dispute_names_the_owner_stamped_before_a_forger_with_a_later_folder_cla
 
 
 @pytest.mark.slow
-def test_a_forger_who_overwrites_the_code_region_loses_to_the_earlier_stamped_owner(stolen, capsys) -> None:
-    """fake3: the forger's own QR decodes in his copy, the owner's does not; the owner's stamped reference
-    (the fingerprint) came first."""
+def test_a_forger_who_overwrites_the_code_region_is_shown_derived_but_only_his_code_decides(stolen, capsys) -> None:
+    """fake3: the forger's own QR decodes in his copy and the owner's does not; the owner's fingerprint shows
+    the copy derives from the owner's ticket, but a fingerprint never decides, so an owner whose trigger set
+    did not survive loses this dispute (stated in the README)."""
     code, result = disputed(stolen, ["qr-forger", "owner"], capsys, suspect="fake3")
-    assert code == 0 and result["winner"] == str(stolen["owner"])
     owner = next(c for c in result["claims"] if c["claim"] == str(stolen["owner"]))
-    assert owner["decided_by"] == ["fingerprint"] and owner["shows_derivation"]
-    # without trusted times only the forger's decoded QR holds: stamping claims is what defeats fake3
-    code, result = disputed(stolen, ["qr-forger", "owner"], capsys, trusted=False, suspect="fake3")
+    assert owner["shows_derivation"] and not owner["holds"]
     assert code == 0 and result["winner"] == str(stolen["qr-forger"])
 
 

@@ -97,9 +97,9 @@ def verify(
             )
         except InputError as err:
             unavailable.append(Unavailable("trigger", str(err)))
-    if "alignment" in details:  # last: it shows derivation, and decides alone only with a trusted time
+    if "alignment" in details:  # last: it shows derivation, and never decides alone
         kept = {name: readable[name] != 0 for name in claim.reference.masks}
-        evidence.append(fingerprint_evidence(kept, claim.reference.masks, alpha, stamped is not None))
+        evidence.append(fingerprint_evidence(kept, claim.reference.masks, alpha))
     return Verdict(tuple(evidence), alpha, tuple(unavailable), details)
 
 
