@@ -8,105 +8,17 @@ import http.server
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from local_tsa import REPLY_TYPE, Authority, make_authority, reply
 from ticketguard.errors import InputError
 from ticketguard.timestamp import MAX_RESPONSE_BYTES, TrustedTime, check_token, request_token
 
 DIGEST = hashlib.sha256(b"a ticketguard claim").digest()
 TSA_SUBJECT = "CN=Test TSA,O=ticketguard tests"
-REPLY_TYPE = "application/timestamp-reply"
-OPENSSL_TSA_CONFIG = """\
-[ tsa ]
-default_tsa = test_tsa
-[ test_tsa ]
-serial = {folder}/serial
-crypto_device = builtin
-signer_cert = {folder}/tsa.pem
-signer_key = {folder}/tsa.key
-signer_digest = sha256
-default_policy = 1.2.3.4.1
-digests = sha256, sha512
-accuracy = secs:1
-ordering = no
-tsa_name = yes
-ess_cert_id_chain = no
-ess_cert_id_alg = sha256
-"""
-
-
-@dataclass(frozen=True)
-class Authority:
-    """A root CA and the TSA certificate it issued, as PEM files in ``folder``."""
-
-    folder: Path
-    ca_pem: bytes
-    tsa_pem: bytes
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ticketguard tests"),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-    ])
-
-
-def _certificate(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey,
-    tsa: bool,
-) -> x509.Certificate:
-    now = datetime.now(timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=not tsa, path_length=None), critical=True)
-    )
-    if tsa:
-        # RFC 3161 section 2.3: the TSA certificate's only, critical, extended key usage is timeStamping.
-        time_stamping = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING])
-        builder = builder.add_extension(time_stamping, critical=True)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def make_authority(folder: Path, ca_name: str = "Test Root CA") -> Authority:
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_key, tsa_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate(ca_name, ca_key, ca_name, ca_key, tsa=False)
-    tsa = _certificate("Test TSA", tsa_key, ca_name, ca_key, tsa=True)
-    pem = serialization.Encoding.PEM
-    (folder / "tsa.key").write_bytes(
-        tsa_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    (folder / "tsa.pem").write_bytes(tsa.public_bytes(pem))
-    (folder / "serial").write_text("01\n")
-    (folder / "tsa.cnf").write_text(OPENSSL_TSA_CONFIG.format(folder=folder))
-    return Authority(folder, ca.public_bytes(pem), tsa.public_bytes(pem))
-
-
-def _reply(authority: Authority, query: bytes) -> bytes:
-    """What the TSA answers to a TimeStampReq: a TimeStampResp signed by ``openssl ts -reply``."""
-    query_file = authority.folder / "query.tsq"
-    query_file.write_bytes(query)
-    return subprocess.run(
-        ["openssl", "ts", "-reply", "-config", str(authority.folder / "tsa.cnf"), 
-         "-queryfile", str(query_file)],
-        check=True, capture_output=True, timeout=30,
-    ).stdout
-
-
 @pytest.fixture
 def authority(tmp_path: Path) -> Authority:
     return make_authority(tmp_path / "tsa")
@@ -152,7 +64,7 @@ def _answer(handler: http.server.BaseHTTPRequestHandler, status: int, content_ty
 
 
 def tsa_answering(authority: Authority) -> Behaviour:
-    return lambda handler, query: _answer(handler, 200, REPLY_TYPE, _reply(authority, query))
+    return lambda handler, query: _answer(handler, 200, REPLY_TYPE, reply(authority, query))
 
 
 def test_good_token_gives_the_tsa_time_and_authority(authority: Authority, serve) -> None:
@@ -207,8 +119,8 @@ def test_tsa_that_stamps_another_digest_is_refused(authority: Authority, serve) 
     other = hashlib.sha256(b"another claim").digest()
     # A TSA that ignores the query: it answers every request with a reply made for another digest and nonce.
     query = _query_for(authority, other)
-    reply = _reply(authority, query)
-    url = serve(lambda handler, _: _answer(handler, 200, REPLY_TYPE, reply))
+    stale = reply(authority, query)
+    url = serve(lambda handler, _: _answer(handler, 200, REPLY_TYPE, stale))
     with pytest.raises(InputError, match="another digest"):
         request_token(DIGEST, url, timeout_s=20)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ticketguard.align.layout import AlignmentError, Weights, _layout, _owners, _width
+from ticketguard.align.layout import AlignmentError, Weights, _Layout, _layout, _owners, _width
 from ticketguard.align.permutations import _narrow, _recover_permutations, _reorder
 from ticketguard.align.reference import KernelPrint, Reference
 from ticketguard.align.scales import _canonicalise, _state_dict
