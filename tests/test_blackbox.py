@@ -22,6 +22,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
+from test_forgery import forged_folder_claim
 from ticketguard.blackbox import (
     Endpoint,
     ModelServer,
@@ -116,6 +117,19 @@ def test_cli_serve_and_query_show_ownership_of_the_marked_ticket_only(tickets, c
         assert main(["query", url, "--claim", str(tickets["claim"]), "--json"]) == 1
         verdict = json.loads(capsys.readouterr().out)
     assert not verdict["owned"] and verdict["evidence"][0]["p_value"] > 1e-3
+
+
+def test_query_refuses_a_forged_folder_claim_labelled_with_the_apis_own_answers(tickets, digits, tmp_path,
+                                                                               capsys) -> None:
+    """A forger labels random images with the served model's answers and dates his claim 2020: 100/100 agree,
+    yet folder labels are free to choose, so without a trusted time they never decide."""
+    claim = forged_folder_claim(Ticket.load(tickets["plain"]).weights, digits, tmp_path)
+    with ModelServer(load_served_model(tickets["plain"]), port=0) as running:
+        capsys.readouterr()
+        assert main(["query", running.url, "--claim", str(claim), "--json"]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    evidence = verdict["evidence"][0]
+    assert not verdict["owned"] and evidence["details"]["agreed"] == 100 and not evidence["decides_alone"]
 
 
 @pytest.fixture(scope="module")
