@@ -14,8 +14,10 @@ import torch
 
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
+from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
+from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig, evaluate, state_copy, train
 
@@ -23,6 +25,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CIFAR_JPEG = SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
 ADI_TRIGGER_SET = SHARED / "adi-trigger-set"
 REQUIRE_SHARED_DATA = "TICKETGUARD_REQUIRE_SHARED_DATA"
+QUICK_SEARCH = SearchConfig(ratios=(0.5,), max_rounds=1, rewind_epoch=1, train=TrainConfig(epochs=4))
 
 
 def shared_data(path: Path) -> Path:
@@ -55,6 +58,18 @@ def cifar_jpeg_subset() -> ImageData:
 def adi_trigger_set() -> Path:
     """Adi et al.'s trigger-set folder (pics/ and label files)."""
     return shared_data(ADI_TRIGGER_SET)
+
+
+@pytest.fixture(scope="session")
+def protected_owner(digits: ImageData, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ticket, Path, ImageData]:
+    """A protected digits ticket at 50 % of the weights (QR signature + keyed trigger set), its claim on disk,
+    and the data it was trained on."""
+    root = tmp_path_factory.mktemp("owner")
+    data = digits.subset(80, 30, 0)
+    ticket = find_extreme_ticket(data, QUICK_SEARCH, root / "search")
+    protected = protect(ticket, data, signature="OWNER-1", trigger=TriggerConfig(keyed_trigger_for(ticket, 9), 16))
+    protected.save(root / "protected", root / "claim.json")
+    return protected.ticket, root / "claim.json", data
 
 
 def trained_ticket(data: ImageData, seed: int, density: float = 0.3) -> Ticket:

@@ -12,16 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import QUICK_SEARCH
 from ticketguard import chains, disguises
 from ticketguard.cli import main
 from ticketguard.data import ImageData
 from ticketguard.files import save_tensors
 from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig
 
-QUICK = SearchConfig(ratios=(0.5,), max_rounds=1, rewind_epoch=1, train=TrainConfig(epochs=4))
 CHAINS = {
     "permute+rescale": "permute:seed=3+rescale:seed=4",
     "rename": "rename:style=torchvision",
@@ -36,15 +35,9 @@ def disguise(ticket: Ticket, spec: str) -> dict[str, torch.Tensor]:
     return chains.attack(dict(ticket.weights), ticket.mask, spec)[0]
 
 
-@pytest.fixture(scope="module")
-def owner(digits: ImageData, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ticket, Path, ImageData]:
-    """A protected digits ticket (QR signature + keyed trigger set) and its claim on disk."""
-    root = tmp_path_factory.mktemp("owner")
-    data = digits.subset(80, 30, 0)
-    ticket = find_extreme_ticket(data, QUICK, root / "search")
-    protected = protect(ticket, data, signature="OWNER-1", trigger=TriggerConfig(keyed_trigger_for(ticket, 9), 16))
-    protected.save(root / "protected", root / "claim.json")
-    return protected.ticket, root / "claim.json", data
+@pytest.fixture
+def owner(protected_owner: tuple[Ticket, Path, ImageData]) -> tuple[Ticket, Path, ImageData]:
+    return protected_owner
 
 
 def verdict(path: Path, claim: Path, capsys) -> tuple[int, dict]:
@@ -88,7 +81,7 @@ def test_onnx_exports_from_both_exporters_are_verified(owner, tmp_path: Path, ca
 @pytest.mark.slow
 def test_an_independent_ticket_under_the_same_disguise_is_not_shown(owner, tmp_path: Path, capsys) -> None:
     _, claim, data = owner
-    other = find_extreme_ticket(data, SearchConfig(**{**QUICK.__dict__, "train": TrainConfig(epochs=4, seed=7)}),
+    other = find_extreme_ticket(data, SearchConfig(**{**QUICK_SEARCH.__dict__, "train": TrainConfig(epochs=4, seed=7)}),
                                 tmp_path / "search")
     save_tensors(tmp_path / "other.safetensors", disguise(other, CHAINS["permute+rescale"]))
     code, report = verdict(tmp_path / "other.safetensors", claim, capsys)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.utils.prune as torch_prune
 
 import ticketguard
-from ticketguard import Claim, SearchConfig, TrainConfig, attack, find_extreme_ticket, protect, verify
+from ticketguard import Claim, DefenceClaim, SearchConfig, TrainConfig, attack, find_extreme_ticket, protect, verify
+from ticketguard.attacks import defence_threshold
 from ticketguard.blackbox import Endpoint, ModelServer, load_served_model, query_labels
 from ticketguard.cli import main
 from ticketguard.errors import InputError
@@ -188,6 +189,22 @@ def test_an_independent_model_of_the_same_architecture_is_not_claimed(architectu
     other = random_ticket(architecture)
     verdict = verify({n: t * other.mask[n] if n in other.mask else t for n, t in other.weights.items()}, claim)
     assert not verdict.owned and verdict.evidence[0].p_value > 1e-3
+
+
+@pytest.mark.parametrize("architecture", OWN_MODELS)
+def test_the_claims_threshold_is_applied_to_a_model_named_by_import_path(architecture: str) -> None:
+    """No reference, so no per-layer counts: every weight below the claim's t is dropped, which undoes an
+    add-on of weak weights at every pruned position."""
+    torch.manual_seed(1)
+    owner = random_ticket(architecture)
+    signed, signature, _ = embed_signature(owner.mask, owner.weights, owner.weights, "ACME")
+    owned = {n: t * signed[n] if n in signed else t for n, t in owner.weights.items()}
+    threshold = defence_threshold(owned, signed)
+    added_on = {n: torch.where(t == 0, torch.full_like(t, threshold / 2), t) if n in signed else t
+                for n, t in owned.items()}
+    defended = verify(added_on, Claim(signature, {}, defence=DefenceClaim(threshold, 0.005)))
+    assert defended.owned and defended.details["reading"]["threshold"] == threshold
+    assert not verify(added_on, Claim(signature, {})).owned  # without t every position reads as kept
 
 
 def test_a_model_file_of_the_users_architecture_is_served_as_it_predicts(tmp_path: Path, digits) -> None:

@@ -15,18 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import QUICK_SEARCH
 from ticketguard import chains
 from ticketguard.cli import main
 from ticketguard.data import ImageData
 from ticketguard.files import save_tensors
 from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.masks import Mask
-from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
 from ticketguard.reading import effective_magnitudes, rank_read, threshold_read
 from ticketguard.ticket import Ticket
 from ticketguard.training import TrainConfig
 
-QUICK = SearchConfig(ratios=(0.5,), max_rounds=1, rewind_epoch=1, train=TrainConfig(epochs=4))
 FILL = 1e-8
 
 
@@ -73,22 +72,16 @@ def test_threshold_read_drops_weak_weights_at_every_position() -> None:
     assert torch.equal(read["bn.weight"], weights["bn.weight"])  # only weight tensors are read
 
 
-@pytest.fixture(scope="module")
-def owner(digits: ImageData, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ticket, Path, ImageData]:
-    """A protected digits ticket at 50 % of the weights (QR signature + keyed trigger set) and its claim."""
-    root = tmp_path_factory.mktemp("owner")
-    data = digits.subset(80, 30, 0)
-    ticket = find_extreme_ticket(data, QUICK, root / "search")
-    protected = protect(ticket, data, signature="OWNER-1", trigger=TriggerConfig(keyed_trigger_for(ticket, 9), 16))
-    protected.save(root / "protected", root / "claim.json")
-    return protected.ticket, root / "claim.json", data
+@pytest.fixture
+def owner(protected_owner: tuple[Ticket, Path, ImageData]) -> tuple[Ticket, Path, ImageData]:
+    return protected_owner
 
 
 @pytest.fixture(scope="module")
 def innocent(owner, tmp_path_factory: pytest.TempPathFactory) -> Ticket:
     """A ticket trained independently on the same data, pruned to a quarter of the owner's density."""
     _, _, data = owner
-    config = SearchConfig(**{**QUICK.__dict__, "train": TrainConfig(epochs=4, seed=7)})
+    config = SearchConfig(**{**QUICK_SEARCH.__dict__, "train": TrainConfig(epochs=4, seed=7)})
     ticket = find_extreme_ticket(data, config, tmp_path_factory.mktemp("innocent") / "search")
     weights, mask = chains.attack(dict(ticket.weights), ticket.mask, "magnitude:fraction=0.75")
     return dataclasses.replace(ticket, mask=mask, weights=weights)
