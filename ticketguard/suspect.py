@@ -21,6 +21,7 @@ from ticketguard.errors import InputError
 from ticketguard.files import load_tensors
 from ticketguard.masks import Mask, fold_pruning_reparametrisation, mask_from_zeros
 from ticketguard.models import identify_architecture
+from ticketguard.shipped_forms import read_shipped_form
 from ticketguard.ticket import MANIFEST, Ticket
 
 ONNX_SUFFIX = ".onnx"
@@ -77,7 +78,8 @@ class Suspect:
 
 
 def load_suspect(path: str | Path) -> Suspect:
-    """Read a ticket folder, an ONNX file, a safetensors file or a torch file (never unpickling code)."""
+    """Read a ticket folder, an ONNX file, a safetensors file, a torch file (plain or quantized) or a
+    TorchScript archive, never unpickling or running code."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         ticket = Ticket.load(path)
@@ -85,6 +87,10 @@ def load_suspect(path: str | Path) -> Suspect:
     if path.suffix == ONNX_SUFFIX:
         weights, graph = load_onnx(path)
         return Suspect.from_weights(weights, "onnx", graph)
+    shipped = read_shipped_form(path)
+    if shipped is not None:
+        weights, source = shipped
+        return Suspect.from_weights(fold_pruning_reparametrisation(weights)[0], source)
     weights, prune_mask = fold_pruning_reparametrisation(load_tensors(path))
     return Suspect.from_weights(weights, "zeros" if prune_mask is None else "torch.nn.utils.prune")
 
