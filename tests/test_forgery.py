@@ -161,7 +161,13 @@ def stolen(digits: ImageData, tmp_path: Path, authority, serve) -> dict[str, Pat
     fake3, _ = attack(dict(protected.ticket.weights), protected.ticket.mask, "fake3:payload=FORGED", signature=signature)
     save_tensors(paths["fake3"], fake3)
     save_claim(paths["qr-forger"], Claim(dataclasses.replace(signature, payload="FORGED"), {}))
-    for party in ("owner", "forger", "other", "qr-forger"):
+    # fake2: noise at every pruned position of the stolen copy, then the forger's folder claim on that copy
+    paths["fake2"] = tmp_path / "fake2.safetensors"
+    fake2, _ = attack(dict(protected.ticket.weights), protected.ticket.mask, "fake2:scale=0.05")
+    save_tensors(paths["fake2"], fake2)
+    (tmp_path / "fake2-forger").mkdir()
+    paths["fake2-forger"] = forged_folder_claim(fake2, data, tmp_path / "fake2-forger")
+    for party in ("owner", "forger", "other", "qr-forger", "fake2-forger"):
         assert main(["timestamp", str(paths[party]), "--tsa", url, "--timeout", "20"]) == 0
         time.sleep(1.1)  # the TSA's clock has one-second resolution: the owner is strictly first
     paths["chain"].write_bytes(authority.tsa_pem + authority.ca_pem)
@@ -196,6 +202,15 @@ def test_a_forger_who_overwrites_the_code_region_is_shown_derived_but_only_his_c
     owner = next(c for c in result["claims"] if c["claim"] == str(stolen["owner"]))
     assert owner["shows_derivation"] and not owner["holds"]
     assert code == 0 and result["winner"] == str(stolen["qr-forger"])
+
+
+@pytest.mark.slow
+def test_a_forger_who_fills_the_pruned_positions_with_noise_loses_to_the_earlier_stamped_owner(stolen, capsys) -> None:
+    """fake2: the copy is dense, but read on its own terms it still shows the owner's code; the forger's later
+    folder claim on it holds too, and comes second."""
+    code, result = disputed(stolen, ["fake2-forger", "owner"], capsys, suspect="fake2")
+    assert code == 0 and result["winner"] == str(stolen["owner"])
+    assert [c["holds"] for c in result["claims"]] == [True, True]
 
 
 @pytest.mark.slow
