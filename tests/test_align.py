@@ -173,13 +173,10 @@ def test_an_independent_ticket_keeps_its_function_but_not_the_owners_mask(
     assert guilty == 1.0 and innocent < 0.3
 
 
-def test_an_independent_ticket_with_opaque_names_aligns_or_fails_cleanly(reference: Reference) -> None:
+def test_an_independent_ticket_with_opaque_names_aligns_without_the_owners_mask(reference: Reference) -> None:
     other = sparse_model("resnet20", 1, seed=8)
     weights, _ = disguised(other, [OPAQUE])
-    try:
-        overlap = align(Suspect.from_weights(weights, "zeros"), reference).report["mean_overlap"]
-    except AlignmentError:
-        return
+    overlap = align(Suspect.from_weights(weights, "zeros"), reference).report["mean_overlap"]
     assert overlap < 0.3
 
 

@@ -380,7 +380,8 @@ def _train_dense(
         model, split.fit, config.train, rewind_epoch=config.rewind_epoch, checkpoint=checkpoint,
         progress=progress, description="dense",
     )
-    assert result.rewind_state is not None
+    if result.rewind_state is None:  # train() captures W_k whenever it is given a rewind epoch
+        raise RuntimeError("the dense run ended without its late-rewind weights W_k")
     weights = state_copy(model)
     dense_correct = split.correct(model)
     validation = _validation_record(split, config, dense_correct)
@@ -436,7 +437,8 @@ def _run_round(
     """One prune -> rewind -> retrain round; updates ``state`` (the caller commits it)."""
     round_index = state.next_round
     ratio = next_ratio(config, state)
-    assert ratio is not None
+    if ratio is None:  # the caller runs a round only while the schedule has a next ratio
+        raise RuntimeError("a pruning round was started after the schedule ended")
     best_mask = load_mask(_round_path(workdir, state.best_round, "mask"))
     best_weights = load_tensors(_round_path(workdir, state.best_round, "weights"))
     candidate = magnitude_prune(best_weights, best_mask, ratio)
