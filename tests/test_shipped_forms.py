@@ -25,6 +25,7 @@ from ticketguard.masks import Mask, magnitude_prune
 from ticketguard.models import build_model
 from ticketguard.shipped_forms import QUANTIZED_SOURCE, TORCHSCRIPT_SOURCE
 from ticketguard.suspect import load_suspect
+from ticketguard.verify import verify
 
 # torch.ao.quantization and TorchScript are deprecated and say so; shipping with them is what a thief may do
 pytestmark = pytest.mark.filterwarnings(
@@ -298,3 +299,26 @@ def test_a_quantized_torchscript_archive_is_refused_with_the_reason(tmp_path) ->
     with pytest.raises(InputError, match="state of its own making") as err:
         load_suspect(tmp_path / "quantized.pt")
     assert_one_sentence(err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["int8 FX static", "TorchScript"])
+def test_the_owners_copy_shipped_as_int8_or_torchscript_is_verified(protected_owner, form: str, tmp_path) -> None:
+    """The thief's deployment tool chain end to end: what verify reads from the shipped file still carries the
+    owner's code (FX folds BatchNorm into the int8 convs; alignment rebuilds it)."""
+    ticket, claim, data = protected_owner
+    model = build_model("resnet20", 1, 10)
+    model.load_state_dict(ticket.weights)
+    model.eval()
+    path = tmp_path / "shipped.pt"
+    if form == "TorchScript":
+        torch.jit.save(torch.jit.script(model), path)
+    else:
+        example = torch.randn(16, 1, 8, 8)
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,))
+        prepared(example)
+        torch.save(convert_fx(prepared).state_dict(), path)
+    verdict = verify(path, claim)
+    assert verdict.owned
+    qr = next(e for e in verdict.evidence if e.name == "qr-signature")
+    assert qr.details["decodes_to_claim"] and verdict.details["suspect_source"] in (QUANTIZED_SOURCE, TORCHSCRIPT_SOURCE)
