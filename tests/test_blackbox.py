@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from test_forgery import forged_folder_claim
+from test_timestamp import authority, serve, tsa_answering  # noqa: F401  (a local TSA on 127.0.0.1)
 from ticketguard.blackbox import (
     Endpoint,
     ModelServer,
@@ -120,16 +121,23 @@ def test_cli_serve_and_query_show_ownership_of_the_marked_ticket_only(tickets, c
 
 
 def test_query_refuses_a_forged_folder_claim_labelled_with_the_apis_own_answers(tickets, digits, tmp_path,
-                                                                               capsys) -> None:
+                                                                               authority, serve, capsys) -> None:
     """A forger labels random images with the served model's answers and dates his claim 2020: 100/100 agree,
-    yet folder labels are free to choose, so without a trusted time they never decide."""
+    yet folder labels are free to choose, so without a trusted time they never decide. Stamped now, the same
+    claim holds, but only against copies published after its stamp, and the verdict says so."""
     claim = forged_folder_claim(Ticket.load(tickets["plain"]).weights, digits, tmp_path)
+    (tmp_path / "chain.pem").write_bytes(authority.tsa_pem + authority.ca_pem)
     with ModelServer(load_served_model(tickets["plain"]), port=0) as running:
         capsys.readouterr()
         assert main(["query", running.url, "--claim", str(claim), "--json"]) == 1
-    verdict = json.loads(capsys.readouterr().out)
+        verdict = json.loads(capsys.readouterr().out)
+        assert main(["timestamp", str(claim), "--tsa", serve(tsa_answering(authority))]) == 0
+        assert main(["query", running.url, "--claim", str(claim), "--tsa-cert", str(tmp_path / "chain.pem"),
+                     "--json"]) == 0
+        stamped = json.loads(capsys.readouterr().out)
     evidence = verdict["evidence"][0]
     assert not verdict["owned"] and evidence["details"]["agreed"] == 100 and not evidence["decides_alone"]
+    assert stamped["trusted_time"]["holds_against"].startswith("copies first published after")
 
 
 @pytest.fixture(scope="module")

@@ -111,9 +111,10 @@ def verify_endpoint(
     public_key: Ed25519PublicKey | None = None,
     trigger_folder: str | Path | None = None,
     chance_model: str | None = None,
+    tsa_certificate: bytes | None = None,
 ) -> Verdict:
     """ESWT + T through a prediction API: the claim's trigger images sent to ``endpoint``, the answers tested
-    against chance (``chance_model`` overrides the claim's)."""
+    against chance (``chance_model`` overrides the claim's); ``tsa_certificate`` as for ``verify``."""
     check_alpha(alpha)
     claim = claim if isinstance(claim, Claim) else load_claim(claim)
     signed = check_signature(claim, public_key)
@@ -122,17 +123,16 @@ def verify_endpoint(
     chance = chance_model or claim.trigger.chance_model
     v3.check_chance_model(chance)
     trigger = claim.trigger.trigger_set(trigger_folder)
+    details: dict[str, Any] = {"url": endpoint.infer_url(), "claim_signed": signed, "claim_created": claim.created}
+    stamped = _trusted_time(claim, tsa_certificate, details)
     predicted = query_labels(endpoint, trigger.images)
     found = v3.judged_against_forgery(
         v3.trigger_evidence(predicted, trigger.labels, claim.trigger.classes, chance, alpha),
         claim.trigger.source.get("kind", ""),
         alpha,
+        stamped is not None,
     )
-    return Verdict(
-        (found,),
-        alpha,
-        details={"url": endpoint.infer_url(), "claim_signed": signed, "claim_created": claim.created},
-    )
+    return Verdict((found,), alpha, details=details)
 
 
 def _trusted_time(claim: Claim, certificate: bytes | None, details: dict[str, Any]) -> TrustedTime | None:

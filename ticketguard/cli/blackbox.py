@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ticketguard.blackbox import PROTOCOLS, Endpoint, ModelServer, load_served_model
-from ticketguard.claim import load_public_key
-from ticketguard.cli.options import ALPHA, Alpha, Json, PublicKey, TrustCode
+from ticketguard.claim import load_public_key, read_pem
+from ticketguard.cli.options import ALPHA, Alpha, Json, PublicKey, TrustCode, TsaCert
 from ticketguard.cli.output import console, emit_json, print_verdict
 from ticketguard.errors import InputError
 from ticketguard.models import MIN_INPUT_SIZE
@@ -57,6 +57,7 @@ def query(
     chance: Annotated[Optional[str], typer.Option(help="Chance model (default: the claim's).")] = None,
     alpha: Alpha = ALPHA,
     public_key: PublicKey = None,
+    tsa_cert: TsaCert = None,
     as_json: Json = False,
 ) -> None:
     """Ask a suspect's prediction API for the trigger labels; exit 0 if ownership is shown, 1 if not."""
@@ -76,7 +77,7 @@ def query(
     )
     verdict = verify_endpoint(
         endpoint, claim, alpha=alpha, public_key=load_public_key(public_key) if public_key else None,
-        trigger_folder=trigger, chance_model=chance,
+        trigger_folder=trigger, chance_model=chance, tsa_certificate=read_pem(tsa_cert) if tsa_cert else None,
     )
     if as_json:
         emit_json(verdict.to_json())

@@ -55,3 +55,6 @@ def training_overrides(
         "weight_decay": weight_decay, "seed": seed, "schedule": schedule,
     }
     return {name: value for name, value in given.items() if value is not None}
+TsaCert = Annotated[Optional[Path], typer.Option(
+    help="PEM of the time-stamping authority you trust (its certificate and issuers, or its root CA): checks "
+    "the claim's RFC 3161 token, so evidence counts at alpha against copies published after that time.")]

@@ -23,7 +23,7 @@ from ticketguard.claim import (
     sign,
     stamp,
 )
-from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey
+from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey, TsaCert
 from ticketguard.dispute import dispute
 from ticketguard.cli.output import console, emit_json, print_verdict, progress_bar, results
 from ticketguard.errors import InputError
@@ -54,9 +54,7 @@ def verify(
     model: SuspectModel = None,
     commitment: Annotated[Optional[str], typer.Option(
         help="The digest the owner published with `ticketguard commit`; the claim must match it.")] = None,
-    tsa_cert: Annotated[Optional[Path], typer.Option(
-        help="PEM of the time-stamping authority you trust (its certificate and issuers, or its root CA): checks "
-        "the claim's RFC 3161 token, so evidence counts at alpha against copies published after that time.")] = None,
+    tsa_cert: TsaCert = None,
     alpha: Alpha = ALPHA,
     device: Device = "auto",
     as_json: Json = False,
@@ -167,8 +165,7 @@ def timestamp(
 def dispute_command(
     suspect: Suspect,
     claims: Annotated[list[Path], typer.Argument(help="Two or more claim files from the parties.")],
-    tsa_cert: Annotated[Optional[Path], typer.Option(
-        help="PEM of the time-stamping authority you trust, to check the claims' RFC 3161 tokens.")] = None,
+    tsa_cert: TsaCert = None,
     alpha: Alpha = ALPHA,
     as_json: Json = False,
 ) -> None:
