@@ -150,6 +150,7 @@ def plot(png: Path, curves: list[Path]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
     for path in curves:
@@ -157,9 +158,12 @@ def plot(png: Path, curves: list[Path]) -> None:
         epochs = [r["epoch"] for r in log["epochs"]]
         key = "test_accuracy_flip_tta" if log["config"]["flip_tta"] else "test_accuracy"
         label = f"{log['recipe']} ({'flip TTA' if log['config']['flip_tta'] else 'no TTA'})"
+        if not log["finished"]:
+            label += f", {len(epochs)} of {log['config']['epochs']} epochs so far"
         axis.plot(epochs, [100 * r[key] for r in log["epochs"]], marker="o", markersize=3, label=label)
     axis.axhline(90, color="grey", linestyle="--", linewidth=1)
     axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="ResNet-20, full CIFAR-10 (JPEG)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
