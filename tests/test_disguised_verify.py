@@ -35,7 +35,7 @@ def disguise(ticket: Ticket, spec: str) -> dict[str, torch.Tensor]:
     return chains.attack(dict(ticket.weights), ticket.mask, spec)[0]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def owner(protected_owner: tuple[Ticket, Path, ImageData]) -> tuple[Ticket, Path, ImageData]:
     return protected_owner
 

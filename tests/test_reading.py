@@ -72,7 +72,7 @@ def test_threshold_read_drops_weak_weights_at_every_position() -> None:
     assert torch.equal(read["bn.weight"], weights["bn.weight"])  # only weight tensors are read
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def owner(protected_owner: tuple[Ticket, Path, ImageData]) -> tuple[Ticket, Path, ImageData]:
     return protected_owner
 
