@@ -88,3 +88,17 @@ def test_an_independent_ticket_under_the_same_disguise_is_not_shown(owner, tmp_p
     assert code == 1
     fingerprint = next(e for e in report["evidence"] if e["name"] == "fingerprint")
     assert not fingerprint["passed"] and fingerprint["p_value"] > 1e-3
+
+
+@pytest.mark.slow
+def test_a_repackaged_copy_with_a_wrapper_prefix_and_extra_tensors_is_verified(owner, tmp_path: Path, capsys) -> None:
+    """The model wrapped as ``net.`` beside a baked-in normalisation and a temperature, every zero set to 1e-8."""
+    ticket, claim, _ = owner
+    filled = {n: torch.where(t == 0, torch.full_like(t, 1e-8), t) if n in ticket.mask else t
+              for n, t in ticket.weights.items()}
+    repackaged = {**{f"net.{n}": t for n, t in filled.items()}, "normalize.mean": torch.tensor([0.3]),
+                  "normalize.std": torch.tensor([0.4]), "temperature": torch.tensor(1.5)}
+    save_tensors(tmp_path / "repackaged.safetensors", repackaged)
+    code, report = verdict(tmp_path / "repackaged.safetensors", claim, capsys)
+    assert code == 0 and report["alignment"]["structure"] == "names under 'net.'"
+    assert next(e for e in report["evidence"] if e["name"] == "qr-signature")["details"]["decodes_to_claim"]

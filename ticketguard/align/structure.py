@@ -1,6 +1,7 @@
 """Steps 1 and 2 of alignment, structure: the suspect's layers under the reference's keys, and their shapes.
 
-Layers come from the ONNX graph, else from names that spell the architecture (its own or torchvision's), else
+Layers come from the ONNX graph, else from names that spell the architecture (its own or torchvision's, under
+a wrapper's prefix or none, extra tensors beside them left out), else
 (opaque names) from content: kernels on shape and kept counts, 1-D tensors on the reference's BatchNorm
 statistics once channel orders are known. Hidden channels may be wider than the reference's (``widen``).
 """
@@ -38,10 +39,23 @@ def _read_structure(suspect: Suspect, reference: Reference, layout: _Layout) -> 
     }
     for structure, names in namings.items():
         for folded, wanted in ((False, layout.unfolded_keys), (True, layout.folded_keys)):
-            if {names[k] for k in wanted} == floats.keys():
-                tensors = {k: floats[names[k]].double() for k in wanted}
-                return _Parts(tensors, {k: names[k] for k in wanted}, structure, folded)
+            prefix = _wrapper_prefix(floats, [names[k] for k in wanted])
+            if prefix is not None:
+                sources = {k: prefix + names[k] for k in wanted}
+                tensors = {k: floats[name].double() for k, name in sources.items()}
+                return _Parts(tensors, sources, structure + (f" under {prefix!r}" if prefix else ""), folded)
     return _from_content(floats, reference, layout)
+
+
+def _wrapper_prefix(floats: Mapping[str, torch.Tensor], wanted: list[str]) -> str | None:
+    """The prefix (a wrapper module's name, or none) under which the suspect holds every wanted name; tensors
+    beside them (a temperature, a baked-in normalisation) are left out, as a repackaged copy adds them."""
+    for key in floats:
+        if key.endswith(wanted[0]):
+            prefix = key[: len(key) - len(wanted[0])]
+            if (not prefix or prefix.endswith(".")) and all(prefix + name in floats for name in wanted):
+                return prefix
+    return None
 
 
 def _from_graph(suspect: Suspect, layout: _Layout) -> _Parts:
