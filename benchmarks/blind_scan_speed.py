@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes.blind_scan import blind_scan
 from ticketguard.schemes.signature import embed_signature
-from ticketguard.training import state_copy
+from ticketguard.training.loop import state_copy
 
 BEFORE = "71ad9ebfda2fc2799eb5694c8f9f9f80dec3c129"
 PAYLOAD = "ACME-2026"

@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import read_json, write_json
 from ticketguard.data import ImageData, load_dataset
-from ticketguard.errors import InputError
-from ticketguard.files import read_json, write_json
 from ticketguard.models import build_model
-from ticketguard.training import TrainConfig, predict_logits, resolve_device, train
+from ticketguard.training.loop import TrainConfig, predict_logits, resolve_device, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CIFAR10_JPEG = SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"

@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, harness, load_subset
+from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, load_subset
 from ticketguard.cli.output import console, progress_bar
+from ticketguard.core.evidence import DEFAULT_ALPHA
+from ticketguard.core.files import atomic_path
 from ticketguard.data.cifar import load_image_folder
-from ticketguard.demo import DEMO
-from ticketguard.evidence import DEFAULT_ALPHA
-from ticketguard.files import atomic_path
+from ticketguard.experiments import harness
+from ticketguard.experiments.demo import DEMO
+from ticketguard.experiments.report import display_row, markdown_table
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
-from ticketguard.report import display_row, markdown_table
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
 

@@ -26,17 +26,18 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from ticketguard import SearchConfig, TrainConfig, attack, find_extreme_ticket, load_subset, verify
+from ticketguard import SearchConfig, TrainConfig, attack, find_extreme_ticket, load_subset
 from ticketguard.cli.output import console, progress_bar
-from ticketguard.demo import DEMO
-from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL
-from ticketguard.files import atomic_path, load_tensors
-from ticketguard.fingerprint import INDEPENDENT_ODDS_RATIO
-from ticketguard.masks import Mask, load_mask
+from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL
+from ticketguard.core.files import atomic_path, load_tensors
+from ticketguard.core.masks import Mask, load_mask
+from ticketguard.experiments.demo import DEMO
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
+from ticketguard.verification import verify
+from ticketguard.verification.fingerprint import INDEPENDENT_ODDS_RATIO
 
 matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib import pyplot as plt
 
 FILL = 1e-8
 DISGUISE = "permute:seed=3+rescale:seed=4"

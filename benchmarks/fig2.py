@@ -21,13 +21,13 @@ import torch
 from rich.table import Table
 
 from ticketguard.cli.output import console, progress_bar
+from ticketguard.core.files import atomic_path, write_json
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
-from ticketguard.files import atomic_path, write_json
-from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.reproduce import key_density_curve, plot_key_density
-from ticketguard.scores import SCORES
-from ticketguard.training import TrainConfig, resolve_device
+from ticketguard.experiments.reproduce import key_density_curve, plot_key_density
+from ticketguard.schemes.scores import SCORES
+from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.training.loop import TrainConfig, resolve_device
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CIFAR_JPEG = SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"

@@ -26,9 +26,9 @@ import numpy as np
 
 from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, load_subset
 from ticketguard.cli.output import console
-from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, FORGERY_TRIALS
+from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, FORGERY_TRIALS
+from ticketguard.core.masks import squeeze
 from ticketguard.data.triggers import keyed_trigger_set
-from ticketguard.masks import squeeze
 from ticketguard.models import build_model
 from ticketguard.schemes import trigger as v3
 from ticketguard.schemes.placement import (

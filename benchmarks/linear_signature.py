@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ticketguard import load_subset
+from ticketguard.core.masks import Mask, magnitude_prune
 from ticketguard.data import ImageData
-from ticketguard.masks import Mask, magnitude_prune
 from ticketguard.schemes import signature as v2
-from ticketguard.training import TrainConfig, evaluate, state_copy, train
+from ticketguard.training.loop import TrainConfig, evaluate, state_copy, train
 
 PAYLOAD = "ACME-MLP-2026"
 ATTACKS = (0.1, 0.2, 0.3, 0.5)

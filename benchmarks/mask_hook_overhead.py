@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from ticketguard.fixed_mask import keep_mask
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.training import resolve_device, state_copy
+from ticketguard.training.fixed_mask import keep_mask
+from ticketguard.training.loop import resolve_device, state_copy
 
 Step = Callable[[], None]
 

@@ -11,9 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, load_subset, verify
+from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, load_subset
 from ticketguard.cli.output import console
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
+from ticketguard.verification import verify
 
 
 def main() -> None:

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from ticketguard.blackbox import Endpoint, query_labels
+from ticketguard.artifacts.ticket import Ticket
 from ticketguard.cli.output import console
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data.triggers import keyed_trigger_set
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.ticket import Ticket
-from ticketguard.training import state_copy
+from ticketguard.training.loop import state_copy
+from ticketguard.verification.blackbox import Endpoint, query_labels
 
 SHAPES = {"digits 1x8x8": (1, 8), "cifar 3x32x32": (3, 32)}
 

@@ -15,7 +15,7 @@ import torch
 
 from ticketguard.data import load_dataset
 from ticketguard.models import build_model
-from ticketguard.training import TrainConfig, train
+from ticketguard.training.loop import TrainConfig, train
 
 
 def main() -> None:

@@ -17,11 +17,11 @@ import networkx as nx
 import torch
 from rich.table import Table
 
-from ticketguard.channel_graph import graph_of
 from ticketguard.cli.output import console
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.scores import SCORES, edge_betweenness
+from ticketguard.models.channel_graph import graph_of
+from ticketguard.schemes.scores import SCORES, edge_betweenness
 
 
 def ticket_like(architecture: str, density: float) -> tuple[dict[str, torch.Tensor], Mask]:

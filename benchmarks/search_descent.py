@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from scipy.stats import norm
 
+from ticketguard.core.files import load_tensors, save_tensors
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import dataset_spec, load_dataset
-from ticketguard.files import load_tensors, save_tensors
-from ticketguard.imp import SearchConfig, paired_test, resolution
-from ticketguard.jobs import run_jobs
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.training import TrainConfig, predict_labels, state_copy, train
+from ticketguard.search.imp import SearchConfig, paired_test, resolution
+from ticketguard.search.jobs import run_jobs
+from ticketguard.training.loop import TrainConfig, predict_labels, state_copy, train
 
 EXTRA_DENSE_SEED = 1000
 

@@ -25,9 +25,9 @@ import torch
 
 from ticketguard.data import ImageData, dataset_spec, load_dataset
 from ticketguard.data.cifar import load_image_folder
-from ticketguard.imp import PRUNING_SCHEDULES, SearchConfig, find_extreme_ticket
-from ticketguard.jobs import run_jobs
-from ticketguard.training import TrainConfig
+from ticketguard.search.imp import PRUNING_SCHEDULES, SearchConfig, find_extreme_ticket
+from ticketguard.search.jobs import run_jobs
+from ticketguard.training.loop import TrainConfig
 
 
 def load(data: str, data_dir: str | None, per_class: int | None) -> ImageData:

@@ -37,7 +37,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ticketguard.files import save_tensors
+from ticketguard.core.files import save_tensors
 from ticketguard.models import build_model
 
 INFER = "/v2/models/ticket/infer"

@@ -20,18 +20,18 @@ import torch
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ticketguard.attacks import ATTACKS
+from ticketguard.artifacts.ticket import MANIFEST, Ticket
+from ticketguard.attacks.removal import ATTACKS
 from ticketguard.cli.output import console
+from ticketguard.core.files import atomic_path
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
-from ticketguard.files import atomic_path
-from ticketguard.imp import SearchConfig, find_extreme_ticket
 from ticketguard.models import build_model
 from ticketguard.protect import SignatureConfig, protect
 from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme
-from ticketguard.ticket import MANIFEST, Ticket
-from ticketguard.training import TrainConfig, evaluate
+from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.training.loop import TrainConfig, evaluate
 
 CIFAR_JPEG = (
     Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"

@@ -18,13 +18,13 @@ import torch
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ticketguard.attacks import magnitude_pruning
+from ticketguard.attacks.removal import magnitude_pruning
 from ticketguard.cli.output import console
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme
-from ticketguard.training import state_copy
+from ticketguard.training.loop import state_copy
 
 
 def timed(function: Callable[[], object], repeats: int) -> tuple[float, object]:

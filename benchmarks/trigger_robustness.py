@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from ticketguard.artifacts.ticket import Ticket
 from ticketguard.cli.output import console
+from ticketguard.core.files import write_json
+from ticketguard.core.masks import Mask, magnitude_prune
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
-from ticketguard.files import write_json
-from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.masks import Mask, magnitude_prune
 from ticketguard.schemes.trigger import verify_local, watermark
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, evaluate, train
+from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.training.loop import TrainConfig, evaluate, train
 
 ADI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adi-trigger-set"
 PRUNE_FRACTIONS = (0.05, 0.1, 0.2, 0.5)

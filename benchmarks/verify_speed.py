@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ticketguard import Claim, attack, verify
-from ticketguard.align import Reference
+from ticketguard import Claim, attack
 from ticketguard.cli.output import console
-from ticketguard.files import save_tensors
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.core.files import save_tensors
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes.signature import embed_signature
-from ticketguard.training import state_copy
+from ticketguard.training.loop import state_copy
+from ticketguard.verification import verify
+from ticketguard.verification.align import Reference
 
 
 def protected(name: str) -> tuple[dict[str, torch.Tensor], Mask, Claim]:

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
-from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, evaluate, state_copy, train
+from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.training.loop import TrainConfig, evaluate, state_copy, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CIFAR_JPEG = SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"

@@ -13,12 +13,20 @@ import torch
 from conftest import sparse_model
 from torch import nn
 
-from ticketguard.align import AlignmentError, Reference, align
-from ticketguard.disguises import build_disguised, export_onnx, fold_bn, permute, rename, rescale, widen
-from ticketguard.errors import InputError
-from ticketguard.masks import Mask, magnitude_prune
+from ticketguard.artifacts.suspect import Suspect, load_suspect
+from ticketguard.attacks.disguises import (
+    build_disguised,
+    export_onnx,
+    fold_bn,
+    permute,
+    rename,
+    rescale,
+    widen,
+)
+from ticketguard.core.errors import InputError
+from ticketguard.core.masks import Mask, magnitude_prune
 from ticketguard.models import build_model
-from ticketguard.suspect import Suspect, load_suspect
+from ticketguard.verification.align import AlignmentError, Reference, align
 
 Weights = dict[str, torch.Tensor]
 Sparse = tuple[nn.Module, Weights, Mask]

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketguard.attacks import (
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks.chains import Step, chain, parse_chain, run_step
+from ticketguard.attacks.removal import (
     ATTACKS,
     add_on,
     defence_threshold,
@@ -20,17 +22,15 @@ from ticketguard.attacks import (
     random_pruning,
     transfer,
 )
-from ticketguard.chains import Step, chain, parse_chain, run_step
 from ticketguard.cli import main
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import load_tensors
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.files import load_tensors
-from ticketguard.harness import parity_task
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.experiments.harness import parity_task
 from ticketguard.models import build_model
 from ticketguard.schemes import signature as v2
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, evaluate, state_copy, train
+from ticketguard.training.loop import TrainConfig, evaluate, state_copy, train
 
 PAYLOAD = "ACME-R20-2026"
 

@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 import torch
 
-from ticketguard.claim import Claim, DefenceClaim, save_claim
+from ticketguard.artifacts.ticket import MANIFEST, WEIGHTS_FILE, Ticket
 from ticketguard.cli import main
+from ticketguard.core.files import save_tensors
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data.triggers import keyed_trigger_set
-from ticketguard.files import save_tensors
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes import keymask
 from ticketguard.schemes.signature import Region, Signature
 from ticketguard.schemes.trigger import TriggerClaim
-from ticketguard.ticket import MANIFEST, WEIGHTS_FILE, Ticket
+from ticketguard.verification.claim import Claim, DefenceClaim, save_claim
 
 
 @pytest.fixture(scope="module")

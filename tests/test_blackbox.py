@@ -20,11 +20,19 @@ import httpx
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from torch import nn
-
 from test_forgery import forged_folder_claim
 from test_timestamp import authority, serve, tsa_answering  # noqa: F401  (a local TSA on 127.0.0.1)
-from ticketguard.blackbox import (
+from torch import nn
+
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.cli import main
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import read_json, save_tensors
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.data import ImageData
+from ticketguard.models import build_model
+from ticketguard.training.loop import TrainConfig, predict_labels, state_copy, train
+from ticketguard.verification.blackbox import (
     Endpoint,
     ModelServer,
     ServedModel,
@@ -32,15 +40,7 @@ from ticketguard.blackbox import (
     load_served_model,
     query_labels,
 )
-from ticketguard.claim import load_claim, save_claim, sign, ticket_hashes
-from ticketguard.cli import main
-from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.files import read_json, save_tensors
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
-from ticketguard.models import build_model
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, predict_labels, state_copy, train
+from ticketguard.verification.claim import load_claim, save_claim, sign, ticket_hashes
 
 SERVER_START_S = 60
 

@@ -7,7 +7,7 @@ import torch
 from rich.progress import Progress, TextColumn
 from test_signature import PAYLOAD, masked, mlp_mask, random_mask
 
-from ticketguard.errors import InputError
+from ticketguard.core.errors import InputError
 from ticketguard.schemes import signature as scheme
 from ticketguard.schemes.blind_scan import blind_scan
 

@@ -11,7 +11,14 @@ import torch
 from conftest import trained_ticket
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ticketguard.claim import (
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.cli import main
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import save_tensors
+from ticketguard.core.masks import magnitude_prune
+from ticketguard.data import ImageData
+from ticketguard.schemes.signature import Region, Signature
+from ticketguard.verification.claim import (
     Claim,
     DefenceClaim,
     check_signature,
@@ -23,13 +30,6 @@ from ticketguard.claim import (
     save_claim,
     sign,
 )
-from ticketguard.cli import main
-from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.files import save_tensors
-from ticketguard.masks import magnitude_prune
-from ticketguard.schemes.signature import Region, Signature
-from ticketguard.ticket import Ticket
 
 SIGNATURE = Signature(
     "ACME-R20-2026", 2, "H", 3, True, (Region("blocks.7.conv1.weight", 5, 9, (64, 64, 3, 3)),)

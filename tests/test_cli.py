@@ -7,9 +7,9 @@ import torch
 import torch.nn.utils.prune as torch_prune
 
 import ticketguard
+from ticketguard.artifacts.ticket import WEIGHTS_FILE
 from ticketguard.cli import main
 from ticketguard.models import build_model
-from ticketguard.ticket import WEIGHTS_FILE
 
 QUICK = ["--epochs", "2", "--rewind-epoch", "1", "--ratios", "0.5", "--max-rounds", "1", "--train-per-class", "30"]
 

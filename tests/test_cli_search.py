@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketguard import imp
 from ticketguard.cli import main, output
-from ticketguard.training import TrainResult, state_copy
+from ticketguard.search import imp
+from ticketguard.training.loop import TrainResult, state_copy
 
 QUICK = ["--epochs", "2", "--rewind-epoch", "1", "--ratios", "0.5,0.25", "--max-rounds", "6", "--train-per-class", "30"]
 

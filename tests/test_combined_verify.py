@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ticketguard.claim import load_claim
 from ticketguard.cli import main
+from ticketguard.verification.claim import load_claim
 
 QUICK_FIND = ["--epochs", "3", "--rewind-epoch", "1", "--ratios", "0.5", "--max-rounds", "1"]
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ticketguard.core.errors import InputError
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data import cifar as cifar_module
 from ticketguard.data.augment import crop_and_flip, normalize
 from ticketguard.data.cifar import load_cifar, load_image_folder
-from ticketguard.errors import InputError
 
 
 def test_digits_is_a_fixed_stratified_split_of_real_images(digits: ImageData) -> None:

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUICK_SEARCH
-from ticketguard import chains, disguises
+
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks import chains, disguises
 from ticketguard.cli import main
+from ticketguard.core.files import save_tensors
 from ticketguard.data import ImageData
-from ticketguard.files import save_tensors
-from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig
+from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.training.loop import TrainConfig
 
 CHAINS = {
     "permute+rescale": "permute:seed=3+rescale:seed=4",

@@ -7,7 +7,7 @@ import torch
 from conftest import sparse_model
 from torch import nn
 
-from ticketguard.disguises import (
+from ticketguard.attacks.disguises import (
     DISGUISES,
     build_disguised,
     export_onnx,
@@ -18,8 +18,8 @@ from ticketguard.disguises import (
     rescale,
     widen,
 )
-from ticketguard.errors import InputError
-from ticketguard.masks import Mask, mask_from_zeros
+from ticketguard.core.errors import InputError
+from ticketguard.core.masks import Mask, mask_from_zeros
 from ticketguard.models import build_model, identify_architecture
 
 Sparse = tuple[nn.Module, dict[str, torch.Tensor], Mask]

@@ -1,7 +1,7 @@
 import pytest
 from scipy.stats import binomtest
 
-from ticketguard.evidence import Evidence, Verdict, binomial_p_value, fidelity
+from ticketguard.core.evidence import Evidence, Verdict, binomial_p_value, fidelity
 
 
 def test_binomial_p_value_matches_an_exact_binomial_test() -> None:

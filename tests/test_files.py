@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from ticketguard.errors import InputError
-from ticketguard.files import (
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import (
     atomic_path,
     check_json,
     load_tensors,

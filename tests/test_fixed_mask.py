@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ticketguard.core.errors import InputError
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import ImageData
 from ticketguard.data.augment import normalize
-from ticketguard.errors import InputError
-from ticketguard.fixed_mask import keep_mask
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
+from ticketguard.training.fixed_mask import keep_mask
 
 Optimizers = Callable[[nn.Module], list[torch.optim.Optimizer]]
 OPTIMIZERS: dict[str, Optimizers] = {

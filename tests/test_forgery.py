@@ -11,22 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import trained_ticket
 from PIL import Image
+from test_timestamp import authority, make_authority, serve, tsa_answering  # noqa: F401  (fixtures: a local TSA on 127.0.0.1)
 
-from ticketguard.chains import attack
-from ticketguard.claim import Claim, load_claim, save_claim, trusted_time
+from ticketguard.attacks.chains import attack
 from ticketguard.cli import main
+from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
+from ticketguard.core.files import save_tensors
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
-from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
-from ticketguard.files import save_tensors
 from ticketguard.models import build_model
 from ticketguard.protect import protect
 from ticketguard.schemes import trigger as v3
-from ticketguard.training import TrainConfig, predict_labels
-from conftest import trained_ticket
-from test_timestamp import authority, serve  # noqa: F401  (fixtures: a local TSA on 127.0.0.1)
-from test_timestamp import make_authority, tsa_answering
+from ticketguard.training.loop import TrainConfig, predict_labels
+from ticketguard.verification.claim import Claim, load_claim, save_claim, trusted_time
 
 
 def forged_folder_claim(weights: dict[str, torch.Tensor], data: ImageData, root: Path) -> Path:

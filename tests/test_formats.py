@@ -30,9 +30,16 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import ticketguard.claim
-from ticketguard.align import Reference
-from ticketguard.claim import (
+import ticketguard.verification.claim
+from ticketguard.artifacts.ticket import MANIFEST, Ticket
+from ticketguard.core.masks import Mask, prunable_names
+from ticketguard.data import Normalization
+from ticketguard.data.triggers import keyed_trigger_set
+from ticketguard.models import build_model
+from ticketguard.schemes.signature import Region, Signature
+from ticketguard.schemes.trigger import TriggerClaim
+from ticketguard.verification.align import Reference
+from ticketguard.verification.claim import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     Claim,
@@ -46,13 +53,6 @@ from ticketguard.claim import (
     sign,
     ticket_hashes,
 )
-from ticketguard.data import Normalization
-from ticketguard.data.triggers import keyed_trigger_set
-from ticketguard.masks import Mask, prunable_names
-from ticketguard.models import build_model
-from ticketguard.schemes.signature import Region, Signature
-from ticketguard.schemes.trigger import TriggerClaim
-from ticketguard.ticket import MANIFEST, Ticket
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = "TICKETGUARD_UPDATE_GOLDEN"
@@ -242,7 +242,7 @@ def test_key_files_match_their_golden_files_and_the_golden_public_key_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # generate_keys draws a fresh key; the fixed test key stands in for it so that the files are comparable.
-    monkeypatch.setattr(ticketguard.claim.Ed25519PrivateKey, "generate", staticmethod(fixed_key))
+    monkeypatch.setattr(ticketguard.verification.claim.Ed25519PrivateKey, "generate", staticmethod(fixed_key))
     private_path, public_path = generate_keys(tmp_path)
     monkeypatch.undo()
     assert (private_path.name, public_path.name) == (PRIVATE_KEY_FILE, PUBLIC_KEY_FILE)

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketguard import harness, report
-from ticketguard.attacks import defence_threshold
-from ticketguard.claim import Claim, DefenceClaim, save_claim, ticket_hashes
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks.removal import defence_threshold
 from ticketguard.cli import main
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import keyed_trigger_set
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.experiments import harness, report
 from ticketguard.models import build_model
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, evaluate, state_copy
+from ticketguard.training.loop import TrainConfig, evaluate, state_copy
+from ticketguard.verification.claim import Claim, DefenceClaim, save_claim, ticket_hashes
 
 PAYLOAD = "ACME-R20-2026"
 PNG = b"\x89PNG"

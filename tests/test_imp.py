@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketguard import imp
+from ticketguard.core.errors import InputError
+from ticketguard.core.masks import load_mask
 from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.imp import (
+from ticketguard.search import imp
+from ticketguard.search.imp import (
     DEFAULT_RATIOS,
     SearchConfig,
     find_extreme_ticket,
@@ -22,8 +23,7 @@ from ticketguard.imp import (
     paired_test,
     resolution,
 )
-from ticketguard.masks import load_mask
-from ticketguard.training import TrainConfig, TrainResult, state_copy
+from ticketguard.training.loop import TrainConfig, TrainResult, state_copy
 
 CPU = torch.device("cpu")
 
@@ -233,7 +233,7 @@ def test_round_a_few_images_worse_on_a_small_validation_set_is_flagged_not_flipp
     _fake_search(monkeypatch, lambda d: 0.98, lambda d, n: range(2) if d == 1.0 else range(5 if d > 0.3 else 12))
     config = SearchConfig(ratios=(0.5,), max_rounds=2, rewind_epoch=1, validation_fraction=0.07,
                           train=TrainConfig(epochs=2))
-    with caplog.at_level(logging.WARNING, logger="ticketguard.imp"):
+    with caplog.at_level(logging.WARNING, logger="ticketguard.search.imp"):
         ticket = find_extreme_ticket(digits, config, tmp_path, CPU)
     search = ticket.metadata["search"]
     three, ten = search["history"][1:]
@@ -282,6 +282,6 @@ def test_adaptive_schedule_bisects_to_the_resolution_in_fewer_trainings(
 def test_a_margin_that_admits_guessing_is_called_out(caplog) -> None:
     validation = {"images": 200, "dense_errors": 160, "dense_accuracy": 0.2, "resolution": 0.3, "margin": 0.3,
                   "resolves_eps": False}
-    with caplog.at_level(logging.WARNING, logger="ticketguard.imp"):
+    with caplog.at_level(logging.WARNING, logger="ticketguard.search.imp"):
         imp._warn_if_coarse(imp.SearchState(config={}, dense_accuracy=0.2, validation=validation), SearchConfig(), 10)
     assert "margin of 30.00 points" in caplog.text and "even a network that guesses could match" in caplog.text

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ticketguard.cli import main
-from ticketguard.errors import InputError
-from ticketguard.jobs import run_jobs
+from ticketguard.core.errors import InputError
+from ticketguard.search.jobs import run_jobs
 
 
 def describe(index: int, device: str) -> dict:

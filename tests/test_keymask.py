@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ticketguard.artifacts.ticket import MASK_FILE, REWIND_FILE, WEIGHTS_FILE, Ticket
 from ticketguard.cli import main
+from ticketguard.core.errors import InputError
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes.keymask import (
     forge_random_key,
@@ -21,10 +22,9 @@ from ticketguard.schemes.keymask import (
     save_split,
     split_key,
 )
-from ticketguard.scores import SCORES
-from ticketguard.ticket import MASK_FILE, REWIND_FILE, WEIGHTS_FILE, Ticket
-from ticketguard.training import TrainConfig, state_copy, train
-from ticketguard.verify import verify_key
+from ticketguard.schemes.scores import SCORES
+from ticketguard.training.loop import TrainConfig, state_copy, train
+from ticketguard.verification.verify import verify_key
 
 
 @functools.cache

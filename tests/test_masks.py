@@ -4,9 +4,9 @@ import torch.nn.utils.prune as torch_prune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ticketguard.errors import InputError
-from ticketguard.files import load_tensors
-from ticketguard.masks import (
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import load_tensors
+from ticketguard.core.masks import (
     Mask,
     fold_pruning_reparametrisation,
     load_mask,

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ticketguard.errors import InputError
+from ticketguard.core.errors import InputError
 from ticketguard.models import MODELS, build_model, identify_architecture
 
 

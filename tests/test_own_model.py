@@ -11,18 +11,19 @@ import torch
 import torch.nn.utils.prune as torch_prune
 
 import ticketguard
-from ticketguard import Claim, DefenceClaim, SearchConfig, TrainConfig, attack, find_extreme_ticket, protect, verify
-from ticketguard.attacks import defence_threshold
-from ticketguard.blackbox import Endpoint, ModelServer, load_served_model, query_labels
+from ticketguard import Claim, DefenceClaim, SearchConfig, TrainConfig, attack, find_extreme_ticket, protect
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks.removal import defence_threshold
 from ticketguard.cli import main
-from ticketguard.errors import InputError
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.core.errors import InputError
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model, spec
 from ticketguard.schemes.keymask import split_key
 from ticketguard.schemes.signature import embed_signature, raise_code_weights
-from ticketguard.ticket import Ticket
-from ticketguard.training import predict_labels
-from ticketguard.verify import verify_endpoint
+from ticketguard.training.loop import predict_labels
+from ticketguard.verification import verify
+from ticketguard.verification.blackbox import Endpoint, ModelServer, load_served_model, query_labels
+from ticketguard.verification.verify import verify_endpoint
 
 OWN_MODELS = ("tests.zoo:small_cnn", "tests.zoo:mlp", "tests.zoo:tiny_transformer")
 QUICK = ["--epochs", "4", "--rewind-epoch", "1", "--ratios", "0.5", "--max-rounds", "1", "--decide-on", "test",

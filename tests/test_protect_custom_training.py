@@ -9,12 +9,12 @@ from conftest import trained_ticket
 from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.core.errors import InputError
 from ticketguard.data import ImageData
 from ticketguard.data.augment import normalize
-from ticketguard.errors import InputError
 from ticketguard.protect import BatchMixer, TrainFn, TriggerConfig, keyed_trigger_for, protect
 from ticketguard.schemes import signature as v2
-from ticketguard.ticket import Ticket
 
 PAYLOAD = "OWNER-7"
 TRIGGERS = 10

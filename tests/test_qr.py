@@ -1,4 +1,4 @@
-"""ticketguard.qr: layout cross-checked against segno, decoding under one-directional damage."""
+"""ticketguard.schemes.qr: layout cross-checked against segno, decoding under one-directional damage."""
 
 import string
 
@@ -8,7 +8,7 @@ import segno
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ticketguard import qr
+from ticketguard.schemes import qr
 
 # ISO/IEC 18004 Table 1: remainder bits after the last codeword, per version range.
 REMAINDER_BITS = {range(1, 2): 0, range(2, 7): 7, range(7, 14): 0, range(14, 21): 3,

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUICK_SEARCH
-from ticketguard import chains
+
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks import chains
 from ticketguard.cli import main
+from ticketguard.core.files import save_tensors
+from ticketguard.core.masks import Mask
 from ticketguard.data import ImageData
-from ticketguard.files import save_tensors
-from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.masks import Mask
-from ticketguard.reading import effective_magnitudes, rank_read, threshold_read
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig
+from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.training.loop import TrainConfig
+from ticketguard.verification.reading import effective_magnitudes, rank_read, threshold_read
 
 FILL = 1e-8
 

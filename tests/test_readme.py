@@ -19,7 +19,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 def test_the_from_python_block_runs_as_written_and_shows_ownership(tmp_path: Path, capsys, monkeypatch) -> None:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## From Python"):]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    block = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "runs" / "python" / "owner.claim.json").is_file()
@@ -30,7 +30,7 @@ def test_the_from_python_block_runs_as_written_and_shows_ownership(tmp_path: Pat
 def test_the_your_own_model_block_runs_with_a_users_module_beside_it(tmp_path: Path, capsys, monkeypatch) -> None:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Your own model"):]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    block = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     package = tmp_path / "mypackage"
     package.mkdir()
     (package / "nets.py").write_text((ROOT / "tests" / "zoo.py").read_text())  # a module the user wrote

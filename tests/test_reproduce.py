@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ticketguard import reproduce
 from ticketguard.cli import main
+from ticketguard.experiments import reproduce
 
 TINY = ["--data", "digits", "--scale", "0.2", "--epochs", "3"]
 

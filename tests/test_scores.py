@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ticketguard.channel_graph import channel_graph, graph_of
-from ticketguard.errors import InputError
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.core.errors import InputError
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.scores import SCORES, betweenness_scores, edge_betweenness, ewp_scores, score
+from ticketguard.models.channel_graph import channel_graph, graph_of
+from ticketguard.schemes.scores import SCORES, betweenness_scores, edge_betweenness, ewp_scores, score
 
 
 class Tiny(nn.Module):

@@ -17,15 +17,15 @@ from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from ticketguard import shipped_forms
-from ticketguard.disguises import fold_bn
-from ticketguard.errors import InputError
-from ticketguard.files import save_tensors
-from ticketguard.masks import Mask, magnitude_prune
+from ticketguard.artifacts import shipped_forms
+from ticketguard.artifacts.shipped_forms import QUANTIZED_SOURCE, TORCHSCRIPT_SOURCE
+from ticketguard.artifacts.suspect import load_suspect
+from ticketguard.attacks.disguises import fold_bn
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import save_tensors
+from ticketguard.core.masks import Mask, magnitude_prune
 from ticketguard.models import build_model
-from ticketguard.shipped_forms import QUANTIZED_SOURCE, TORCHSCRIPT_SOURCE
-from ticketguard.suspect import load_suspect
-from ticketguard.verify import verify
+from ticketguard.verification.verify import verify
 
 # torch.ao.quantization and TorchScript are deprecated and say so; shipping with them is what a thief may do
 pytestmark = pytest.mark.filterwarnings(

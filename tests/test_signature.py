@@ -14,20 +14,19 @@ from conftest import trained_ticket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ticketguard import qr
-from ticketguard.attacks import magnitude_pruning, random_pruning
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks.removal import magnitude_pruning, random_pruning
+from ticketguard.core.errors import InputError
+from ticketguard.core.evidence import FORGERY_LEVEL
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names, squeeze
 from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.evidence import FORGERY_LEVEL
-from ticketguard.masks import Mask, magnitude_prune, prunable_names, squeeze
 from ticketguard.models import build_model
 from ticketguard.protect import SignatureConfig, protect
-from ticketguard.schemes import placement
+from ticketguard.schemes import placement, qr
 from ticketguard.schemes import signature as scheme
 from ticketguard.schemes.blind_scan import blind_scan
 from ticketguard.schemes.signature_figures import save_comparison_image
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, state_copy
+from ticketguard.training.loop import TrainConfig, state_copy
 
 PAYLOAD = "ACME-R20-2026"
 

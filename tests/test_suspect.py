@@ -8,12 +8,12 @@ import torch
 from conftest import randomise_batchnorm
 from torch import nn
 
-from ticketguard.disguises import export_onnx, fold_bn, rename
-from ticketguard.errors import InputError
-from ticketguard.files import save_tensors
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.artifacts.suspect import load_suspect
+from ticketguard.attacks.disguises import export_onnx, fold_bn, rename
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import save_tensors
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.suspect import load_suspect
 
 # the TorchScript exporter is deprecated and warns about it; exporting with it is what a thief may do
 pytestmark = pytest.mark.filterwarnings(

@@ -3,11 +3,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketguard.errors import InputError
-from ticketguard.files import save_tensors
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.artifacts.ticket import MASK_FILE, WEIGHTS_FILE, Ticket
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import save_tensors
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.ticket import MASK_FILE, WEIGHTS_FILE, Ticket
 
 
 def make_ticket() -> Ticket:

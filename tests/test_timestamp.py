@@ -12,10 +12,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from local_tsa import REPLY_TYPE, Authority, make_authority, reply
-from ticketguard.errors import InputError
-from ticketguard.timestamp import MAX_RESPONSE_BYTES, TrustedTime, check_token, request_token
+
+from ticketguard.core.errors import InputError
+from ticketguard.verification.timestamp import MAX_RESPONSE_BYTES, TrustedTime, check_token, request_token
 
 DIGEST = hashlib.sha256(b"a ticketguard claim").digest()
 TSA_SUBJECT = "CN=Test TSA,O=ticketguard tests"

@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from ticketguard import training
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import load_checkpoint, save_checkpoint
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.files import load_checkpoint, save_checkpoint
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
-from ticketguard.training import TrainConfig, evaluate, train
+from ticketguard.training import loop as training
+from ticketguard.training.loop import TrainConfig, evaluate, train
 
 
 def _sparse_resnet20(digits: ImageData, fraction: float = 0.7) -> tuple[torch.nn.Module, Mask]:

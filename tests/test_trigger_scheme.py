@@ -3,11 +3,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ticketguard.core.errors import InputError
+from ticketguard.core.evidence import Verdict, binomial_p_value
+from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
-from ticketguard.errors import InputError
-from ticketguard.evidence import Verdict, binomial_p_value
-from ticketguard.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes.trigger import (
     TriggerClaim,
@@ -18,7 +18,7 @@ from ticketguard.schemes.trigger import (
     verify_local,
     watermark,
 )
-from ticketguard.training import TrainConfig, train
+from ticketguard.training.loop import TrainConfig, train
 
 EPOCHS = 10
 

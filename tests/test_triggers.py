@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from ticketguard.core.errors import InputError
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
-from ticketguard.errors import InputError
 
 
 @pytest.fixture(scope="module")

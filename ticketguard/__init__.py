@@ -10,19 +10,16 @@ The whole story from Python::
     print(tg.verify(weights, protected.claim).owned)
 """
 
-__version__ = "0.1.0"
-
-from ticketguard.attacks import ATTACKS
-from ticketguard.chains import attack
-from ticketguard.claim import Claim, DefenceClaim, commitment, generate_keys, load_claim, save_claim, sign
+from ticketguard.artifacts.suspect import Suspect, load_suspect
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks.chains import attack
+from ticketguard.attacks.removal import ATTACKS
+from ticketguard.core.errors import InputError
+from ticketguard.core.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict
+from ticketguard.core.masks import Mask, prunable_names
+from ticketguard.core.version import __version__
 from ticketguard.data import ImageData, Normalization, load_dataset, load_subset
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
-from ticketguard.dispute import Dispute, dispute
-from ticketguard.errors import InputError
-from ticketguard.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict
-from ticketguard.fixed_mask import MaskKeeper, keep_mask
-from ticketguard.imp import SearchConfig, find_extreme_ticket
-from ticketguard.masks import Mask, prunable_names
 from ticketguard.models import build_model, trust_model_code
 from ticketguard.protect import (
     BatchMixer,
@@ -37,16 +34,26 @@ from ticketguard.protect import (
 from ticketguard.schemes.keymask import Key, merge_key, split_key
 from ticketguard.schemes.signature import Signature
 from ticketguard.schemes.trigger import TriggerClaim
-from ticketguard.suspect import Suspect, load_suspect
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, train
-from ticketguard.verify import verify, verify_key
+from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.training.fixed_mask import MaskKeeper, keep_mask
+from ticketguard.training.loop import TrainConfig, train
+from ticketguard.verification.claim import (
+    Claim,
+    DefenceClaim,
+    commitment,
+    generate_keys,
+    load_claim,
+    save_claim,
+    sign,
+)
+from ticketguard.verification.dispute import Dispute, dispute
+from ticketguard.verification.verify import verify, verify_key
 
 __all__ = [
     "ATTACKS",
+    "DEFAULT_ALPHA",
     "BatchMixer",
     "Claim",
-    "DEFAULT_ALPHA",
     "DefenceClaim",
     "Dispute",
     "Evidence",

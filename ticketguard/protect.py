@@ -19,23 +19,31 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.progress import Progress
 from torch import nn
 
-from ticketguard import attacks
-from ticketguard.align import Reference
-from ticketguard.claim import Claim, DefenceClaim, load_claim, save_claim, sign, stamp, ticket_hashes
+from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks import removal as attacks
+from ticketguard.core.errors import InputError
+from ticketguard.core.evidence import DEFAULT_ALPHA, check_alpha
+from ticketguard.core.files import prepare_output
+from ticketguard.core.masks import Mask
 from ticketguard.data import ImageData
 from ticketguard.data.augment import normalize
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set
-from ticketguard.errors import InputError
-from ticketguard.evidence import DEFAULT_ALPHA, check_alpha
-from ticketguard.files import prepare_output
-from ticketguard.fixed_mask import keep_mask
-from ticketguard.masks import Mask
 from ticketguard.models import MODELS
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
-from ticketguard.ticket import Ticket
-from ticketguard.training import TrainConfig, evaluate, state_copy, train
-from ticketguard.verify import verify
+from ticketguard.training.fixed_mask import keep_mask
+from ticketguard.training.loop import TrainConfig, evaluate, state_copy, train
+from ticketguard.verification.align import Reference
+from ticketguard.verification.claim import (
+    Claim,
+    DefenceClaim,
+    load_claim,
+    save_claim,
+    sign,
+    stamp,
+    ticket_hashes,
+)
+from ticketguard.verification.verify import verify
 
 STARTS = ("rewind", "weights")
 # Trigger images per batch when none is given: one per 16 data images. The paper's one per batch of 128 is

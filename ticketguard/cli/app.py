@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-import ticketguard
 from ticketguard.cli import blackbox, evaluate, keymask, protect, reproduce, ticket, verify
 from ticketguard.cli.output import console
-from ticketguard.errors import InputError
+from ticketguard.core.errors import InputError
+from ticketguard.core.version import __version__
 
 app = typer.Typer(
     help="Find extremely sparse winning lottery tickets and prove that they are yours.",
@@ -26,7 +26,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        typer.echo(f"ticketguard {ticketguard.__version__}")
+        typer.echo(f"ticketguard {__version__}")
         raise typer.Exit(0)
 
 

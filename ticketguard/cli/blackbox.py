@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from ticketguard.blackbox import PROTOCOLS, Endpoint, ModelServer, load_served_model
-from ticketguard.claim import load_public_key, read_pem
+from ticketguard.artifacts.ticket import MAX_INPUT_SIDE
 from ticketguard.cli.options import ALPHA, Alpha, Json, PublicKey, TrustCode, TsaCert
 from ticketguard.cli.output import console, emit_json, print_verdict
-from ticketguard.errors import InputError
+from ticketguard.core.errors import InputError
 from ticketguard.models import MIN_INPUT_SIZE
-from ticketguard.ticket import MAX_INPUT_SIDE
-from ticketguard.verify import verify_endpoint
+from ticketguard.verification.blackbox import PROTOCOLS, Endpoint, ModelServer, load_served_model
+from ticketguard.verification.claim import load_public_key, read_pem
+from ticketguard.verification.verify import verify_endpoint
 
 commands = typer.Typer()
 MAX_PORT = 65535
@@ -35,7 +35,7 @@ def query(
     ] = ENDPOINT.model,
     input_name: Annotated[str, typer.Option(help="v2 input tensor name.")] = ENDPOINT.input_name,
     output_name: Annotated[
-        Optional[str], typer.Option(help="v2 output to read (default: the first).")
+        str | None, typer.Option(help="v2 output to read (default: the first).")
     ] = None,
     request_field: Annotated[
         str, typer.Option(help="JSON request field holding the images.")
@@ -52,9 +52,9 @@ def query(
         float, typer.Option(help="Pixels are sent in [0, PIXEL_MAX] (1 or 255).")
     ] = ENDPOINT.pixel_max,
     trigger: Annotated[
-        Optional[Path], typer.Option(help="Trigger folder, if it moved since the claim.")
+        Path | None, typer.Option(help="Trigger folder, if it moved since the claim.")
     ] = None,
-    chance: Annotated[Optional[str], typer.Option(help="Chance model (default: the claim's).")] = None,
+    chance: Annotated[str | None, typer.Option(help="Chance model (default: the claim's).")] = None,
     alpha: Alpha = ALPHA,
     public_key: PublicKey = None,
     tsa_cert: TsaCert = None,
@@ -104,17 +104,17 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     name: Annotated[str, typer.Option(help="Model name in /v2/models/NAME.")] = ENDPOINT.model,
     input_size: Annotated[
-        Optional[int], typer.Option(help="Input height = width (needed for model files).")
+        int | None, typer.Option(help="Input height = width (needed for model files).")
     ] = None,
     mean: Annotated[
-        Optional[str], typer.Option(help="Channel means of pixels in [0, 1], comma-separated.")
+        str | None, typer.Option(help="Channel means of pixels in [0, 1], comma-separated.")
     ] = None,
-    std: Annotated[Optional[str], typer.Option(help="Channel standard deviations, comma-separated.")] = None,
+    std: Annotated[str | None, typer.Option(help="Channel standard deviations, comma-separated.")] = None,
     trust_code: TrustCode = False,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         help="A model file's architecture: a registered name or an import path (package.module:factory). "
         "Importing runs that code.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Classes a model file given with --model predicts.")]
+    num_classes: Annotated[int | None, typer.Option(help="Classes a model file given with --model predicts.")]
     = None,
 ) -> None:
     """Serve a model over the Open Inference Protocol v2 (and KServe v1 predict) until interrupted."""

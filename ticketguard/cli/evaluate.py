@@ -5,25 +5,27 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ticketguard import attacks, chains, harness, report
-from ticketguard.claim import load_claim
+from ticketguard.artifacts.suspect import load_suspect
+from ticketguard.artifacts.ticket import MANIFEST, Ticket
+from ticketguard.attacks import chains
+from ticketguard.attacks import removal as attacks
 from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Force, Json, TestPerClass, TrustCode
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
+from ticketguard.core.errors import InputError
+from ticketguard.core.evidence import check_alpha
+from ticketguard.core.files import prepare_output, save_tensors
 from ticketguard.data import ImageData, load_dataset, load_subset
-from ticketguard.demo import DEMO, run_demo
-from ticketguard.errors import InputError
-from ticketguard.evidence import check_alpha
-from ticketguard.files import prepare_output, save_tensors
+from ticketguard.experiments import harness, report
+from ticketguard.experiments.demo import DEMO, run_demo
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
-from ticketguard.suspect import load_suspect
-from ticketguard.ticket import MANIFEST, Ticket
-from ticketguard.training import resolve_device
+from ticketguard.training.loop import resolve_device
+from ticketguard.verification.claim import load_claim
 
 commands = typer.Typer()
 
@@ -75,7 +77,7 @@ def attack(
     ],
     out: Annotated[Path, typer.Option(help="File (.safetensors) or folder for the attacked model.")],
     fraction: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--fraction",
             "--ratio",
@@ -83,30 +85,30 @@ def attack(
         ),
     ] = None,
     weight_scale: Annotated[
-        Optional[float], typer.Option(help="Add-on/fake weights' std, in units of the kept weights' std.")
+        float | None, typer.Option(help="Add-on/fake weights' std, in units of the kept weights' std.")
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning / transfer epochs.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Fine-tuning / transfer learning rate.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning / transfer epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Fine-tuning / transfer learning rate.")] = None,
     free: Annotated[
         bool, typer.Option(help="Fine-tune every weight (dense), not only the kept ones.")
     ] = False,
     threshold: Annotated[
-        Optional[float], typer.Option(help="Defence: prune |W| below t (default: the claim's).")
+        float | None, typer.Option(help="Defence: prune |W| below t (default: the claim's).")
     ] = None,
     key_density: Annotated[
-        Optional[float], typer.Option(help="fake1: the key's share of kept weights.")
+        float | None, typer.Option(help="fake1: the key's share of kept weights.")
     ] = None,
-    payload: Annotated[Optional[str], typer.Option(help="fake3: the forged text.")] = None,
+    payload: Annotated[str | None, typer.Option(help="fake3: the forged text.")] = None,
     claim: Annotated[
-        Optional[Path], typer.Option(help="The owner's claim: code region (fake3), defence t.")
+        Path | None, typer.Option(help="The owner's claim: code region (fake3), defence t.")
     ] = None,
-    data: Annotated[Optional[str], typer.Option(help="Fine-tuning data set (default: the ticket's).")] = None,
+    data: Annotated[str | None, typer.Option(help="Fine-tuning data set (default: the ticket's).")] = None,
     data_dir: DataDir = None,
     transfer_data: Annotated[
-        Optional[str], typer.Option(help="Transfer target: a data set, or parity.")
+        str | None, typer.Option(help="Transfer target: a data set, or parity.")
     ] = None,
     train_per_class: Annotated[
-        Optional[int], typer.Option(help="Fine-tune on a class-balanced subset.")
+        int | None, typer.Option(help="Fine-tune on a class-balanced subset.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the attack's randomness.")] = 0,
     device: Device = "auto",
@@ -195,14 +197,14 @@ def evaluate(
     ] = "0.005,0.01,0.05,0.1",
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tuning attacks.")] = 3,
     transfer_data: Annotated[
-        Optional[str], typer.Option(help="Also transfer to this data set (or parity).")
+        str | None, typer.Option(help="Also transfer to this data set (or parity).")
     ] = None,
     key_density: Annotated[
-        Optional[float], typer.Option(help="fake1 key size (default: the ticket's V1 key).")
+        float | None, typer.Option(help="fake1 key size (default: the ticket's V1 key).")
     ] = None,
     data_dir: DataDir = None,
     train_per_class: Annotated[
-        Optional[int], typer.Option(help="Fine-tune on a class-balanced subset.")
+        int | None, typer.Option(help="Fine-tune on a class-balanced subset.")
     ] = None,
     test_per_class: TestPerClass = None,
     alpha: Alpha = ALPHA,
@@ -255,8 +257,8 @@ def demo(
     rounds: Annotated[int, typer.Option(hidden=True)] = DEMO.rounds,
     epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.epochs,
     finetune_epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.finetune_epochs,
-    train_per_class: Annotated[Optional[int], typer.Option(hidden=True)] = None,
-    test_per_class: Annotated[Optional[int], typer.Option(hidden=True)] = None,
+    train_per_class: Annotated[int | None, typer.Option(hidden=True)] = None,
+    test_per_class: Annotated[int | None, typer.Option(hidden=True)] = None,
     as_json: Json = False,
 ) -> None:
     """The whole story on the built-in digits: find an extreme ticket, sign it (V2), watermark it (V3), split

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from ticketguard.artifacts.ticket import MANIFEST, TENSOR_FILES, Ticket
 from ticketguard.cli.options import (
     BatchSize,
     DataDir,
@@ -22,9 +23,9 @@ from ticketguard.cli.options import (
     training_overrides,
 )
 from ticketguard.cli.output import emit_json, percent, print_verdict, progress_bar, results
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import prepare_output, staged_folder
 from ticketguard.data import load_subset
-from ticketguard.errors import InputError
-from ticketguard.files import prepare_output, staged_folder
 from ticketguard.schemes.keymask import (
     KEY_FOLDER,
     LOCKED_FOLDER,
@@ -34,10 +35,9 @@ from ticketguard.schemes.keymask import (
     save_split,
     split_key,
 )
-from ticketguard.scores import SCORES
-from ticketguard.ticket import MANIFEST, TENSOR_FILES, Ticket
-from ticketguard.training import resolve_device
-from ticketguard.verify import verify_key
+from ticketguard.schemes.scores import SCORES
+from ticketguard.training.loop import resolve_device
+from ticketguard.verification.verify import verify_key
 
 commands = typer.Typer()
 
@@ -102,7 +102,7 @@ def merge(
 def verify_key_command(
     locked: Annotated[Path, typer.Argument(help="The locked ticket folder.")],
     key_mask: Annotated[
-        Optional[Path], typer.Option(help="Key-mask folder (from split); without it, check the lock only.")
+        Path | None, typer.Option(help="Key-mask folder (from split); without it, check the lock only.")
     ] = None,
     data_dir: DataDir = None,
     epochs: Epochs = None,

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ticketguard.paper import percent
+from ticketguard.experiments.paper import percent
 
 console = Console(stderr=True)
 """Logs, progress and errors: stderr, so that `ticketguard info X > f` keeps only the result."""

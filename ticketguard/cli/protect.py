@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.table import Table
 
-from ticketguard.claim import Claim, load_private_key
+from ticketguard.artifacts.ticket import Ticket
 from ticketguard.cli.options import (
     ALPHA,
     Alpha,
@@ -36,9 +36,9 @@ from ticketguard.cli.options import (
     training_overrides,
 )
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
+from ticketguard.core.errors import InputError
 from ticketguard.data import ImageData, load_subset
 from ticketguard.data.triggers import TriggerSet, load_trigger_folder
-from ticketguard.errors import InputError
 from ticketguard.protect import (
     STARTS,
     Protected,
@@ -52,27 +52,27 @@ from ticketguard.protect import (
 )
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes.trigger import CHANCE_MODELS
-from ticketguard.ticket import Ticket
-from ticketguard.training import resolve_device
+from ticketguard.training.loop import resolve_device
+from ticketguard.verification.claim import Claim, load_private_key
 
 commands = typer.Typer()
 
-Payload = Annotated[Optional[str], typer.Option("--payload", "--signature", help="Text to embed as a QR code in the mask, e.g. ACME-R20-2026 (--signature is the old name).")]
+Payload = Annotated[str | None, typer.Option("--payload", "--signature", help="Text to embed as a QR code in the mask, e.g. ACME-R20-2026 (--signature is the old name).")]
 Out = Annotated[Path, typer.Option(help="Folder for the protected ticket (to ship).")]
-ClaimPath = Annotated[Optional[Path], typer.Option(help="Secret claim file to write (default: OUT.claim.json).")]
+ClaimPath = Annotated[Path | None, typer.Option(help="Secret claim file to write (default: OUT.claim.json).")]
 Copies = Annotated[int, typer.Option(help="Copies of the code, each in another conv layer.")]
-QrVersion = Annotated[Optional[int], typer.Option(help="QR version (default: the smallest that fits).")]
+QrVersion = Annotated[int | None, typer.Option(help="QR version (default: the smallest that fits).")]
 ErrorLevel = Annotated[str, typer.Option(help="QR error-correction level: L, M, Q or H.")]
 WeightsPerConnection = Annotated[int, typer.Option(help="Kernel weights kept per code connection.")]
 Polarity = Annotated[str, typer.Option(help="Colour of kept connections: dark (robust to pruning), light or any.")]
-TriggerDir = Annotated[Optional[Path], typer.Option(help="Trigger folder: images (or pics/) + a label file.")]
-TriggerLabels = Annotated[Optional[Path], typer.Option(help="The trigger folder's label file, if not its only *.txt.")]
-TriggerSeed = Annotated[Optional[int], typer.Option(help="Secret seed of a keyed trigger set.")]
+TriggerDir = Annotated[Path | None, typer.Option(help="Trigger folder: images (or pics/) + a label file.")]
+TriggerLabels = Annotated[Path | None, typer.Option(help="The trigger folder's label file, if not its only *.txt.")]
+TriggerSeed = Annotated[int | None, typer.Option(help="Secret seed of a keyed trigger set.")]
 TriggerCount = Annotated[int, typer.Option(help="Images in a keyed trigger set.")]
-PerBatch = Annotated[Optional[int], typer.Option(help="Trigger images appended to every batch (default: 1 per 16).")]
+PerBatch = Annotated[int | None, typer.Option(help="Trigger images appended to every batch (default: 1 per 16).")]
 Chance = Annotated[str, typer.Option(help=f"Chance model of the trigger test: {', '.join(CHANCE_MODELS)}.")]
 Start = Annotated[str, typer.Option(help="Train from the ticket's rewind W_k or fine-tune its weights.")]
-Data = Annotated[Optional[str], typer.Option(help="Data set (default: the ticket's).")]
+Data = Annotated[str | None, typer.Option(help="Data set (default: the ticket's).")]
 
 
 def _trigger(ticket: Ticket, folder: Path | None, labels: Path | None, seed: int | None, count: int) -> TriggerSet:
@@ -148,7 +148,7 @@ def protect_command(
     payload: Payload = None,
     claim: ClaimPath = None,
     signing_key: SigningKey = None,
-    tsa: Annotated[Optional[str], typer.Option(
+    tsa: Annotated[str | None, typer.Option(
         help="URL of an RFC 3161 time-stamping authority that stamps the claim as it is written.")] = None,
     trigger: TriggerDir = None,
     trigger_labels: TriggerLabels = None,
@@ -200,7 +200,7 @@ def embed(
     payload: Payload,
     out: Out,
     claim: ClaimPath = None,
-    signing_key: Annotated[Optional[Path], typer.Option("--signing-key", help="Owner's Ed25519 private key (PEM) that signs the claim.")] = None,
+    signing_key: Annotated[Path | None, typer.Option("--signing-key", help="Owner's Ed25519 private key (PEM) that signs the claim.")] = None,
     train: Annotated[bool, typer.Option("--train/--no-train", help="Retrain with the signed mask now; --no-train leaves training to `watermark`, so the two-step flow trains once.")] = True,
     copies: Copies = 1,
     qr_version: QrVersion = None,
@@ -248,7 +248,7 @@ def watermark(
     out: Out,
     claim: Annotated[Path, typer.Option(help="Claim to write; an unsigned claim of this ticket (from embed) is extended.")],
     trigger: TriggerDir = None,
-    trigger_labels: Annotated[Optional[Path], typer.Option("--trigger-labels", "--labels", help="The trigger folder's label file, if not its only *.txt (--labels is the old name).")] = None,
+    trigger_labels: Annotated[Path | None, typer.Option("--trigger-labels", "--labels", help="The trigger folder's label file, if not its only *.txt (--labels is the old name).")] = None,
     trigger_seed: TriggerSeed = None,
     trigger_count: TriggerCount = 100,
     per_batch: PerBatch = None,

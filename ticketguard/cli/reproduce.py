@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ticketguard import reproduce
 from ticketguard.cli.options import DataDir, Device, Json
 from ticketguard.cli.output import console, emit_json, progress_bar
 from ticketguard.cli.output import results as shown
-from ticketguard.training import resolve_device
+from ticketguard.experiments import reproduce
+from ticketguard.training.loop import resolve_device
 
 commands = typer.Typer()
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ticketguard import distributed
-from ticketguard.adopt import adopt as adopt_model
+from ticketguard.artifacts.suspect import load_suspect
+from ticketguard.artifacts.ticket import MANIFEST, Ticket
 from ticketguard.cli.options import (
     BatchSize,
     DataDir,
@@ -29,15 +29,15 @@ from ticketguard.cli.options import (
     training_overrides,
 )
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import prepare_output
 from ticketguard.data import dataset_spec, load_subset
-from ticketguard.errors import InputError
-from ticketguard.files import prepare_output
-from ticketguard.imp import DEFAULT_RATIOS, SearchConfig
-from ticketguard.jobs import DataSource, run_jobs, search_job
 from ticketguard.models import MODELS
-from ticketguard.suspect import load_suspect
-from ticketguard.ticket import MANIFEST, Ticket
-from ticketguard.training import TrainConfig, resolve_device
+from ticketguard.search.adopt import adopt as adopt_model
+from ticketguard.search.imp import DEFAULT_RATIOS, SearchConfig
+from ticketguard.search.jobs import DataSource, run_jobs, search_job
+from ticketguard.training import distributed
+from ticketguard.training.loop import TrainConfig, resolve_device
 
 commands = typer.Typer()
 
@@ -64,7 +64,7 @@ def find(
         "are passed when the factory takes them). The ticket records it for every later command. Importing "
         "runs that module's code."
     )] = SEARCH.model,
-    prune: Annotated[Optional[list[str]], typer.Option(
+    prune: Annotated[list[str] | None, typer.Option(
         metavar="GLOB",
         help="Weights to prune, as fnmatch patterns of parameter names (repeatable), e.g. 'encoder.*.weight'. "
         "Default: every conv and linear weight but the first layer and the classifier."
@@ -78,7 +78,7 @@ def find(
     momentum: Momentum = None,
     weight_decay: WeightDecay = None,
     rewind_epoch: Annotated[int, typer.Option(help="Late-rewinding epoch k of W_k.")] = SEARCH.rewind_epoch,
-    ratios: Annotated[Optional[str], typer.Option(
+    ratios: Annotated[str | None, typer.Option(
         help="Pruning ratios, largest first. Default: "
         + "; ".join(f"{kind} {','.join(map(str, values))}" for kind, values in DEFAULT_RATIOS.items()) + ".")
     ] = None,
@@ -113,10 +113,10 @@ def find(
     restart: Annotated[bool, typer.Option(help="Discard an earlier search in OUT/search instead of resuming.")]
     = False,
     seeds: Annotated[
-        Optional[str], typer.Option(help="Comma-separated seeds: one independent search each, in OUT/seed-N.")
+        str | None, typer.Option(help="Comma-separated seeds: one independent search each, in OUT/seed-N.")
     ] = None,
     workers: Annotated[int, typer.Option(help="With --seeds: searches run at once, one device each.")] = 1,
-    ray: Annotated[Optional[str], typer.Option(help="With --seeds: run them as Ray tasks on this cluster.")]
+    ray: Annotated[str | None, typer.Option(help="With --seeds: run them as Ray tasks on this cluster.")]
     = None,
     as_json: Json = False,
 ) -> None:
@@ -204,7 +204,7 @@ def adopt(
     data: Annotated[str, typer.Option(help="The data it was trained on: digits, cifar10, cifar100, folder.")]
     = "digits",
     data_dir: DataDir = None,
-    prune: Annotated[Optional[list[str]], typer.Option(
+    prune: Annotated[list[str] | None, typer.Option(
         metavar="GLOB", help="Weights the mask covers (fnmatch patterns); default as for find.")] = None,
     include_classifier: Annotated[bool, typer.Option(help="The mask covers the classifier too.")] = False,
     test_per_class: TestPerClass = None,

@@ -7,13 +7,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ticketguard.claim import commitment as claim_commitment
-from ticketguard.claim import (
+from ticketguard.artifacts.suspect import load_suspect
+from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey, TsaCert
+from ticketguard.cli.output import console, emit_json, print_verdict, progress_bar, results
+from ticketguard.core.errors import InputError
+from ticketguard.schemes.blind_scan import DEFAULT_BUDGET_S, BlindScan, blind_scan
+from ticketguard.training.loop import resolve_device
+from ticketguard.verification.claim import commitment as claim_commitment
+from ticketguard.verification.claim import (
     generate_keys,
     load_claim,
     load_private_key,
@@ -23,25 +29,19 @@ from ticketguard.claim import (
     sign,
     stamp,
 )
-from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey, TsaCert
-from ticketguard.dispute import dispute
-from ticketguard.cli.output import console, emit_json, print_verdict, progress_bar, results
-from ticketguard.errors import InputError
-from ticketguard.schemes.blind_scan import DEFAULT_BUDGET_S, BlindScan, blind_scan
-from ticketguard.suspect import load_suspect
-from ticketguard.training import resolve_device
-from ticketguard.verify import verify as verify_suspect
+from ticketguard.verification.dispute import dispute
+from ticketguard.verification.verify import verify as verify_suspect
 
 commands = typer.Typer()
 
 Suspect = Annotated[Path, typer.Argument(help="Ticket folder, safetensors or torch state_dict file.")]
-Image = Annotated[Optional[Path], typer.Option(help="Write the extracted QR code next to the expected one (PNG).")]
-SuspectModel = Annotated[Optional[str], typer.Option(
+Image = Annotated[Path | None, typer.Option(help="Write the extracted QR code next to the expected one (PNG).")]
+SuspectModel = Annotated[str | None, typer.Option(
     "--model",
     help="The suspect's architecture by import path (package.module:factory), to run the trigger check on weights "
     "of a model that is not built in. Importing runs that code.",
 )]
-TriggerFolder = Annotated[Optional[Path], typer.Option(help="Where the claim's trigger folder lives now, if it moved.")]
+TriggerFolder = Annotated[Path | None, typer.Option(help="Where the claim's trigger folder lives now, if it moved.")]
 
 
 @commands.command()
@@ -52,7 +52,7 @@ def verify(
     public_key: PublicKey = None,
     trigger_folder: TriggerFolder = None,
     model: SuspectModel = None,
-    commitment: Annotated[Optional[str], typer.Option(
+    commitment: Annotated[str | None, typer.Option(
         help="The digest the owner published with `ticketguard commit`; the claim must match it.")] = None,
     tsa_cert: TsaCert = None,
     alpha: Alpha = ALPHA,
@@ -67,7 +67,7 @@ def verify(
 @commands.command()
 def extract(
     suspect: Suspect,
-    claim: Annotated[Optional[Path], typer.Option(help="The owner's claim; without it, scan for any code.")] = None,
+    claim: Annotated[Path | None, typer.Option(help="The owner's claim; without it, scan for any code.")] = None,
     image: Image = None,
     public_key: PublicKey = None,
     alpha: Alpha = ALPHA,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ticketguard.core.errors import InputError
 from ticketguard.data.torch_datasets import (
     dataset_item,
     dataset_length,
@@ -19,7 +20,6 @@ from ticketguard.data.torch_datasets import (
     image_array,
     materialise,
 )
-from ticketguard.errors import InputError
 
 MAX_CHANNELS = 64
 MAX_DATASET_BYTES = 8 << 30

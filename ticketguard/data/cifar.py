@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import atomic_path, sha256_file
 from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from ticketguard.errors import InputError
+from ticketguard.core.errors import InputError
 
 GREY_IMAGE_MODES = ("1", "L", "LA")
 DEEP_IMAGE_MODES = ("I", "F")  # more than 8 bits per pixel: converting them would clip or round silently

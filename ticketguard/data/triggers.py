@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ticketguard.errors import InputError
-from ticketguard.files import sha256_file
+from ticketguard.core.errors import InputError
+from ticketguard.core.files import sha256_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 IMAGE_SUBFOLDER = "pics"

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ticketguard.errors import InputError
+from ticketguard.core.errors import InputError
 from ticketguard.models.cifar_resnet import CifarResNet
 from ticketguard.models.imagenet_resnet import BasicBlock, Bottleneck, ResNet
 from ticketguard.models.spec import build_from_spec, is_import_path, parse_spec, trust_model_code

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ticketguard.errors import InputError
+from ticketguard.core.errors import InputError
 
 MAX_SPEC_LENGTH = 500
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

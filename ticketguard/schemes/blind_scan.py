@@ -24,11 +24,11 @@ import reedsolo
 import torch
 from rich.progress import Progress
 
-from ticketguard import qr
-from ticketguard.errors import InputError
+from ticketguard.core.errors import InputError
+from ticketguard.core.threads import one_intra_op_thread
+from ticketguard.schemes import qr
 from ticketguard.schemes.placement import PATTERNS, POLARITIES, connections, is_host
 from ticketguard.schemes.signature import Region, read_region
-from ticketguard.threads import one_intra_op_thread
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from ticketguard.data import ImageData
-from ticketguard.errors import InputError
-from ticketguard.evidence import Evidence
-from ticketguard.files import (
+from ticketguard.artifacts.ticket import MANIFEST, MASK_FILE, SHARE, WEIGHTS_FILE, Ticket, nullable
+from ticketguard.core.errors import InputError
+from ticketguard.core.evidence import Evidence
+from ticketguard.core.files import (
     KEY_MANIFEST,
     SHA256_SCHEMA,
     load_tensors,
@@ -36,11 +36,11 @@ from ticketguard.files import (
     staged_folder,
     write_json,
 )
-from ticketguard.masks import Mask
+from ticketguard.core.masks import Mask
+from ticketguard.data import ImageData
 from ticketguard.models import build_model
-from ticketguard.scores import GRAPH_SCORES, score
-from ticketguard.ticket import MANIFEST, MASK_FILE, SHARE, WEIGHTS_FILE, Ticket, nullable
-from ticketguard.training import TrainConfig, train
+from ticketguard.schemes.scores import GRAPH_SCORES, score
+from ticketguard.training.loop import TrainConfig, train
 
 KEY_FORMAT = "ticketguard-key/1"
 KEY_FILE = "key.safetensors"

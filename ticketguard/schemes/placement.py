@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ticketguard import qr
-from ticketguard.errors import InputError
-from ticketguard.masks import Mask, squeeze
+from ticketguard.core.errors import InputError
+from ticketguard.core.masks import Mask, squeeze
+from ticketguard.schemes import qr
 
 PATTERNS = range(8)
 POLARITIES = (True, False)

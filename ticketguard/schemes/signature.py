@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
-from ticketguard import qr
-from ticketguard.errors import InputError
-from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
-from ticketguard.files import check_json
-from ticketguard.masks import Mask
+from ticketguard.core.errors import InputError
+from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
+from ticketguard.core.files import check_json
+from ticketguard.core.masks import Mask
+from ticketguard.schemes import qr
 from ticketguard.schemes.placement import (
     Placement,
     connections,

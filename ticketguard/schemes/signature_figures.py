@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ticketguard import qr
-from ticketguard.files import atomic_path
+from ticketguard.core.files import atomic_path
+from ticketguard.schemes import qr
 from ticketguard.schemes.signature import Reading
 
 log = logging.getLogger(__name__)

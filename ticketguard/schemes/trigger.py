@@ -2,7 +2,7 @@
 
 Training mixes ``per_batch`` trigger images into every batch of the ticket's data (the paper appends one),
 mask held fixed. Verification needs only predicted labels, so the same evidence comes from weights in process
-or from a prediction API (``ticketguard.blackbox``): trigger accuracy, the probability that a model that never
+or from a prediction API (``ticketguard.verification.blackbox``): trigger accuracy, the probability that a model that never
 saw T agrees this often, and the decision at the false-claim rate alpha.
 """
 
@@ -19,6 +19,11 @@ from rich.progress import Progress
 from scipy.stats import binom
 from torch import nn
 
+from ticketguard.artifacts.ticket import MAX_INPUT_SIDE, NORMALIZATION_SCHEMA, nullable
+from ticketguard.core.errors import InputError
+from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence, binomial_p_value
+from ticketguard.core.files import SHA256_SCHEMA, check_json
+from ticketguard.core.masks import Mask
 from ticketguard.data import ImageData, Normalization
 from ticketguard.data.triggers import (
     KEYED_GENERATOR,
@@ -27,12 +32,7 @@ from ticketguard.data.triggers import (
     keyed_trigger_set,
     load_trigger_folder,
 )
-from ticketguard.errors import InputError
-from ticketguard.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence, binomial_p_value
-from ticketguard.files import SHA256_SCHEMA, check_json
-from ticketguard.masks import Mask
-from ticketguard.ticket import MAX_INPUT_SIDE, NORMALIZATION_SCHEMA, nullable
-from ticketguard.training import TrainConfig, evaluate, predict_labels, train
+from ticketguard.training.loop import TrainConfig, evaluate, predict_labels, train
 
 EXTENSION = "trigger"
 CLAIM_SCHEME = "trigger-set/1"
