@@ -33,8 +33,8 @@ from ticketguard.core.files import atomic_path, load_tensors
 from ticketguard.core.masks import Mask, load_mask
 from ticketguard.experiments.demo import DEMO
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
-from ticketguard.verification import verify
 from ticketguard.verification.fingerprint import INDEPENDENT_ODDS_RATIO
+from ticketguard.verification.verify import verify
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt

@@ -26,7 +26,8 @@ from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
 from ticketguard.experiments.reproduce import key_density_curve, plot_key_density
 from ticketguard.schemes.scores import SCORES
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.loop import TrainConfig, resolve_device
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

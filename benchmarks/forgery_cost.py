@@ -28,6 +28,7 @@ from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, load_sub
 from ticketguard.cli.output import console
 from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, FORGERY_TRIALS
 from ticketguard.core.masks import squeeze
+from ticketguard.core.stats import match_p_value
 from ticketguard.data.triggers import keyed_trigger_set
 from ticketguard.models import build_model
 from ticketguard.schemes import trigger as v3
@@ -38,7 +39,6 @@ from ticketguard.schemes.placement import (
     placement_count,
     qr_codes,
 )
-from ticketguard.schemes.signature import match_p_value
 
 SECONDS_PER_YEAR = 365.25 * 24 * 3600
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ticketguard import SearchConfig, TrainConfig, find_extreme_ticket, load_subset
 from ticketguard.cli.output import console
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
-from ticketguard.verification import verify
+from ticketguard.verification.verify import verify
 
 
 def main() -> None:

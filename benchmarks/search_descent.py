@@ -42,7 +42,8 @@ from ticketguard.core.files import load_tensors, save_tensors
 from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import dataset_spec, load_dataset
 from ticketguard.models import build_model
-from ticketguard.search.imp import SearchConfig, paired_test, resolution
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import paired_test, resolution
 from ticketguard.search.jobs import run_jobs
 from ticketguard.training.loop import TrainConfig, predict_labels, state_copy, train
 

@@ -25,8 +25,10 @@ import torch
 
 from ticketguard.data import ImageData, dataset_spec, load_dataset
 from ticketguard.data.cifar import load_image_folder
-from ticketguard.search.imp import PRUNING_SCHEDULES, SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.search.jobs import run_jobs
+from ticketguard.search.schedules import SCHEDULES
 from ticketguard.training.loop import TrainConfig
 
 
@@ -66,7 +68,7 @@ def main() -> None:
     parser.add_argument("--confidence", type=float, default=SearchConfig.confidence)
     parser.add_argument("--max-rounds", type=int, default=SearchConfig.max_rounds)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--schedules", default=",".join(PRUNING_SCHEDULES))
+    parser.add_argument("--schedules", default=",".join(SCHEDULES))
     parser.add_argument("--jobs", type=int, default=1, help="searches run at once (one core each on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("runs/search-schedules"))
     args = parser.parse_args()

@@ -30,7 +30,8 @@ from ticketguard.models import build_model
 from ticketguard.protect import SignatureConfig, protect
 from ticketguard.schemes import placement
 from ticketguard.schemes import signature as scheme
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.loop import TrainConfig, evaluate
 
 CIFAR_JPEG = (

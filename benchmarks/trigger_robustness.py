@@ -28,7 +28,8 @@ from ticketguard.core.masks import Mask, magnitude_prune
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
 from ticketguard.schemes.trigger import verify_local, watermark
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.loop import TrainConfig, evaluate, train
 
 ADI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adi-trigger-set"

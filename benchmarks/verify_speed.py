@@ -20,8 +20,8 @@ from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model
 from ticketguard.schemes.signature import embed_signature
 from ticketguard.training.loop import state_copy
-from ticketguard.verification import verify
 from ticketguard.verification.align import Reference
+from ticketguard.verification.verify import verify
 
 
 def protected(name: str) -> tuple[dict[str, torch.Tensor], Mask, Claim]:

@@ -18,7 +18,8 @@ from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.cifar import load_image_folder
 from ticketguard.models import build_model
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.loop import TrainConfig, evaluate, state_copy, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -93,6 +94,12 @@ def trained_ticket(data: ImageData, seed: int, density: float = 0.3) -> Ticket:
         state_copy(model),
         evaluate(model, data),
     )
+
+
+def untrained_ticket() -> Ticket:
+    """A digits ResNet-20 ticket, untrained, at a random 30 % mask (``sparse_model``): made in a moment."""
+    _, weights, mask = sparse_model("resnet20", 1)
+    return Ticket("resnet20", 1, 10, (8, 8), "digits", [str(i) for i in range(10)], mask, weights, weights, 0.5)
 
 
 def randomise_batchnorm(model: torch.nn.Module) -> None:

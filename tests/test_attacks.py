@@ -12,12 +12,10 @@ from ticketguard.attacks.chains import Step, chain, parse_chain, run_step
 from ticketguard.attacks.removal import (
     ATTACKS,
     add_on,
-    defence_threshold,
     fake1,
     fake2,
     fake3,
     fine_tuning,
-    magnitude_defence,
     magnitude_pruning,
     random_pruning,
     transfer,
@@ -31,6 +29,7 @@ from ticketguard.experiments.harness import parity_task
 from ticketguard.models import build_model
 from ticketguard.schemes import signature as v2
 from ticketguard.training.loop import TrainConfig, evaluate, state_copy, train
+from ticketguard.verification.defence import defence_threshold, magnitude_defence
 
 PAYLOAD = "ACME-R20-2026"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -17,6 +18,7 @@ from ticketguard.core.errors import InputError
 from ticketguard.core.files import save_tensors
 from ticketguard.core.masks import magnitude_prune
 from ticketguard.data import ImageData
+from ticketguard.schemes.base import SCHEMES
 from ticketguard.schemes.signature import Region, Signature
 from ticketguard.verification.claim import (
     Claim,
@@ -30,6 +32,7 @@ from ticketguard.verification.claim import (
     save_claim,
     sign,
 )
+from ticketguard.verification.verify import verify
 
 SIGNATURE = Signature(
     "ACME-R20-2026", 2, "H", 3, True, (Region("blocks.7.conv1.weight", 5, 9, (64, 64, 3, 3)),)
@@ -85,6 +88,21 @@ def test_claim_round_trips_through_json_with_extensions(tmp_path: Path) -> None:
     assert loaded.body() == make_claim().body() | {"created": loaded.created}
     assert loaded.signature == SIGNATURE and loaded.defence == DefenceClaim(0.01, 0.005)
     assert stat.S_IMODE((tmp_path / "claim.json").stat().st_mode) == 0o600
+
+
+def test_every_registered_scheme_has_a_claim_field_and_a_place_in_the_schema() -> None:
+    fields = {field.name for field in dataclasses.fields(Claim)}
+    empty = Claim(None, {}).body()
+    assert list(SCHEMES) == ["signature", "trigger"]  # the order of the claim's sections and of the evidence
+    for key, scheme in SCHEMES.items():
+        assert key == scheme.claim_key and key in fields
+        # an absent top-level section is written as null, an absent extension is left out
+        assert (key in empty) == scheme.top_level and key not in empty["extensions"]
+
+
+def test_a_claim_without_any_scheme_section_cannot_show_anything() -> None:
+    with pytest.raises(InputError, match="neither a QR signature nor a trigger set"):
+        verify({}, Claim(None, {}))
 
 
 def test_signed_claim_checks_and_any_change_is_refused(tmp_path: Path) -> None:

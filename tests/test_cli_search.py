@@ -27,7 +27,7 @@ def fake_training(monkeypatch) -> None:
         return correct
 
     monkeypatch.setattr(imp, "train", fake_train)
-    monkeypatch.setattr(imp._Split, "correct", fake_correct)
+    monkeypatch.setattr(imp.HeldOutSplit, "correct", fake_correct)
 
 
 def _find_and_report(out: Path, options: list[str], capsys) -> dict:

@@ -18,7 +18,8 @@ from ticketguard.attacks import chains, disguises
 from ticketguard.cli import main
 from ticketguard.core.files import save_tensors
 from ticketguard.data import ImageData
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.loop import TrainConfig
 
 CHAINS = {

@@ -1,7 +1,8 @@
 import pytest
 from scipy.stats import binomtest
 
-from ticketguard.core.evidence import Evidence, Verdict, binomial_p_value, fidelity
+from ticketguard.core.evidence import Evidence, Verdict
+from ticketguard.core.stats import binomial_p_value
 
 
 def test_binomial_p_value_matches_an_exact_binomial_test() -> None:
@@ -21,6 +22,7 @@ def test_verdict_corrects_for_several_checks() -> None:
 
 
 def test_evidence_without_p_value_decides_by_threshold() -> None:
-    assert Verdict((fidelity(0.905, 0.91, 0.01),)).owned
-    assert not Verdict((fidelity(0.89, 0.91, 0.01),)).owned
-    assert Verdict((fidelity(0.905, 0.91, 0.01),)).false_claim_probability is None
+    kept = Evidence("fidelity", 0.905, 0.90, True)
+    assert Verdict((kept,)).owned
+    assert not Verdict((Evidence("fidelity", 0.89, 0.90, False),)).owned
+    assert Verdict((kept,)).false_claim_probability is None

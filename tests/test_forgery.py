@@ -19,6 +19,7 @@ from ticketguard.attacks.chains import attack
 from ticketguard.cli import main
 from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
 from ticketguard.core.files import save_tensors
+from ticketguard.core.stats import required_matches
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
 from ticketguard.models import build_model
@@ -75,7 +76,7 @@ def test_a_keyed_trigger_counts_only_at_the_forgery_level(p_value: float, passes
     assert judged.passed is passes and judged.decides_alone
     assert judged.details["level"] == FORGERY_LEVEL
     # the threshold is the agreement that reaches the forgery level, above what alpha alone would need
-    assert judged.threshold > v3.required_matches(100, 0.1, DEFAULT_ALPHA) / 100
+    assert judged.threshold > required_matches(100, 0.1, DEFAULT_ALPHA) / 100
 
 
 def test_a_keyed_trigger_set_of_an_innocent_model_is_far_from_the_forgery_level(digits: ImageData) -> None:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from ticketguard.artifacts.ticket import Ticket
-from ticketguard.attacks.removal import defence_threshold
 from ticketguard.cli import main
 from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.data import ImageData
@@ -22,6 +21,7 @@ from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.training.loop import TrainConfig, evaluate, state_copy
 from ticketguard.verification.claim import Claim, DefenceClaim, save_claim, ticket_hashes
+from ticketguard.verification.defence import defence_threshold
 
 PAYLOAD = "ACME-R20-2026"
 PNG = b"\x89PNG"

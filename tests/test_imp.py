@@ -15,14 +15,9 @@ from ticketguard.core.errors import InputError
 from ticketguard.core.masks import load_mask
 from ticketguard.data import ImageData
 from ticketguard.search import imp
-from ticketguard.search.imp import (
-    DEFAULT_RATIOS,
-    SearchConfig,
-    find_extreme_ticket,
-    matches,
-    paired_test,
-    resolution,
-)
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket, matches, paired_test, resolution
+from ticketguard.search.schedules import SCHEDULES
 from ticketguard.training.loop import TrainConfig, TrainResult, state_copy
 
 CPU = torch.device("cpu")
@@ -97,8 +92,8 @@ def test_resuming_with_other_settings_is_refused(digits: ImageData, tmp_path) ->
 
 def test_each_schedule_has_its_own_default_ratios() -> None:
     default = SearchConfig()
-    assert default.pruning_schedule == "adaptive" and default.ratios == DEFAULT_RATIOS["adaptive"] == (0.5, 0.01)
-    assert SearchConfig(pruning_schedule="paper").ratios == DEFAULT_RATIOS["paper"] == (0.2, 0.1, 0.05, 0.01)
+    assert default.pruning_schedule == "adaptive" and default.ratios == SCHEDULES["adaptive"].default_ratios == (0.5, 0.01)
+    assert SearchConfig(pruning_schedule="paper").ratios == SCHEDULES["paper"].default_ratios == (0.2, 0.1, 0.05, 0.01)
     assert SearchConfig(pruning_schedule="paper", ratios=(0.3,)).ratios == (0.3,)
 
 
@@ -222,7 +217,7 @@ def _fake_search(monkeypatch, test_accuracy, validation_wrong) -> None:
         return correct
 
     monkeypatch.setattr(imp, "train", fake_train)
-    monkeypatch.setattr(imp._Split, "correct", fake_correct)
+    monkeypatch.setattr(imp.HeldOutSplit, "correct", fake_correct)
 
 
 def test_round_a_few_images_worse_on_a_small_validation_set_is_flagged_not_flipped(
@@ -257,7 +252,7 @@ def test_adaptive_schedule_bisects_to_the_resolution_in_fewer_trainings(
     tickets = {}
     for kind in ("paper", "adaptive"):
         config = SearchConfig(train=TrainConfig(epochs=2), rewind_epoch=1, pruning_schedule=kind,
-                              ratios=DEFAULT_RATIOS["paper"])
+                              ratios=SCHEDULES["paper"].default_ratios)
         tickets[kind] = find_extreme_ticket(digits, config, tmp_path / kind, CPU)
     paper, adaptive = (tickets[k].metadata["search"] for k in ("paper", "adaptive"))
     for ticket in tickets.values():
@@ -283,5 +278,5 @@ def test_a_margin_that_admits_guessing_is_called_out(caplog) -> None:
     validation = {"images": 200, "dense_errors": 160, "dense_accuracy": 0.2, "resolution": 0.3, "margin": 0.3,
                   "resolves_eps": False}
     with caplog.at_level(logging.WARNING, logger="ticketguard.search.imp"):
-        imp._warn_if_coarse(imp.SearchState(config={}, dense_accuracy=0.2, validation=validation), SearchConfig(), 10)
+        imp.warn_if_coarse(imp.SearchState(config={}, dense_accuracy=0.2, validation=validation), SearchConfig(), 10)
     assert "margin of 30.00 points" in caplog.text and "even a network that guesses could match" in caplog.text

@@ -142,7 +142,7 @@ def test_tampered_key_file_is_refused(trained_ticket: Path, tmp_path: Path) -> N
 def test_fake1_key_has_the_key_size_and_avoids_the_locked_mask() -> None:
     ticket = _ticket("resnet20", 0.2)
     locked, key = split_key(ticket, 0.05, "ewp")
-    forged = forge_random_key(locked, key.size(), seed=1)
+    forged = forge_random_key(locked.mask, locked.rewind, key.size(), seed=1)
     assert forged.size() == key.size()
     merged = merge_key(locked, forged)
     assert merged.mask.kept() == ticket.mask.kept()

@@ -66,3 +66,26 @@ def test_imports_point_down_the_layers() -> None:
         if destination not in LAYERS or LAYERS[destination] >= LAYERS[source]:
             upward.append(f"{module} -> {target}")
     assert not upward, "\n".join(upward)
+
+
+def test_no_test_reaches_a_private_name() -> None:
+    """Tests use what the package offers: an import or attribute of a ticketguard module starting with _."""
+    reached = []
+    for path in sorted((PACKAGE.parent / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ticketguard"):
+                reached += [f"{path.name}: {alias.name}" for alias in node.names if _private(alias.name)]
+                modules.update(alias.asname or alias.name for alias in node.names)
+            elif isinstance(node, ast.Import):
+                modules.update(alias.asname or alias.name for alias in node.names if alias.name.startswith("ticketguard"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+                if _private(node.attr):
+                    reached.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not reached, "\n".join(reached)
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")

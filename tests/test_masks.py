@@ -13,20 +13,32 @@ from ticketguard.core.masks import (
     magnitude_prune,
     mask_from_zeros,
     prunable_names,
-    relative_density,
     save_mask,
     squeeze,
 )
 from ticketguard.models import build_model
 
 
-def test_density_and_relative_density_follow_the_paper() -> None:
+def test_density_follows_the_paper() -> None:
     full = Mask({"a": torch.ones(4, 5), "b": torch.ones(10)})
     half = Mask({"a": torch.tensor([1, 0] * 10).view(4, 5), "b": torch.zeros(10)})
     assert full.density() == 1.0
     assert half.density() == pytest.approx(10 / 30)
-    assert relative_density(half, full) == pytest.approx(1 / 3)
     assert half.kept() == 10 and half.total() == 30
+
+
+def test_flat_view_splits_back_and_picks_subsets_of_the_kept_weights() -> None:
+    mask = Mask({"a": torch.tensor([[1, 0], [1, 1]]), "b": torch.tensor([0, 1, 0])})
+    assert mask.flat().tolist() == [True, False, True, True, False, True, False]
+    assert mask.unflatten(mask.flat()) == mask
+    weights = {"a": torch.tensor([[1.0, 9.0], [2.0, 3.0]]), "b": torch.tensor([9.0, 4.0, 9.0])}
+    assert mask.kept_values(weights).tolist() == [1.0, 2.0, 3.0, 4.0]
+    subset = mask.subset(torch.tensor([False, True, False, True]))
+    assert subset.flat().tolist() == [False, False, True, False, False, True, False]
+    spread = mask.kept_spread(weights)
+    assert spread["a"] == pytest.approx(1.0) and spread["b"] == 0.1  # one kept weight: no spread measured
+    with pytest.raises(ValueError):
+        mask.unflatten(torch.zeros(6, dtype=torch.bool))
 
 
 def test_non_binary_mask_is_refused() -> None:

@@ -4,6 +4,7 @@ story (find -> protect -> attack -> verify) from the command line and from Pytho
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ import torch.nn.utils.prune as torch_prune
 import ticketguard
 from ticketguard import Claim, DefenceClaim, SearchConfig, TrainConfig, attack, find_extreme_ticket, protect
 from ticketguard.artifacts.ticket import Ticket
-from ticketguard.attacks.removal import defence_threshold
 from ticketguard.cli import main
 from ticketguard.core.errors import InputError
 from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
@@ -21,9 +21,9 @@ from ticketguard.models import build_model, spec
 from ticketguard.schemes.keymask import split_key
 from ticketguard.schemes.signature import embed_signature, raise_code_weights
 from ticketguard.training.loop import predict_labels
-from ticketguard.verification import verify
 from ticketguard.verification.blackbox import Endpoint, ModelServer, load_served_model, query_labels
-from ticketguard.verification.verify import verify_endpoint
+from ticketguard.verification.defence import defence_threshold
+from ticketguard.verification.verify import verify, verify_endpoint
 
 OWN_MODELS = ("tests.zoo:small_cnn", "tests.zoo:mlp", "tests.zoo:tiny_transformer")
 QUICK = ["--epochs", "4", "--rewind-epoch", "1", "--ratios", "0.5", "--max-rounds", "1", "--decide-on", "test",
@@ -31,13 +31,15 @@ QUICK = ["--epochs", "4", "--rewind-epoch", "1", "--ratios", "0.5", "--max-round
 
 
 @pytest.fixture(autouse=True)
-def new_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Trust is per process: every test starts as a fresh command would."""
-    monkeypatch.setattr(spec, "_trusted", set())
+def new_process() -> Iterator[None]:
+    """Trust is per process: every test starts as a fresh command would, and leaves none behind."""
+    spec.forget_trusted_code()
+    yield
+    spec.forget_trusted_code()
 
 
 def forget_trust() -> None:
-    spec._trusted.clear()
+    spec.forget_trusted_code()
 
 
 def test_import_paths_are_parsed_not_evaluated() -> None:

@@ -22,9 +22,11 @@ from ticketguard.cli import main
 from ticketguard.core.files import save_tensors
 from ticketguard.core.masks import Mask
 from ticketguard.data import ImageData
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.loop import TrainConfig
-from ticketguard.verification.reading import effective_magnitudes, rank_read, threshold_read
+from ticketguard.verification.defence import defended
+from ticketguard.verification.reading import effective_magnitudes, rank_read
 
 FILL = 1e-8
 
@@ -65,9 +67,9 @@ def test_effective_magnitudes_do_not_change_when_a_channel_is_rescaled_through_b
     torch.testing.assert_close(after, before)
 
 
-def test_threshold_read_drops_weak_weights_at_every_position() -> None:
+def test_defence_drops_weak_weights_at_every_position() -> None:
     weights = {"conv.weight": torch.tensor([[0.5, -0.01], [0.02, -2.0]]), "bn.weight": torch.tensor([0.001])}
-    read = threshold_read(weights, 0.03)
+    read = defended(weights, 0.03)
     assert read["conv.weight"].tolist() == [[0.5, 0.0], [0.0, -2.0]]
     assert torch.equal(read["bn.weight"], weights["bn.weight"])  # only weight tensors are read
 

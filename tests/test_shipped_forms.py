@@ -1,4 +1,5 @@
-"""Suspects shipped quantized (torch.ao static and dynamic) or as TorchScript archives, read as data."""
+"""Suspects shipped quantized (torch.ao static and dynamic, onnxruntime's int8 ONNX forms) or as TorchScript
+archives, read as data."""
 
 from __future__ import annotations
 
@@ -10,20 +11,26 @@ import tracemalloc
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
-from conftest import randomise_batchnorm
+from conftest import randomise_batchnorm, trained_ticket
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from ticketguard.artifacts import shipped_forms
+from ticketguard.artifacts.onnx_quantized import QUANTIZED_ONNX_SOURCE
 from ticketguard.artifacts.shipped_forms import QUANTIZED_SOURCE, TORCHSCRIPT_SOURCE
 from ticketguard.artifacts.suspect import load_suspect
-from ticketguard.attacks.disguises import fold_bn
+from ticketguard.attacks.disguises import export_onnx, fold_bn
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import save_tensors
 from ticketguard.core.masks import Mask, magnitude_prune
+from ticketguard.data import ImageData
+from ticketguard.data.augment import normalize
 from ticketguard.models import build_model
 from ticketguard.verification.verify import verify
 
@@ -303,10 +310,12 @@ def test_a_quantized_torchscript_archive_is_refused_with_the_reason(tmp_path) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["int8 FX static", "TorchScript"])
-def test_the_owners_copy_shipped_as_int8_or_torchscript_is_verified(protected_owner, form: str, tmp_path) -> None:
+def test_the_owners_copy_shipped_as_int8_or_torchscript_is_verified(
+    protected_owner, form: str, tmp_path
+) -> None:
     """The thief's deployment tool chain end to end: what verify reads from the shipped file still carries the
     owner's code (FX folds BatchNorm into the int8 convs; alignment rebuilds it)."""
-    ticket, claim, data = protected_owner
+    ticket, claim, _ = protected_owner
     model = build_model("resnet20", 1, 10)
     model.load_state_dict(ticket.weights)
     model.eval()
@@ -321,4 +330,258 @@ def test_the_owners_copy_shipped_as_int8_or_torchscript_is_verified(protected_ow
     verdict = verify(path, claim)
     assert verdict.owned
     qr = next(e for e in verdict.evidence if e.name == "qr-signature")
-    assert qr.details["decodes_to_claim"] and verdict.details["suspect_source"] in (QUANTIZED_SOURCE, TORCHSCRIPT_SOURCE)
+    assert qr.details["decodes_to_claim"] and verdict.details["suspect_source"] in (
+        QUANTIZED_SOURCE,
+        TORCHSCRIPT_SOURCE,
+    )
+
+
+ONNX_FORMS = [
+    "dynamic int8",
+    "dynamic uint8",
+    "QDQ int8",
+    "QDQ uint8 per-channel",
+    "QOperator int8 per-channel",
+]
+
+
+class Calibration:
+    """onnxruntime's calibration data reader: one image per batch, under the exported model's input name."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.batches = iter([{"input": image[None].numpy()} for image in images])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def quantize_onnx(source: Path, form: str, calibration: torch.Tensor) -> Path:
+    """``source`` quantized by onnxruntime as a thief runs it: ``dynamic`` with quantize_dynamic, ``QDQ`` and
+    ``QOperator`` with quantize_static calibrated on ``calibration``; uint8 weights are quantized
+    asymmetrically."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    weight_type = quantization.QuantType.QUInt8 if "uint8" in form else quantization.QuantType.QInt8
+    target = source.with_name(f"{form.replace(' ', '-')}.onnx")
+    if form.startswith("dynamic"):
+        quantization.quantize_dynamic(source, target, weight_type=weight_type)
+    else:
+        quantization.quantize_static(
+            source,
+            target,
+            Calibration(calibration),
+            quant_format=getattr(quantization.QuantFormat, form.split()[0]),
+            activation_type=weight_type,  # onnxruntime pairs uint8 weights with uint8 activations only
+            weight_type=weight_type,
+            per_channel="per-channel" in form,
+        )
+    return target
+
+
+@pytest.fixture(scope="module")
+def sparse_onnx(sparse, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "float.onnx"
+    export_onnx(sparse[0], path, (1, 8, 8), dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("form", ONNX_FORMS)
+def test_int8_onnx_dequantizes_within_half_a_step_with_pruned_weights_exactly_zero(
+    sparse_onnx, form: str
+) -> None:
+    """Each Conv and Gemm reads its weight back in float under the float graph's name (a dynamic Gemm's is its
+    transposed copy), within half of the coarsest 8-bit step, |w|max / 127; a pruned weight is exactly 0.0."""
+    shipped = quantize_onnx(sparse_onnx, form, torch.randn(4, 1, 8, 8))
+    plain, suspect = load_suspect(sparse_onnx), load_suspect(shipped)
+    assert suspect.source == QUANTIZED_ONNX_SOURCE and plain.source == "onnx"
+    layers = [[node for node in s.graph or [] if node.op_type in ("Conv", "Gemm")] for s in (plain, suspect)]
+    assert len(layers[0]) == len(layers[1]) == 20
+    for float_node, node in zip(*layers):
+        assert node.op_type == float_node.op_type
+        kernel, reference = suspect.weights[node.weights[1]], plain.weights[float_node.weights[1]]
+        if node.op_type == "Conv":
+            assert node.weights[1:] == float_node.weights[1:], "the float graph's names"
+        elif not node.attributes.get("transB", 0):
+            kernel = kernel.T
+        assert kernel.dtype == torch.float32 and kernel.shape == reference.shape
+        assert bool(((kernel - reference).abs() <= reference.abs().max() / 254 * 1.01).all()), node.weights[1]
+        assert bool((kernel[reference == 0] == 0).all()), (
+            f"a pruned weight of {node.weights[1]} is not exactly zero"
+        )
+        bias, float_bias = suspect.weights[node.weights[2]], plain.weights[float_node.weights[2]]
+        assert torch.allclose(bias, float_bias, atol=1e-3 * float(float_bias.abs().max()))
+    assert float(sum((~m).sum() for m in suspect.mask.values())) >= 0.6 * sum(
+        m.numel() for m in suspect.mask.values()
+    )
+    if "uint8" in form:
+        zero_points = [t for t in onnx.load(shipped).graph.initializer if t.name.endswith("zero_point")]
+        assert any(numpy_helper.to_array(t).any() for t in zero_points if t.data_type == TensorProto.UINT8)
+
+
+def write_graph(path: Path, nodes: list[onnx.NodeProto], initializers: list[TensorProto]) -> Path:
+    """A one-input model of ``nodes``, written without onnx's checker (a forged file need not pass it)."""
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        initializer=initializers,
+    )
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    return path
+
+
+def qdq_linear(
+    path: Path, weight: TensorProto, scale: TensorProto, zero_point: TensorProto, **attributes
+) -> Path:
+    """A Linear(3, 2) as onnxruntime's QDQ writes it: Gemm(x, DequantizeLinear(weight, scale, zero point))."""
+    nodes = [
+        helper.make_node("DequantizeLinear", [weight.name, scale.name, zero_point.name], ["w"], **attributes),
+        helper.make_node("Gemm", ["x", "w", "fc.bias"], ["y"], transB=1),
+    ]
+    bias = numpy_helper.from_array(np.zeros(2, np.float32), "fc.bias")
+    return write_graph(path, nodes, [weight, scale, zero_point, bias])
+
+
+def named(value, name: str) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def stored_as_int32_data(value: int, name: str) -> TensorProto:
+    """An int8 scalar written in int32_data, where the file, not numpy, decides its range."""
+    tensor = TensorProto(name=name, data_type=TensorProto.INT8)
+    tensor.int32_data.append(value)
+    return tensor
+
+
+QUANTIZED_WEIGHT = np.array([[0, 31, -20], [0, 0, 90]], dtype=np.int8)
+
+
+def test_an_onnx_weight_with_a_nonzero_zero_point_dequantizes_its_pruned_entries_to_exact_zero(
+    tmp_path,
+) -> None:
+    weight = np.array([[0.0, 0.31, -0.2], [0.0, 0.0, 0.9]], dtype=np.float32)
+    stored = (np.round(weight / 0.01) + 37).astype(np.uint8)
+    path = qdq_linear(
+        tmp_path / "affine.onnx",
+        named(stored, "fc.weight_quantized"),
+        named(np.float32(0.01), "fc.weight_scale"),
+        named(np.uint8(37), "fc.weight_zero_point"),
+    )
+    suspect = load_suspect(path)
+    assert stored[0, 0] == 37 and sorted(suspect.weights) == ["fc.bias", "fc.weight"], "scales are no weights"
+    assert torch.equal(suspect.weights["fc.weight"] == 0, torch.from_numpy(weight == 0))
+    assert torch.allclose(suspect.weights["fc.weight"], torch.from_numpy(weight), atol=0.005)
+    assert torch.equal(suspect.mask["fc.weight"], torch.from_numpy(weight != 0))
+
+
+@pytest.mark.parametrize(
+    "scale, zero_point, attributes, refusal",
+    [
+        (np.float32(0.0), np.int8(0), {}, "scale of 0.0"),
+        (np.float32(-0.5), np.int8(0), {}, "scale of -0.5"),
+        (np.float32(np.nan), np.int8(0), {}, "scale of nan"),
+        (np.float32(np.inf), np.int8(0), {}, "scale of inf"),
+        (np.float32([0.1, 0.1, 0.1]), np.int8([0, 0, 0]), {"axis": 0}, r"scale of .* has shape \[3\]"),
+        (np.float32([0.1, 0.1]), np.int8([0, 0, 0]), {"axis": 0}, r"zero point of .* has shape \[3\]"),
+        (np.float32([0.1, 0.1]), np.int8([0, 0]), {"axis": 2}, "one per index of axis 2"),
+        (np.float32([[0.1, 0.1]]), np.int8([[0, 0]]), {"axis": 0}, "not a float scalar or vector"),
+        (np.float32(0.1), np.int32(0), {}, "zero point of .* INT32 tensor, but its weight is INT8"),
+        (np.float32(0.1), 300, {}, r"holds 300, outside INT8's range \[-128, 127\]"),
+        (np.float32([0.1, 0.1]), np.int8([0, 0]), {"axis": 1, "block_size": 2}, "block-quantized"),
+        (np.float32([0.1, 0.1]), np.int8([0, 0]), {"axis": "rows"}, "malformed axis"),
+    ],
+)
+def test_an_onnx_weight_with_a_bad_quantizer_is_refused(
+    tmp_path, scale, zero_point, attributes, refusal
+) -> None:
+    stored = (
+        stored_as_int32_data(zero_point, "fc.weight_zero_point")
+        if isinstance(zero_point, int)
+        else named(zero_point, "fc.weight_zero_point")
+    )
+    path = qdq_linear(
+        tmp_path / "bad.onnx",
+        named(QUANTIZED_WEIGHT, "fc.weight_quantized"),
+        named(scale, "fc.weight_scale"),
+        stored,
+        **attributes,
+    )
+    with pytest.raises(InputError, match=refusal) as err:
+        load_suspect(path)
+    assert_one_sentence(err)
+
+
+def test_an_unsupported_quantized_op_is_refused(tmp_path) -> None:
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")]
+    weights = [named(QUANTIZED_WEIGHT.T, "w"), named(np.float32(0.1), "s"), named(np.int8(0), "z")]
+    with pytest.raises(InputError, match="DynamicQuantizeMatMul .* reads the quantized weight 'w'") as err:
+        load_suspect(write_graph(tmp_path / "fused.onnx", nodes, weights))
+    assert_one_sentence(err)
+
+
+def test_an_integer_op_whose_weight_scale_cannot_be_traced_is_refused(tmp_path) -> None:
+    """MatMulInteger's int32 output cast to float and never scaled: nothing says what the weight's units
+    are."""
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+        helper.make_node("MatMulInteger", ["xq", "w", "xz", "z"], ["yi"]),
+        helper.make_node("Cast", ["yi"], ["y"], to=TensorProto.FLOAT),
+    ]
+    weights = [named(QUANTIZED_WEIGHT.T, "w"), named(np.int8(0), "z")]
+    with pytest.raises(InputError, match="cannot be traced") as err:
+        load_suspect(write_graph(tmp_path / "unscaled.onnx", nodes, weights))
+    assert_one_sentence(err)
+
+
+def test_an_int4_onnx_weight_is_refused_with_the_reason(tmp_path) -> None:
+    weight = helper.make_tensor("fc.weight_quantized", TensorProto.INT4, [2, 3], [0, 3, -2, 0, 0, 7])
+    path = qdq_linear(tmp_path / "int4.onnx", weight, named(np.float32(0.1), "s"), named(np.int8(0), "z"))
+    with pytest.raises(InputError, match="stored as INT4, which is not read") as err:
+        load_suspect(path)
+    assert_one_sentence(err)
+
+
+def test_an_onnx_weight_declaring_a_huge_shape_is_refused_before_anything_is_allocated(tmp_path) -> None:
+    weight = TensorProto(name="fc.weight_quantized", data_type=TensorProto.INT8, raw_data=bytes(6))
+    weight.dims.extend([2**31, 2**31])
+    path = qdq_linear(tmp_path / "huge.onnx", weight, named(np.float32(0.1), "s"), named(np.int8(0), "z"))
+    tracemalloc.start()
+    began = time.perf_counter()
+    with pytest.raises(InputError, match="holds 6 values") as err:
+        load_suspect(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert time.perf_counter() - began < 2 and peak < 16 * 1024**2
+    assert_one_sentence(err)
+
+
+def shipped_onnx(model: nn.Module, data: ImageData, form: str, folder: Path) -> Path:
+    """``model`` exported to ONNX as the project exports it, then quantized by onnxruntime in ``form``,
+    calibrated on eight digits."""
+    export_onnx(model.eval(), folder / "float.onnx", (1, 8, 8), dynamo=False)
+    return quantize_onnx(
+        folder / "float.onnx", form, normalize(data.train_images[:8], *data.normalization().tensors())
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["dynamic int8", "QDQ int8", "QOperator int8"])
+def test_the_owners_copy_shipped_as_int8_onnx_is_verified(protected_owner, form: str, tmp_path) -> None:
+    ticket, claim, data = protected_owner
+    verdict = verify(shipped_onnx(ticket.build_model(), data, form, tmp_path), claim)
+    assert verdict.owned, verdict
+    qr = next(e for e in verdict.evidence if e.name == "qr-signature")
+    assert qr.details["decodes_to_claim"] and verdict.details["suspect_source"] == QUANTIZED_ONNX_SOURCE
+    assert verdict.details["alignment"]["structure"] == "onnx graph"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["dynamic int8", "QDQ int8", "QOperator int8"])
+def test_an_independent_ticket_shipped_as_int8_onnx_is_not_shown(
+    protected_owner, form: str, tmp_path
+) -> None:
+    """Read, aligned and judged like the owner's copy, and found to be someone else's."""
+    _, claim, data = protected_owner
+    verdict = verify(shipped_onnx(trained_ticket(data, seed=11).build_model(), data, form, tmp_path), claim)
+    assert not verdict.owned, verdict
+    assert verdict.details["suspect_source"] == QUANTIZED_ONNX_SOURCE and "alignment" in verdict.details

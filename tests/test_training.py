@@ -61,18 +61,18 @@ def test_interrupted_training_resumes_to_the_same_weights(
     reference = train(build_model_like(model), digits, config, mask)
 
     checkpoint = tmp_path / "run.pt"
-    original_save = training._save
+    original_save = training.save_training_state
 
     def save_then_die(path, model_, optimizer, generator, config_, state):
         original_save(path, model_, optimizer, generator, config_, state)
         if state["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_save", save_then_die)
+    monkeypatch.setattr(training, "save_training_state", save_then_die)
     resumed_model = build_model_like(model)
     with pytest.raises(KeyboardInterrupt):
         train(resumed_model, digits, config, mask, checkpoint=checkpoint)
-    monkeypatch.setattr(training, "_save", original_save)
+    monkeypatch.setattr(training, "save_training_state", original_save)
     fresh = build_model("resnet20", 1, 10)  # different weights: all must come from the checkpoint
     resumed = train(fresh, digits, config, mask, checkpoint=checkpoint)
     assert resumed.history == reference.history

@@ -4,18 +4,19 @@ import pytest
 import torch
 
 from ticketguard.core.errors import InputError
-from ticketguard.core.evidence import Verdict, binomial_p_value
+from ticketguard.core.evidence import FORGERY_LEVEL, Verdict
 from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
+from ticketguard.core.stats import binomial_p_value, required_matches
 from ticketguard.data import ImageData
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
 from ticketguard.models import build_model
 from ticketguard.schemes.trigger import (
+    SCALE_TOLERANCE,
     TriggerClaim,
     predict_labels,
-    required_matches,
-    suspect_chance,
     trigger_evidence,
     verify_local,
+    verify_weights,
     watermark,
 )
 from ticketguard.training.loop import TrainConfig, train
@@ -63,8 +64,8 @@ def test_local_verification_shows_ownership_of_marked_model_only(
 def test_suspect_chance_charges_a_model_that_answers_one_class() -> None:
     labels = torch.tensor([3] * 30 + list(range(10)) * 7)
     constant = torch.full_like(labels, 3)
-    assert suspect_chance(constant, labels, 10) == pytest.approx(37 / 100)
     evidence = trigger_evidence(constant, labels, 10, "suspect")
+    assert evidence.details["chance"] == pytest.approx(37 / 100)
     naive = trigger_evidence(constant, labels, 10, "uniform")
     assert naive.passed and not evidence.passed  # 37 % agreement is chance for this model, not for 1/classes
 
@@ -119,3 +120,72 @@ def test_incomplete_claim_is_refused_with_a_clear_error() -> None:
     for field, bad in (("classes", "10"), ("labels", [1.5] * 5), ("shape", [1, 8, 2.9]), ("count", True)):
         with pytest.raises(InputError):
             TriggerClaim.from_json({**part, field: bad})
+
+
+def relabelled(model: torch.nn.Module, order: torch.Tensor) -> torch.nn.Module:
+    """A copy whose classifier rows are permuted: it answers order^-1 of what ``model`` answers."""
+    copy = build_model("resnet20", 1, 10)
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        copy.fc.weight.copy_(model.fc.weight[order])
+        copy.fc.bias.copy_(model.fc.bias[order])
+    return copy.eval()
+
+
+def test_a_relabelled_owner_copy_is_shown_and_a_relabelled_innocent_is_not(
+    marked_and_unmarked, digits: ImageData
+) -> None:
+    model, unmarked, _, trigger, _, _ = marked_and_unmarked
+    mean, std = digits.channel_stats()
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3))
+    owner = verify_local(relabelled(model, order), trigger, mean, std, 10)
+    innocent = verify_local(relabelled(unmarked, order), trigger, mean, std, 10)
+    assert owner.details["as_labelled"]["p_value"] > 0.01  # read as labelled, the copy agrees at chance
+    assert owner.details["relabelled"] and owner.passed and owner.p_value < FORGERY_LEVEL
+    assert owner.details["best_relabelling"]["relabelling"] == {str(c): int(a) for a, c in enumerate(order)}
+    assert not innocent.passed and innocent.p_value > 1e-3
+
+
+def test_answers_under_other_names_are_read_too_and_an_unrelabelled_copy_pays_a_factor_two() -> None:
+    labels = torch.arange(100) % 10
+    renamed = trigger_evidence(labels + 1000, labels, 10)
+    assert renamed.passed and renamed.details["relabelled"] and renamed.score == 1.0
+    as_labelled = trigger_evidence(labels, labels, 10)
+    plain = binomial_p_value(100, 100, as_labelled.details["chance"])
+    assert not as_labelled.details["relabelled"] and as_labelled.p_value == pytest.approx(2 * plain)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_the_trigger_test_keeps_its_false_claim_rate_on_independent_answers(classes: int) -> None:
+    """Keyed labels are uniform and independent of any innocent model: on such answers (uniform, or skewed to a
+    few classes) the share of p-values <= alpha, both readings and the best relabelling included, stays <= alpha."""
+    generator = torch.Generator().manual_seed(classes)
+    p_values = {model: [] for model in ("suspect", "uniform")}
+    for trial in range(600):
+        labels = torch.randint(0, classes, (60,), generator=generator)
+        weights = torch.rand(classes, generator=generator) ** (1 + 3 * (trial % 2))  # every other trial skewed
+        answers = torch.multinomial(weights, 60, replacement=True, generator=generator)
+        for model, found in p_values.items():
+            found.append(trigger_evidence(answers, labels, classes, model).p_value)
+    for found in p_values.values():
+        for alpha in (0.2, 0.1, 0.05):
+            assert sum(p <= alpha for p in found) / len(found) <= alpha
+
+
+def test_a_copy_that_expects_inputs_255_times_larger_is_read_at_its_own_scale(
+    marked_and_unmarked, digits: ImageData
+) -> None:
+    """The thief multiplies his inputs by 255 and divides the stem by 255: the same function on his inputs.
+    The scale is read off the suspect's stem and first BatchNorm, for the owner's copy and an innocent alike."""
+    model, unmarked, _, trigger, _, _ = marked_and_unmarked
+    claim = TriggerClaim.of(trigger, 10, digits.normalization(), "suspect")
+    found = {}
+    for name, suspect in (("owner", model), ("innocent", unmarked)):
+        weights = {k: v.clone() for k, v in suspect.state_dict().items()}
+        as_trained = verify_weights(weights, claim)
+        weights["conv.weight"] /= 255
+        found[name] = verify_weights(weights, claim)
+        assert as_trained.details["input_scale"] == 1.0
+        assert 255 / SCALE_TOLERANCE < found[name].details["input_scale"] < 255 * SCALE_TOLERANCE
+    assert found["owner"].passed and found["owner"].p_value < FORGERY_LEVEL
+    assert not found["innocent"].passed and found["innocent"].p_value > 1e-3

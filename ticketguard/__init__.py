@@ -34,7 +34,8 @@ from ticketguard.protect import (
 from ticketguard.schemes.keymask import Key, merge_key, split_key
 from ticketguard.schemes.signature import Signature
 from ticketguard.schemes.trigger import TriggerClaim
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.fixed_mask import MaskKeeper, keep_mask
 from ticketguard.training.loop import TrainConfig, train
 from ticketguard.verification.claim import (

@@ -20,14 +20,14 @@ from rich.progress import Progress
 from torch import nn
 
 from ticketguard.artifacts.ticket import Ticket
-from ticketguard.attacks import removal as attacks
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import DEFAULT_ALPHA, check_alpha
 from ticketguard.core.files import prepare_output
 from ticketguard.core.masks import Mask
+from ticketguard.core.settings import setting
 from ticketguard.data import ImageData
 from ticketguard.data.augment import normalize
-from ticketguard.data.triggers import TriggerSet, keyed_trigger_set
+from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
 from ticketguard.models import MODELS
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
@@ -43,6 +43,7 @@ from ticketguard.verification.claim import (
     stamp,
     ticket_hashes,
 )
+from ticketguard.verification.defence import DEFENCE_QUANTILE, defence_threshold
 from ticketguard.verification.verify import verify
 
 STARTS = ("rewind", "weights")
@@ -60,12 +61,14 @@ TrainFn = Callable[[nn.Module, BatchMixer], None]
 class SignatureConfig:
     """What to write into the mask (V2): the payload and how its QR code is made and placed."""
 
-    payload: str
-    qr_version: int | None = None
-    error: str = "H"
-    copies: int = 1
-    weights_per_connection: int = v2.DEFAULT_WEIGHTS_PER_CONNECTION
-    polarity: str = "dark"
+    payload: str = setting(help="Text to embed as a QR code in the mask, e.g. ACME-R20-2026.")
+    qr_version: int | None = setting(None, help="QR version (default: the smallest that fits).")
+    error: str = setting("H", help="QR error-correction level: L, M, Q or H.")
+    copies: int = setting(1, help="Copies of the code, each in another conv layer.")
+    weights_per_connection: int = setting(
+        v2.DEFAULT_WEIGHTS_PER_CONNECTION, help="Kernel weights kept per code connection."
+    )
+    polarity: str = setting("dark", help="Colour of kept connections: dark (robust to pruning), light or any.")
 
     def __post_init__(self) -> None:
         if not self.payload:
@@ -78,11 +81,15 @@ class SignatureConfig:
 
 @dataclass(frozen=True)
 class TriggerConfig:
-    """How T is mixed into training (V3): the set, images per batch (None: one per 16), the chance model."""
+    """How T is mixed into training (V3): the set, images per batch, the chance model."""
 
-    trigger: TriggerSet
-    per_batch: int | None = None
-    chance_model: str = "suspect"
+    trigger: TriggerSet = setting(help="The trigger set T: images and the labels the network learns for them.")
+    per_batch: int | None = setting(
+        None, help=f"Trigger images appended to every batch (default: 1 per {TRIGGER_SHARE})."
+    )
+    chance_model: str = setting(
+        "suspect", help=f"Chance model of the trigger test: {', '.join(v3.CHANCE_MODELS)}."
+    )
 
     def images_per_batch(self, batch_size: int) -> int:
         per_batch = self.per_batch
@@ -162,6 +169,31 @@ def signature_to_carry(claim_path: Path, ticket_path: Path) -> v2.Signature | No
 def keyed_trigger_for(ticket: Ticket, seed: int, count: int = 100) -> TriggerSet:
     """A keyed trigger set shaped for the ticket: abstract images with labels drawn from the owner's seed."""
     return keyed_trigger_set(seed, count, ticket.num_classes, ticket.in_channels, tuple(ticket.input_size))
+
+
+@dataclass(frozen=True)
+class TriggerSource:
+    """Where the trigger set T comes from: an image folder with its labels, or keyed images from a secret seed."""
+
+    folder: Path | None = setting(None, help="Trigger folder: images (or pics/) + a label file.")
+    labels: Path | None = setting(None, help="The trigger folder's label file, if not its only *.txt.")
+    seed: int | None = setting(None, help="Secret seed of a keyed trigger set.")
+    count: int = setting(100, help="Images in a keyed trigger set.")
+
+    @property
+    def given(self) -> bool:
+        return self.folder is not None or self.seed is not None
+
+    def load(self, ticket: Ticket) -> TriggerSet:
+        """T shaped for the ticket, from the folder or the seed, whichever of the two was given."""
+        if self.folder is not None and self.seed is not None:
+            raise InputError("give one of --trigger DIR (an image folder) and --trigger-seed N (keyed images)")
+        if self.folder is not None:
+            shape = tuple(ticket.input_size)
+            return load_trigger_folder(self.folder, ticket.in_channels, shape, self.labels, ticket.num_classes)
+        if self.seed is None:
+            raise InputError("give --trigger DIR (an image folder) or --trigger-seed N (keyed images)")
+        return keyed_trigger_for(ticket, self.seed, self.count)
 
 
 def sign_mask(ticket: Ticket, signing: SignatureConfig) -> tuple[Ticket, v2.Signature, v2.EmbedReport]:
@@ -262,11 +294,11 @@ def protect(
         metadata={**ticket.metadata, "protection": {"trained": True, "start": start, **trained_by,
                                                     "accuracy_before": accuracy_before, **report}},
     )
-    threshold = attacks.defence_threshold(weights, mask)
+    threshold = defence_threshold(weights, mask)
     reference = None  # alignment knows the registered architectures' permutation groups, not other models'
     if ticket.architecture in MODELS:
         reference = Reference.of(ticket.architecture, ticket.in_channels, ticket.num_classes, weights, mask)
-    defence = DefenceClaim(threshold, attacks.DEFENCE_QUANTILE)
+    defence = DefenceClaim(threshold, DEFENCE_QUANTILE)
     claim = Claim(signature_found, {}, trigger_claim, defence, reference)
     self_check = verify(weights, claim, alpha=alpha, model=ticket.architecture)
     report |= {"accuracy_before": accuracy_before, "accuracy": accuracy, "threshold": threshold,
@@ -286,7 +318,7 @@ def _retrain(
 ) -> tuple[float, float | None, dict[str, Any]]:
     """Train ``model`` in place with our trainer or the user's: test and trigger accuracy, what trained it."""
     if train_fn is not None:
-        seed = config.seed + 1  # the trigger order our trainer uses
+        seed = v3.trigger_order_seed(config)
         accuracy, trigger_accuracy = _train_custom(train_fn, model, data, mask, marking, per_batch, seed)
         return accuracy, trigger_accuracy, {"trainer": getattr(train_fn, "__qualname__", repr(train_fn))}
     if marking is None:

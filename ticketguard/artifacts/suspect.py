@@ -2,7 +2,8 @@
 
 Thieves ship state_dicts (safetensors, torch files, Lightning-style checkpoints) or ONNX files. An ONNX file
 is only read, never run: its initializers become the weights and its weighted nodes, in graph order, are kept
-so that alignment can match layers by operation and shape, since an exporter's tensor names are arbitrary.
+so that alignment can match layers by operation and shape, since an exporter's tensor names are arbitrary. A
+quantized ONNX file is first read back as its float graph (``onnx_quantized``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from ticketguard.artifacts.onnx_quantized import QUANTIZED_ONNX_SOURCE, dequantize_graph
 from ticketguard.artifacts.shipped_forms import read_shipped_form
-from ticketguard.artifacts.ticket import MANIFEST, Ticket
+from ticketguard.artifacts.ticket import Ticket, is_ticket_folder
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import load_tensors
 from ticketguard.core.masks import Mask, fold_pruning_reparametrisation, mask_from_zeros
@@ -81,12 +83,12 @@ def load_suspect(path: str | Path) -> Suspect:
     """Read a ticket folder, an ONNX file, a safetensors file, a torch file (plain or quantized) or a
     TorchScript archive, never unpickling or running code."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
+    if is_ticket_folder(path):
         ticket = Ticket.load(path)
         return Suspect.from_weights(dict(ticket.weights), "ticket", normalization=ticket.normalization)
     if path.suffix == ONNX_SUFFIX:
-        weights, graph = load_onnx(path)
-        return Suspect.from_weights(weights, "onnx", graph)
+        weights, graph, source = load_onnx(path)
+        return Suspect.from_weights(weights, source, graph)
     shipped = read_shipped_form(path)
     if shipped is not None:
         weights, source = shipped
@@ -95,8 +97,9 @@ def load_suspect(path: str | Path) -> Suspect:
     return Suspect.from_weights(weights, "zeros" if prune_mask is None else "torch.nn.utils.prune")
 
 
-def load_onnx(path: Path) -> tuple[dict[str, torch.Tensor], list[GraphNode]]:
-    """The floating-point initializers (and Constant tensors) of an ONNX model and its weighted nodes."""
+def load_onnx(path: Path) -> tuple[dict[str, torch.Tensor], list[GraphNode], str]:
+    """The floating-point initializers (and Constant tensors) of an ONNX model, its quantized weights
+    dequantized and its quantization scales left out; its weighted nodes; and whether it was quantized."""
     model = _read_onnx(path)
     tensors = {tensor.name: tensor for tensor in model.graph.initializer}
     for node in model.graph.node:
@@ -105,14 +108,16 @@ def load_onnx(path: Path) -> tuple[dict[str, torch.Tensor], list[GraphNode]]:
                 (node.output[0], a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR
             )
     _inline_external_data(tensors, path)
+    quantized = dequantize_graph(model.graph, tensors, path)
     weights = {
         name: _weight(name, tensor, path)
         for name, tensor in tensors.items()
-        if tensor.data_type in ONNX_WEIGHT_TYPES
-    }
+        if tensor.data_type in ONNX_WEIGHT_TYPES and name not in quantized.parameters
+    } | quantized.weights
     if not weights:
         raise InputError(f"{path} holds no floating-point weights; ship the ONNX file with its initializers")
-    return weights, _weighted_nodes(model.graph, weights)
+    source = QUANTIZED_ONNX_SOURCE if quantized.weights else "onnx"
+    return weights, _weighted_nodes(quantized.nodes, weights), source
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:
@@ -173,11 +178,11 @@ def _weight(name: str, tensor: onnx.TensorProto, path: Path) -> torch.Tensor:
     return torch.tensor(np.asarray(array, dtype=ONNX_WEIGHT_TYPES[tensor.data_type]))
 
 
-def _weighted_nodes(graph: onnx.GraphProto, weights: dict[str, torch.Tensor]) -> list[GraphNode]:
+def _weighted_nodes(graph_nodes: list[onnx.NodeProto], weights: dict[str, torch.Tensor]) -> list[GraphNode]:
     """Every node that reads a weight, in graph order; an Identity of a weight is that weight."""
     aliases = {name: name for name in weights}
     nodes = []
-    for node in graph.node:
+    for node in graph_nodes:
         read = tuple(aliases.get(name) for name in node.input)
         if node.op_type == "Identity" and read and read[0] is not None:
             aliases.update((output, read[0]) for output in node.output)

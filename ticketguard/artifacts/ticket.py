@@ -18,7 +18,6 @@ from torch import nn
 
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import (
-    SHA256_SCHEMA,
     TICKET_MANIFEST,
     load_tensors,
     read_manifest,
@@ -27,6 +26,7 @@ from ticketguard.core.files import (
     write_json,
 )
 from ticketguard.core.masks import Mask, load_mask, save_mask
+from ticketguard.core.schema import SHA256_SCHEMA, SHARE, nullable
 from ticketguard.core.version import __version__
 from ticketguard.data import DATASETS, MAX_CHANNELS, Normalization
 from ticketguard.models import MIN_INPUT_SIZE, build_model, check_model_name, is_import_path, trust_model_code
@@ -43,11 +43,6 @@ MAX_CLASSES = 100_000
 MAX_INPUT_SIDE = 4096
 
 
-def nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [{"type": "null"}, schema]}
-
-
-SHARE = {"type": "number", "minimum": 0, "maximum": 1}
 NORMALIZATION_SCHEMA = {
     "type": "object",
     "required": ["mean", "std"],
@@ -260,6 +255,11 @@ class Ticket:
         )
         ticket.validate()
         return ticket
+
+
+def is_ticket_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a ticket manifest; ``Ticket.load`` says whether it is a valid ticket."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def _recorded_normalization(manifest: dict[str, Any]) -> Normalization | None:

@@ -15,20 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ticketguard.artifacts.ticket import Ticket
 from ticketguard.attacks.disguises import DISGUISES
 from ticketguard.core.errors import InputError
-from ticketguard.core.masks import Mask, magnitude_prune, mask_from_zeros
+from ticketguard.core.masks import Mask, Weights, magnitude_prune, mask_from_zeros
 from ticketguard.data import ImageData
 from ticketguard.data.augment import normalize
 from ticketguard.models import build_from_state, build_model, identify_architecture
 from ticketguard.schemes import qr
-from ticketguard.schemes.keymask import forge_random_key, merge_key
+from ticketguard.schemes.keymask import forge_random_key, merge_tensors
 from ticketguard.schemes.signature import Signature
 from ticketguard.training.fixed_mask import keep_mask
 from ticketguard.training.loop import TrainConfig, state_copy, train
+from ticketguard.verification.defence import magnitude_defence
 
-Weights = dict[str, torch.Tensor]
 Attack = Callable[..., tuple[Weights, Mask]]
 
 
@@ -48,15 +47,6 @@ def _check_positive(value: float, what: str) -> None:
         raise InputError(f"{what} must be > 0, got {value}")
 
 
-def _unflatten(flat: torch.Tensor, like: Mask) -> Mask:
-    """Split one flat bool vector over the tensors of ``like`` (in its order)."""
-    parts, start = {}, 0
-    for name, tensor in like.items():
-        parts[name] = flat[start : start + tensor.numel()].view_as(tensor)
-        start += tensor.numel()
-    return Mask(parts)
-
-
 def magnitude_pruning(
     weights: Mapping[str, torch.Tensor], mask: Mask, *, fraction: float
 ) -> tuple[Weights, Mask]:
@@ -71,11 +61,11 @@ def random_pruning(
     """One-shot pruning of a uniformly random ``fraction`` of the remaining weights."""
     _check_fraction(fraction, "pruning")
     generator = torch.Generator().manual_seed(seed)
-    kept = torch.cat([mask[n].cpu().flatten() for n in mask])
+    kept = mask.flat().cpu()
     positions = kept.nonzero().squeeze(1)
     drop = positions[torch.randperm(len(positions), generator=generator)[: round(fraction * len(positions))]]
     kept[drop] = False
-    result = _unflatten(kept, mask)
+    result = mask.unflatten(kept)
     return _masked(weights, result), result
 
 
@@ -191,28 +181,19 @@ def transfer(
     return _tune(model, mask, data, epochs, lr, seed, free, device, "transfer")
 
 
-def _kept_spread(weights: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, float]:
-    """Per tensor, the std of its kept weights: the scale an attacker imitates."""
-    spread = {}
-    for name in mask:
-        kept = weights[name][mask[name]].float()
-        spread[name] = float(kept.std()) if kept.numel() > 1 else 0.1
-    return spread
-
-
 def _switch_on(
     weights: Mapping[str, torch.Tensor], mask: Mask, fraction: float, scale: float, seed: int
 ) -> tuple[Weights, Mask]:
     """Switch on a random ``fraction`` of the pruned positions with N(0, (scale · kept std)^2) weights."""
     generator = torch.Generator().manual_seed(seed)
-    pruned = torch.cat([~mask[n].cpu().flatten() for n in mask])
+    pruned = ~mask.flat().cpu()
     positions = pruned.nonzero().squeeze(1)
     chosen = torch.zeros_like(pruned)
     chosen[
         positions[torch.randperm(len(positions), generator=generator)[: round(fraction * len(positions))]]
     ] = True
-    added = _unflatten(chosen, mask)
-    spread = _kept_spread(weights, mask)
+    added = mask.unflatten(chosen)
+    spread = mask.kept_spread(weights)
     result = {name: t.clone() for name, t in weights.items()}
     for name in mask:
         noise = torch.randn(mask[name].shape, generator=generator) * scale * spread[name]
@@ -230,31 +211,6 @@ def add_on(
     return _switch_on(weights, mask, fraction, scale, seed)
 
 
-DEFENCE_QUANTILE = 0.005
-
-
-def defence_threshold(
-    weights: Mapping[str, torch.Tensor], mask: Mask, quantile: float = DEFENCE_QUANTILE
-) -> float:
-    """t of the owner's defence: the ``quantile`` of the protected ticket's kept |W|, recorded in the claim.
-
-    Pruning below t costs the owner at most that share of its own weights, which the code survives.
-    """
-    _check_fraction(quantile, "defence quantile")
-    kept = torch.cat([weights[n][mask[n]].abs().float().flatten() for n in mask])
-    return float(torch.quantile(kept, quantile)) if kept.numel() else 0.0
-
-
-def magnitude_defence(
-    weights: Mapping[str, torch.Tensor], mask: Mask, *, threshold: float
-) -> tuple[Weights, Mask]:
-    """The owner's answer to add-on: prune every weight with |W| below the threshold t it knows."""
-    if not threshold >= 0:
-        raise InputError(f"the defence threshold t must be >= 0, got {threshold}")
-    kept = Mask({name: mask[name] & (weights[name].abs() >= threshold) for name in mask})
-    return _masked(weights, kept), kept
-
-
 def fake1(
     weights: Mapping[str, torch.Tensor], mask: Mask, *, key_density: float | None = None, seed: int = 0
 ) -> tuple[Weights, Mask]:
@@ -267,11 +223,9 @@ def fake1(
         )
     if not 0.0 < key_density < 1.0:
         raise InputError(f"fake1 key density must lie in (0, 1), got {key_density}")
-    architecture = identify_architecture(dict(weights)) or ("unknown", 0, 0)
-    locked = Ticket(*architecture, (0, 0), "", [], mask, dict(weights), dict(weights))
     size = max(1, round(key_density * mask.kept()))
-    forged = merge_key(locked, forge_random_key(locked, size, seed))
-    return forged.weights, forged.mask
+    forged_mask, forged_weights, _ = merge_tensors(mask, weights, weights, forge_random_key(mask, weights, size, seed))
+    return forged_weights, forged_mask
 
 
 def fake2(
@@ -312,7 +266,7 @@ def fake3(
             f"the forged payload {payload!r} does not fit QR version {spec.version}: {err}"
         ) from None
     generator = torch.Generator().manual_seed(seed)
-    spread = _kept_spread(weights, mask)
+    spread = mask.kept_spread(weights)
     positions = torch.from_numpy(forged.data_positions.astype(np.int64))
     wanted = torch.from_numpy(forged.data_modules == signature.kept_is_dark)
     result, new_mask = {n: t.clone() for n, t in weights.items()}, {n: t.clone() for n, t in mask.items()}

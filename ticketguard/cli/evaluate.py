@@ -10,8 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ticketguard.artifacts.suspect import load_suspect
-from ticketguard.artifacts.ticket import MANIFEST, Ticket
+from ticketguard.artifacts.ticket import Ticket
 from ticketguard.attacks import chains
 from ticketguard.attacks import removal as attacks
 from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Force, Json, TestPerClass, TrustCode
@@ -19,18 +18,16 @@ from ticketguard.cli.output import console, emit_json, percent, progress_bar, re
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import check_alpha
 from ticketguard.core.files import prepare_output, save_tensors
-from ticketguard.data import ImageData, load_dataset, load_subset
+from ticketguard.data import load_subset
 from ticketguard.experiments import harness, report
 from ticketguard.experiments.demo import DEMO, run_demo
+from ticketguard.experiments.suspect_attack import attack_suspect
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import signature as v2
 from ticketguard.training.loop import resolve_device
 from ticketguard.verification.claim import load_claim
 
 commands = typer.Typer()
-
-TRAINING_ATTACKS = ("finetune", "transfer")
-
 
 def _fractions(text: str, option: str, closed: bool) -> tuple[float, ...]:
     """Comma-separated fractions in [0, 1), or [0, 1] when ``closed``."""
@@ -43,23 +40,6 @@ def _fractions(text: str, option: str, closed: bool) -> tuple[float, ...]:
     if not all(0 <= v < 1 or (closed and v == 1) for v in values):
         raise bad
     return values
-
-
-def _transfer_data(name: str | None, data: ImageData, data_dir: Path | None) -> ImageData | None:
-    """``parity`` is the even/odd task on the ticket's own inputs; any other name is a data set."""
-    if name is None:
-        return None
-    return harness.parity_task(data) if name == "parity" else load_dataset(name, data_dir)
-
-
-def _claim_context(claim: Path | None) -> dict[str, Any]:
-    if claim is None:
-        return {}
-    loaded = load_claim(claim)
-    context: dict[str, Any] = {"signature": loaded.signature}
-    if loaded.defence is not None:
-        context["threshold"] = loaded.defence.threshold
-    return context
 
 
 @commands.command()
@@ -120,50 +100,21 @@ def attack(
     steps = chains.parse_chain(attack_spec)
     path = out if out.suffix == ".safetensors" else out / "attacked.safetensors"
     prepare_output(path, force, inputs=[suspect])
-    is_ticket = (suspect / MANIFEST).is_file()
-    ticket = Ticket.load(suspect, trust_code=trust_code) if is_ticket else None
-    architecture = None
-    if ticket is not None:
-        weights, mask = dict(ticket.weights), ticket.mask
-        key_density = key_density or ticket.metadata.get(v1.METADATA_ENTRY, {}).get("key_density")
-        data = data or ticket.dataset
-        architecture = ticket.architecture
-    else:
-        loaded = load_suspect(suspect)
-        weights, mask = loaded.weights, loaded.mask
-    options = {
-        "fraction": fraction,
-        "scale": weight_scale,
-        "epochs": epochs,
-        "lr": lr,
-        "payload": payload,
-        "seed": seed,
-        "key_density": key_density,
-        "free": free or None,
-        "architecture": architecture,
-    }
-    context: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
-    context |= _claim_context(claim)
-    if threshold is not None:
-        context["threshold"] = threshold
-    needs_data = any(step.name in TRAINING_ATTACKS for step in steps)
-    if needs_data:
-        if data is None:
-            raise InputError("fine-tuning needs a data set: give --data (the suspect is not a ticket folder)")
-        context["data"] = load_subset(data, data_dir, train_per_class, None, seed)
-        context["transfer_data"] = _transfer_data(transfer_data, context["data"], data_dir)
-        context["device"] = resolve_device(device)
-    context = {k: v for k, v in context.items() if v is not None}
     started = time.perf_counter()
-    attacked, attacked_mask = chains.chain(weights, mask, steps, context)
-    save_tensors(path, attacked)
-    summary = {"attack": " then ".join(map(str, steps)), "out": str(path), "density_before": mask.density(),
-               "density": attacked_mask.density(), "seconds": time.perf_counter() - started}
+    attacked = attack_suspect(
+        suspect, steps, claim=load_claim(claim) if claim is not None else None, data=data, data_dir=data_dir,
+        transfer_data=transfer_data, train_per_class=train_per_class, seed=seed, device=device,
+        trust_code=trust_code, fraction=fraction, scale=weight_scale, epochs=epochs, lr=lr, payload=payload,
+        key_density=key_density, free=free, threshold=threshold,
+    )
+    save_tensors(path, attacked.weights)
+    summary = {"attack": " then ".join(map(str, steps)), "out": str(path), "density_before": attacked.density_before,
+               "density": attacked.mask.density(), "seconds": time.perf_counter() - started}
     if as_json:
         emit_json(summary)
     else:
-        results.print(f"{summary['attack']}: weights left {percent(mask.density())} -> "
-                      f"{percent(attacked_mask.density())}; wrote [bold]{path}[/] in {summary['seconds']:.1f} s")
+        results.print(f"{summary['attack']}: weights left {percent(summary['density_before'])} -> "
+                      f"{percent(summary['density'])}; wrote [bold]{path}[/] in {summary['seconds']:.1f} s")
 
 
 def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
@@ -227,7 +178,7 @@ def evaluate(
         data,
         claimed,
         key_density or ticket.metadata.get(v1.METADATA_ENTRY, {}).get("key_density"),
-        _transfer_data(transfer_data, data, data_dir),
+        harness.transfer_task(transfer_data, data, data_dir),
         alpha,
         resolve_device(device),
     )

@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ticketguard.artifacts.ticket import MANIFEST, TENSOR_FILES, Ticket
 from ticketguard.cli.options import (
-    BatchSize,
     DataDir,
     Device,
-    Epochs,
     Force,
     Json,
-    Lr,
-    Seed,
     TestPerClass,
     TrainPerClass,
     TrustCode,
-    training_overrides,
+    retraining,
 )
 from ticketguard.cli.output import emit_json, percent, print_verdict, progress_bar, results
+from ticketguard.cli.settings import expand_settings
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import prepare_output, staged_folder
 from ticketguard.data import load_subset
@@ -99,20 +96,19 @@ def merge(
 
 
 @commands.command("verify-key")
+@expand_settings
 def verify_key_command(
     locked: Annotated[Path, typer.Argument(help="The locked ticket folder.")],
+    *,
     key_mask: Annotated[
         Path | None, typer.Option(help="Key-mask folder (from split); without it, check the lock only.")
     ] = None,
     data_dir: DataDir = None,
-    epochs: Epochs = None,
-    batch_size: BatchSize = None,
-    lr: Lr = None,
+    training: Annotated[dict[str, Any], retraining("epochs", "batch_size", "lr", "seed")],
     eps: Annotated[float, typer.Option(help="eps_f in accuracy points.")] = 1.0,
     fake1: Annotated[bool, typer.Option(help="Also retrain with a random key (fake1).")] = False,
     train_per_class: TrainPerClass = None,
     test_per_class: TestPerClass = None,
-    seed: Seed = None,
     device: Device = "auto",
     as_json: Json = False,
     trust_code: TrustCode = False,
@@ -126,7 +122,7 @@ def verify_key_command(
         ticket, secret = Ticket.load(locked, trust_code=trust_code), None
     else:
         ticket, secret = load_pair(locked, key_mask, trust_code)
-    config = ticket.train_config(**training_overrides(epochs, batch_size, lr, None, None, seed, None))
+    config = ticket.train_config(**training)
     data = load_subset(ticket.dataset, data_dir, train_per_class, test_per_class, config.seed)
     with progress_bar() as progress:
         verdict = verify_key(ticket, secret, data, config, eps / 100, resolve_device(device), progress, fake1)

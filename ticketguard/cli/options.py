@@ -1,17 +1,20 @@
 """Command-line options that several commands share, declared once so that their names and help agree.
 
-Training options default to None: a command that retrains a ticket starts from the training settings the ticket
-records (``Ticket.train_config``) and only the options a user gives override them.
+Training options are generated from ``TrainConfig`` and default to None: a command that retrains a ticket starts
+from the training settings the ticket records (``Ticket.train_config``) and only the options a user gives
+override them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ticketguard.cli.settings import Settings
 from ticketguard.core.evidence import DEFAULT_ALPHA
+from ticketguard.training.loop import TrainConfig
 
 DataDir = Annotated[Path | None, typer.Option(help="Folder or .tar.gz of the data set.")]
 TrainPerClass = Annotated[int | None, typer.Option(help="Use a class-balanced training subset.")]
@@ -29,32 +32,15 @@ TrustCode = Annotated[bool, typer.Option(
 )]
 SigningKey = Annotated[Path | None, typer.Option(help="Owner's Ed25519 private key (PEM) that signs the claim.")]
 
-Epochs = Annotated[int | None, typer.Option(help="Epochs per training run (default: the ticket's or data set's).")]
-BatchSize = Annotated[int | None, typer.Option(help="Batch size (default: the ticket's, else 128).")]
-Lr = Annotated[float | None, typer.Option(help="Peak learning rate (default: the ticket's, else 0.1).")]
-Momentum = Annotated[float | None, typer.Option(help="SGD momentum (default: the ticket's, else 0.9).")]
-WeightDecay = Annotated[float | None, typer.Option(help="Weight decay (default: the ticket's, else 1e-4).")]
-Seed = Annotated[int | None, typer.Option(help="Seed of initialisation, batch order and augmentation.")]
-Schedule = Annotated[
-    str | None, typer.Option(help="Learning-rate schedule: step (paper) or onecycle (default: the ticket's).")
-]
+RETRAINING = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "seed", "schedule")
 
 
-def training_overrides(
-    epochs: int | None,
-    batch_size: int | None,
-    lr: float | None,
-    momentum: float | None,
-    weight_decay: float | None,
-    seed: int | None,
-    schedule: str | None,
-) -> dict[str, object]:
-    """The training settings a user gave, by TrainConfig field; those left out follow the ticket."""
-    given = {
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-        "weight_decay": weight_decay, "seed": seed, "schedule": schedule,
-    }
-    return {name: value for name, value in given.items() if value is not None}
+def retraining(*names: str) -> Settings:
+    """Training options (by default ``RETRAINING``) that override what the ticket records."""
+    return Settings(TrainConfig, names or RETRAINING, follow="the ticket's or its data set's")
+
+
+TrainingOverrides = Annotated[dict[str, Any], retraining()]
 TsaCert = Annotated[Path | None, typer.Option(
     help="PEM of the time-stamping authority you trust (its certificate and issuers, or its root CA): checks "
     "the claim's RFC 3161 token, so evidence counts at alpha against copies published after that time.")]

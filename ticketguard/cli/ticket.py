@@ -11,104 +11,40 @@ import typer
 from rich.table import Table
 
 from ticketguard.artifacts.suspect import load_suspect
-from ticketguard.artifacts.ticket import MANIFEST, Ticket
-from ticketguard.cli.options import (
-    BatchSize,
-    DataDir,
-    Device,
-    Epochs,
-    Force,
-    Json,
-    Lr,
-    Momentum,
-    Schedule,
-    Seed,
-    TestPerClass,
-    TrainPerClass,
-    WeightDecay,
-    training_overrides,
-)
+from ticketguard.artifacts.ticket import Ticket, is_ticket_folder
+from ticketguard.cli.options import RETRAINING, DataDir, Device, Force, Json, TestPerClass, TrainPerClass
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
+from ticketguard.cli.settings import Settings, expand_settings
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import prepare_output
 from ticketguard.data import dataset_spec, load_subset
-from ticketguard.models import MODELS
 from ticketguard.search.adopt import adopt as adopt_model
-from ticketguard.search.imp import DEFAULT_RATIOS, SearchConfig
+from ticketguard.search.config import SearchConfig
 from ticketguard.search.jobs import DataSource, run_jobs, search_job
 from ticketguard.training import distributed
 from ticketguard.training.loop import TrainConfig, resolve_device
 
 commands = typer.Typer()
 
-TRAIN = TrainConfig()
-SEARCH = SearchConfig()
-
-
-def _parse_ratios(text: str | None) -> tuple[float, ...]:
-    if text is None:
-        return ()
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise InputError(f"--ratios must be comma-separated numbers such as 0.2,0.1,0.05,0.01, got {text!r}") from None
+SearchOptions = Annotated[dict[str, Any], Settings(SearchConfig)]
+FindTraining = Annotated[dict[str, Any], Settings(TrainConfig, RETRAINING, follow="the data set's")]
+Compiling = Annotated[dict[str, Any], Settings(TrainConfig, ("compile",), flags={"compile": ("--compile",)})]
 
 
 @commands.command()
+@expand_settings
 def find(
+    *,
     out: Annotated[Path, typer.Option(help="Ticket folder to write; the resumable search state goes in OUT/search.")]
     = Path("runs/ticket"),
-    model: Annotated[str, typer.Option(
-        help=f"Architecture: {', '.join(MODELS)}, or any model by import path, e.g. "
-        "'torchvision.models:resnet18(num_classes=10)' or 'mypackage.nets:small_cnn' (in_channels and num_classes "
-        "are passed when the factory takes them). The ticket records it for every later command. Importing "
-        "runs that module's code."
-    )] = SEARCH.model,
-    prune: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB",
-        help="Weights to prune, as fnmatch patterns of parameter names (repeatable), e.g. 'encoder.*.weight'. "
-        "Default: every conv and linear weight but the first layer and the classifier."
-    )] = None,
+    search: SearchOptions,
     data: Annotated[str, typer.Option(help="Data set: digits (built in), cifar10, cifar100, folder.")] = "digits",
     data_dir: DataDir = None,
     download: Annotated[bool, typer.Option(help="Fetch the official CIFAR archive if DATA_DIR lacks it.")] = False,
-    epochs: Epochs = None,
-    batch_size: BatchSize = None,
-    lr: Lr = None,
-    momentum: Momentum = None,
-    weight_decay: WeightDecay = None,
-    rewind_epoch: Annotated[int, typer.Option(help="Late-rewinding epoch k of W_k.")] = SEARCH.rewind_epoch,
-    ratios: Annotated[str | None, typer.Option(
-        help="Pruning ratios, largest first. Default: "
-        + "; ".join(f"{kind} {','.join(map(str, values))}" for kind, values in DEFAULT_RATIOS.items()) + ".")
-    ] = None,
-    eps: Annotated[float, typer.Option(help="eps_f: a ticket matches within this many accuracy points.")] = 100
-    * SEARCH.eps,
-    max_rounds: Annotated[int, typer.Option(help="Stop after this many pruning rounds.")] = SEARCH.max_rounds,
-    pruning_schedule: Annotated[str, typer.Option(
-        help="adaptive: prune at the first ratio until a round fails, then bisect down to the last ratio t (fewer "
-        "trainings, steadier across seeds); paper: walk the ratio list, reverting to the last matching mask and a "
-        "smaller ratio on each failure.")
-    ] = SEARCH.pruning_schedule,
-    decide_on: Annotated[str, typer.Option(
-        help="Where matching is decided: validation (held out from the training images) or test (the paper's "
-        "rule; with --validation-fraction 0 every training image trains, as in the paper).")
-    ] = SEARCH.decide_on,
-    validation_fraction: Annotated[float, typer.Option(
-        help="Share of each class's training images held out (chosen by --seed) to decide matching.")
-    ] = SEARCH.validation_fraction,
-    confidence: Annotated[float, typer.Option(
-        help="One-sided confidence of the paired matching test: a round worse than dense by more than the margin "
-        "passes with probability at most 1 - confidence.")
-    ] = SEARCH.confidence,
-    include_classifier: Annotated[bool, typer.Option(help="Prune the classifier's weights too.")] = False,
+    training: FindTraining,
     train_per_class: TrainPerClass = None,
     test_per_class: TestPerClass = None,
-    seed: Seed = None,
-    schedule: Schedule = None,
-    compile_model: Annotated[
-        bool, typer.Option("--compile", help="Train through torch.compile (pays on GPUs and for ResNet-18/50).")
-    ] = TRAIN.compile,
+    compiling: Compiling,
     device: Device = "auto",
     restart: Annotated[bool, typer.Option(help="Discard an earlier search in OUT/search instead of resuming.")]
     = False,
@@ -128,24 +64,7 @@ def find(
     spec = dataset_spec(data)
     if seeds is None and (workers != 1 or ray is not None):
         raise InputError("--workers and --ray run independent searches: give them --seeds")
-    config = SearchConfig(
-        model=model,
-        ratios=_parse_ratios(ratios),
-        eps=eps / 100,
-        rewind_epoch=rewind_epoch,
-        max_rounds=max_rounds,
-        include_classifier=include_classifier,
-        prune=tuple(prune or ()),
-        pruning_schedule=pruning_schedule,
-        decide_on=decide_on,
-        validation_fraction=validation_fraction,
-        confidence=confidence,
-        train=TrainConfig(
-            **{"epochs": spec.default_epochs,
-               **training_overrides(epochs, batch_size, lr, momentum, weight_decay, seed, schedule)},
-            compile=compile_model,
-        ),
-    )
+    config = SearchConfig(**search, train=TrainConfig(**{"epochs": spec.default_epochs, **training, **compiling}))
     source = DataSource(data, data_dir, download, train_per_class, test_per_class)
     started = time.perf_counter()
     if seeds is not None:
@@ -229,7 +148,7 @@ def info(
     as_json: Json = False,
 ) -> None:
     """Show a ticket's or model file's architecture, accuracy, search history and density per layer."""
-    report = _ticket_report(path) if (path / MANIFEST).is_file() else _model_file_report(path)
+    report = _ticket_report(path) if is_ticket_folder(path) else _model_file_report(path)
     if as_json:
         emit_json(report)
     else:

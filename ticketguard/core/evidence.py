@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from scipy.stats import binom
-
 from ticketguard.core.errors import InputError
 
 DEFAULT_ALPHA = 1e-6
@@ -26,15 +24,6 @@ def check_alpha(alpha: float) -> float:
     if not 0.0 < alpha < 1.0:  # also refuses NaN, for which every comparison is False
         raise InputError(f"alpha (the false-claim probability) must lie in (0, 1), got {alpha}")
     return alpha
-
-
-def binomial_p_value(successes: int, trials: int, chance: float) -> float:
-    """P(X >= successes) for X ~ Binomial(trials, chance): how often chance alone would score this well."""
-    if trials <= 0:
-        return 1.0
-    if not 0.0 <= chance <= 1.0:
-        raise ValueError(f"chance must lie in [0, 1], got {chance}")
-    return float(binom.sf(successes - 1, trials, chance))
 
 
 @dataclass(frozen=True)
@@ -102,13 +91,3 @@ class Verdict:
             **self.details,
         }
 
-
-def fidelity(accuracy: float, target: float, eps: float) -> Evidence:
-    """F(...): the protected model keeps its accuracy within eps_f of the target A_f."""
-    return Evidence(
-        name="fidelity",
-        score=accuracy,
-        threshold=target - eps,
-        passed=accuracy >= target - eps,
-        details={"target": target, "eps": eps},
-    )

@@ -13,7 +13,6 @@ import glob
 import hashlib
 import json
 import logging
-import math
 import os
 import pickle
 import secrets
@@ -23,11 +22,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import safetensors.torch
 import torch
 
-from ticketguard.core.errors import InputError
+from ticketguard.core.errors import InputError, shorten
+from ticketguard.core.schema import check_json
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +37,6 @@ KEY_MANIFEST = "key.json"
 SEALED_MANIFESTS = (TICKET_MANIFEST, KEY_MANIFEST)
 TEMPORARY_SUFFIX = ".tmp"
 MAX_JSON_BYTES = 64 * 1024**2
-MAX_JSON_DEPTH = 32
-SHA256_SCHEMA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-# JSON integers only: jsonschema's own "integer" also admits 3.0, which would then travel on as a float.
-# Tuples are arrays, as json.dumps writes them: a section made in process (asdict) checks like one read back.
-_Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many({
-        "integer": lambda _, value: isinstance(value, int) and not isinstance(value, bool),
-        "array": lambda _, value: isinstance(value, (list, tuple)),
-    }),
-)
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
@@ -87,36 +73,8 @@ def read_json(path: str | Path) -> Any:
     except RecursionError:
         raise InputError(f"{path} nests JSON deeper than Python can read") from None
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, and integers of over 4300 digits
-        raise InputError(f"{path} is not valid JSON ({_shorten(str(err))})") from None
+        raise InputError(f"{path} is not valid JSON ({shorten(str(err))})") from None
     return data
-
-
-def check_json(data: Any, schema: Mapping[str, Any], what: str) -> None:
-    """Refuse JSON data that nests deeper than MAX_JSON_DEPTH, holds a non-finite number or breaks ``schema``
-    (integers must be JSON integers); the message names the first offending place."""
-    stack = [(data, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise InputError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels; it is no ticketguard file")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"{what} holds the number {value}; every number must be finite")
-        if isinstance(value, dict):
-            stack.extend((item, depth + 1) for item in value.values())
-        elif isinstance(value, (list, tuple)):
-            stack.extend((item, depth + 1) for item in value)
-    error = jsonschema.exceptions.best_match(_Validator(schema).iter_errors(data))
-    if error is not None:
-        place = ".".join(map(str, error.absolute_path)) or "the top level"
-        shown = repr(error.instance)  # the message quotes the offending value, which may be huge
-        message = error.message.replace(shown, _shorten(shown, 40)) if len(shown) > 40 else error.message
-        raise InputError(f"{what} is malformed at {place}: {_shorten(message)}")
-
-
-def _shorten(text: str, limit: int = 160) -> str:
-    """One line of at most ``limit`` characters: a hostile file must not flood the terminal."""
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def read_manifest(
@@ -138,7 +96,7 @@ def read_manifest(
     check_json(manifest, schema, str(folder / name))
     listed = manifest.get("files")
     if not isinstance(listed, dict) or sorted(listed) != sorted(files):
-        shown = _shorten(", ".join(map(repr, sorted(listed))) if isinstance(listed, dict) else repr(listed))
+        shown = shorten(", ".join(map(repr, sorted(listed))) if isinstance(listed, dict) else repr(listed))
         raise InputError(
             f"{folder / name} must list the sha256 of exactly {', '.join(files)}, but lists "
             f"{shown or 'none'}: the {kind} folder was changed or damaged"
@@ -299,7 +257,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             tensors = safetensors.torch.load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for any malformed header
-            raise InputError(f"{path} is not a readable safetensors file ({_shorten(str(err))})") from None
+            raise InputError(f"{path} is not a readable safetensors file ({shorten(str(err))})") from None
         if not tensors:
             raise InputError(f"{path} holds no tensors, so it is not a model")
         return tensors

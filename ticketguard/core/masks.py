@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -12,9 +12,31 @@ from torch import nn
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import load_tensors, save_tensors
 
+Weights = dict[str, torch.Tensor]
+"""Named tensors: a state_dict, or any part of one."""
+
 PRUNE_ORIG_SUFFIX = "_orig"
 PRUNE_MASK_SUFFIX = "_mask"
 ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+SPREAD_FALLBACK = 0.1  # the scale of a layer that keeps fewer than two weights, where no spread is measured
+
+
+def flatten(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> torch.Tensor:
+    """The named tensors as one vector, in the order of ``names``: global choices (top-k, random draws)
+    are made on it and split back with ``unflatten``."""
+    return torch.cat([tensors[name].flatten() for name in names])
+
+
+def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Weights:
+    """Split one vector into tensors shaped like those of ``like``, in its order."""
+    total = sum(tensor.numel() for tensor in like.values())
+    if flat.numel() != total:
+        raise ValueError(f"a vector of {flat.numel()} entries cannot fill tensors of {total}")
+    parts, start = {}, 0
+    for name, tensor in like.items():
+        parts[name] = flat[start : start + tensor.numel()].view_as(tensor)
+        start += tensor.numel()
+    return parts
 
 
 class Mask(Mapping[str, torch.Tensor]):
@@ -69,6 +91,34 @@ class Mask(Mapping[str, torch.Tensor]):
     def layer_densities(self) -> dict[str, float]:
         return {name: float(t.float().mean()) for name, t in self._tensors.items()}
 
+    def flat(self) -> torch.Tensor:
+        """M as one bool vector over its tensors, in their order."""
+        return flatten(self._tensors, self._tensors)
+
+    def unflatten(self, flat: torch.Tensor) -> Mask:
+        """A mask shaped like this one from one bool vector over its tensors."""
+        return Mask(unflatten(flat, self._tensors))
+
+    def kept_values(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The kept weights of every tensor, as one float vector in this mask's order."""
+        return torch.cat([weights[name].detach()[kept.to(weights[name].device)].float().cpu()
+                          for name, kept in self._tensors.items()])
+
+    def subset(self, chosen: torch.Tensor) -> Mask:
+        """The mask that keeps the kept positions where ``chosen`` (one bool per kept weight, in order) is True."""
+        flat = self.flat().cpu()
+        subset = torch.zeros_like(flat)
+        subset[flat.nonzero().squeeze(1)] = chosen
+        return self.unflatten(subset)
+
+    def kept_spread(self, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Per tensor, the std of its kept weights: the scale of weights that pass for this ticket's own."""
+        spread = {}
+        for name, kept in self._tensors.items():
+            values = weights[name].detach()[kept.to(weights[name].device)].float()
+            spread[name] = float(values.std()) if values.numel() > 1 else SPREAD_FALLBACK
+        return spread
+
     def to(self, device: torch.device | str) -> Mask:
         return Mask({name: t.to(device) for name, t in self._tensors.items()})
 
@@ -101,11 +151,6 @@ class Mask(Mapping[str, torch.Tensor]):
         for name, tensor in self._tensors.items():
             params[name].mul_(tensor.to(params[name].device, params[name].dtype))
         return model
-
-
-def relative_density(mask: Mask, reference: Mask, eps: float = 1e-12) -> float:
-    """rspar(M1, M2) = spar(M1) / (spar(M2) + eps)."""
-    return mask.density() / (reference.density() + eps)
 
 
 def weight_layers(model: nn.Module) -> list[str]:

@@ -16,7 +16,8 @@ from ticketguard.experiments import harness
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import trigger as v3
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.loop import TrainConfig
 from ticketguard.verification.claim import Claim
 from ticketguard.verification.verify import verify_key

@@ -27,7 +27,7 @@ from ticketguard.attacks import chains
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import DEFAULT_ALPHA
 from ticketguard.core.files import atomic_path, read_json, write_json
-from ticketguard.data import ImageData
+from ticketguard.data import ImageData, load_dataset
 from ticketguard.experiments.report import COLUMNS, display_row, markdown_table
 from ticketguard.models import build_from_state
 from ticketguard.training.loop import evaluate
@@ -52,7 +52,7 @@ class Subject:
     alpha: float = DEFAULT_ALPHA
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def fingerprint(self) -> str:
+    def weights_digest(self) -> str:
         """sha256 of the shipped weights: a stored point counts as finished only for the same ticket."""
         digest = hashlib.sha256()
         for name in sorted(self.ticket.weights):
@@ -64,9 +64,8 @@ class Subject:
         """What attacks may take from the claim and the setting (``chains.run_step`` picks per attack)."""
         context = {
             "data": self.data,
-            "signature": self.claim.signature,
+            **claim_context(self.claim),
             "key_density": self.key_density,
-            "threshold": None if self.claim.defence is None else self.claim.defence.threshold,
             "transfer_data": self.transfer_data,
             "device": self.device,
             "architecture": self.ticket.architecture,
@@ -200,11 +199,11 @@ def run_grid(
     """Every point in order, skipping those already stored in ``OUT/points``; failures are rows too."""
     folder = Path(out) / POINTS
     task = progress.add_task("attack grid", total=len(points), status="") if progress else None
-    rows, fingerprint = [], subject.fingerprint()
+    rows, digest = [], subject.weights_digest()
     for point in points:
         path = folder / f"{point.key}.json"
         stored = read_json(path) if path.is_file() else None
-        if stored is not None and stored.get("error") is None and stored.get("ticket") == fingerprint:
+        if stored is not None and stored.get("error") is None and stored.get("ticket") == digest:
             row = stored
         else:
             if progress is not None:
@@ -214,7 +213,7 @@ def run_grid(
             except Exception as err:  # noqa: BLE001 - a failed point is reported; the grid goes on
                 log.warning("attack %s failed: %s", point.label, err)
                 row = {**_identity(point), "error": f"{type(err).__name__}: {err}"}
-            row["ticket"] = fingerprint
+            row["ticket"] = digest
             write_json(path, row)
         rows.append(row)
         if progress is not None:
@@ -238,6 +237,19 @@ def write_results(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(markdown_table(shown, list(COLUMNS)) + "\n")
     return paths
+
+
+def claim_context(claim: Claim) -> dict[str, Any]:
+    """What attacks may take from the owner's claim: the code's regions (fake3) and the defence's threshold t."""
+    return {"signature": claim.signature, "threshold": None if claim.defence is None else claim.defence.threshold}
+
+
+def transfer_task(name: str | None, data: ImageData, data_dir: Path | None = None) -> ImageData | None:
+    """The target of a transfer attack: ``parity`` is the even/odd task on ``data``'s own inputs, any other name
+    a data set; None, no transfer."""
+    if name is None:
+        return None
+    return parity_task(data) if name == "parity" else load_dataset(name, data_dir)
 
 
 def parity_task(data: ImageData) -> ImageData:

@@ -86,6 +86,11 @@ def trust_model_code(spec: str) -> None:
     _trusted.add(parse_spec(spec).text)
 
 
+def forget_trusted_code() -> None:
+    """Withdraw every trust given in this process: the state a fresh command starts from."""
+    _trusted.clear()
+
+
 def is_trusted(spec: str) -> bool:
     return spec.strip() in _trusted
 

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from ticketguard.artifacts.ticket import MANIFEST, MASK_FILE, SHARE, WEIGHTS_FILE, Ticket, nullable
+from ticketguard.artifacts.ticket import MANIFEST, MASK_FILE, WEIGHTS_FILE, Ticket
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import Evidence
 from ticketguard.core.files import (
     KEY_MANIFEST,
-    SHA256_SCHEMA,
     load_tensors,
     read_json,
     read_manifest,
@@ -36,7 +35,8 @@ from ticketguard.core.files import (
     staged_folder,
     write_json,
 )
-from ticketguard.core.masks import Mask
+from ticketguard.core.masks import Mask, Weights
+from ticketguard.core.schema import SHA256_SCHEMA, SHARE, nullable
 from ticketguard.data import ImageData
 from ticketguard.models import build_model
 from ticketguard.schemes.scores import GRAPH_SCORES, score
@@ -98,21 +98,13 @@ def check_key_density(key_density: float) -> None:
 def key_mask(scores: Mapping[str, torch.Tensor], mask: Mask, key_density: float) -> Mask:
     """M_s: the n = round(n_s·||M||_0) highest scores among the kept weights, across all tensors."""
     check_key_density(key_density)
-    names = list(mask)
-    kept = torch.cat([scores[n].flatten()[mask[n].flatten()].float() for n in names])
+    kept = mask.kept_values(scores)
     if kept.numel() == 0:
         raise InputError("the ticket keeps no prunable weights, so there is no key to split off")
     count = max(1, round(key_density * kept.numel()))
     chosen = torch.zeros(kept.numel(), dtype=torch.bool)
     chosen[torch.topk(kept, count, sorted=False).indices] = True
-    dense, start = {}, 0
-    for name in names:
-        flat = torch.zeros(mask[name].numel(), dtype=torch.bool)
-        positions = mask[name].flatten().nonzero().squeeze(1)
-        flat[positions] = chosen[start : start + positions.numel()]
-        dense[name] = flat.view_as(mask[name])
-        start += positions.numel()
-    return Mask(dense)
+    return mask.subset(chosen)
 
 
 def _without(state: Mapping[str, torch.Tensor], removed: Mask) -> dict[str, torch.Tensor]:
@@ -157,42 +149,44 @@ def split_key(ticket: Ticket, key_density: float, score_name: str = "ewp") -> tu
     return locked, key
 
 
-def _check_fits(locked: Ticket, key: Key) -> None:
+def _check_fits(locked: Mask, key: Key) -> None:
     for name, index in key.index.items():
-        if name not in locked.mask:
+        if name not in locked:
             raise InputError(f"the key names tensor {name!r}, which the locked ticket does not mask")
-        size = locked.mask[name].numel()
+        size = locked[name].numel()
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
             raise InputError(f"the key's positions for {name!r} fall outside its {size} weights")
-        if bool(locked.mask[name].flatten()[index].any()):
+        if bool(locked[name].flatten()[index].any()):
             raise InputError(
                 f"the locked ticket's mask already keeps key positions of {name!r}: "
                 "this key was not split from it"
             )
 
 
-def merge_key(locked: Ticket, key: Key) -> Ticket:
-    """M = M_l + M_s, with the key's exact weight and rewind values put back."""
-    _check_fits(locked, key)
-    secret = key.mask(locked.mask)
+def merge_tensors(
+    mask: Mask, weights: Mapping[str, torch.Tensor], rewind: Mapping[str, torch.Tensor], key: Key
+) -> tuple[Mask, Weights, Weights]:
+    """M = M_l + M_s on bare tensors: the merged mask, and the weights and rewind with the key's values back."""
+    _check_fits(mask, key)
+    secret = key.mask(mask)
 
-    def restored(
-        state: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def restored(state: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> Weights:
         merged = {name: t.clone() for name, t in state.items()}
         for name, index in key.index.items():
             merged[name].view(-1)[index] = values[name].to(merged[name].dtype)
         return merged
 
+    merged_mask = Mask({name: mask[name] | secret[name] for name in mask})
+    return merged_mask, restored(weights, key.weights), restored(rewind, key.rewind)
+
+
+def merge_key(locked: Ticket, key: Key) -> Ticket:
+    """M = M_l + M_s, with the key's exact weight and rewind values put back."""
+    mask, weights, rewind = merge_tensors(locked.mask, locked.weights, locked.rewind, key)
     metadata = copy.deepcopy(locked.metadata)
     metadata.pop(METADATA_ENTRY, None)
     return replace(
-        locked,
-        mask=Mask({name: locked.mask[name] | secret[name] for name in locked.mask}),
-        rewind=restored(locked.rewind, key.rewind),
-        weights=restored(locked.weights, key.weights),
-        accuracy=key.restore.get("accuracy"),
-        metadata=metadata,
+        locked, mask=mask, rewind=rewind, weights=weights, accuracy=key.restore.get("accuracy"), metadata=metadata
     )
 
 
@@ -282,31 +276,27 @@ def load_pair(locked_folder: str | Path, key_folder: str | Path, trust_code: boo
             f"the key in {key_folder} belongs to another locked ticket: the hashes it records do not match "
             f"{locked_folder}"
         )
-    _check_fits(locked, key)
+    _check_fits(locked.mask, key)
     return locked, key
 
 
-def forge_random_key(locked: Ticket, size: int, seed: int = 0) -> Key:
+def forge_random_key(locked: Mask, rewind: Mapping[str, torch.Tensor], size: int, seed: int = 0) -> Key:
     """fake1 (paper Fig. 5): a random key of ``size`` pruned positions of M_l with random rewind values.
 
     The forger does not know W_k at those positions: values come from N(0, std of the tensor's kept W_k).
     """
     generator = torch.Generator().manual_seed(seed)
-    names = list(locked.mask)
-    free = torch.cat([~locked.mask[n].flatten() for n in names]).nonzero().squeeze(1)
-    chosen = free[torch.randperm(free.numel(), generator=generator)[:size]].sort().values
-    index, rewind, start = {}, {}, 0
-    for name in names:
-        count = locked.mask[name].numel()
-        local = chosen[(chosen >= start) & (chosen < start + count)] - start
-        kept = locked.rewind[name][locked.mask[name]]
-        spread = float(kept.float().std()) if kept.numel() > 1 else 0.1
-        index[name] = local
-        values = torch.randn(local.numel(), generator=generator) * spread
-        rewind[name] = values.to(locked.rewind[name].dtype)
-        start += count
-    density = size / max(locked.mask.kept(), 1)
-    return Key(index=index, weights=rewind, rewind=rewind, density=density, score="fake1")
+    free = (~locked.flat()).nonzero().squeeze(1)
+    chosen = torch.zeros(locked.total(), dtype=torch.bool)
+    chosen[free[torch.randperm(free.numel(), generator=generator)[:size]]] = True
+    spread = locked.kept_spread(rewind)
+    index, values = {}, {}
+    for name, drawn in locked.unflatten(chosen).items():
+        index[name] = drawn.flatten().nonzero().squeeze(1)
+        noise = torch.randn(index[name].numel(), generator=generator) * spread[name]
+        values[name] = noise.to(rewind[name].dtype)
+    density = size / max(locked.kept(), 1)
+    return Key(index=index, weights=values, rewind=values, density=density, score="fake1")
 
 
 def retrain(ticket: Ticket, data: ImageData, config: TrainConfig, device: torch.device,
@@ -347,7 +337,7 @@ def key_evidence(
     details |= {"accuracy_with_key": with_key, "target": target}
     passed = with_key >= target - eps > without and with_key - without > eps
     if fake1:
-        forged = merge_key(locked, forge_random_key(locked, key.size(), config.seed))
+        forged = merge_key(locked, forge_random_key(locked.mask, locked.rewind, key.size(), config.seed))
         details["accuracy_fake1"] = retrain(forged, data, config, device, progress, "random key (fake1)")
         details["fake1_fails"] = details["accuracy_fake1"] < target - eps
         passed = passed and details["fake1_fails"]

@@ -12,18 +12,18 @@ them, and tests the module match rate against a random mask of the suspect layer
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.stats import binom
 
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
-from ticketguard.core.files import check_json
-from ticketguard.core.masks import Mask
+from ticketguard.core.masks import Mask, flatten, unflatten
+from ticketguard.core.schema import check_json
+from ticketguard.core.stats import match_p_value
 from ticketguard.schemes import qr
 from ticketguard.schemes.placement import (
     Placement,
@@ -32,6 +32,10 @@ from ticketguard.schemes.placement import (
     qr_codes,
     search_placements,
 )
+from ticketguard.schemes.signature_figures import save_comparison_image
+
+if TYPE_CHECKING:  # base.py registers this scheme, so it cannot be imported from here at run time
+    from ticketguard.schemes.base import VerifyContext
 
 # With k weights per connection, one-shot magnitude pruning of a fraction f empties the kernel with chance
 # about f^k: 3 weights keep ~87 % of the dark modules at f = 0.5, within what the dark-only decoder corrects.
@@ -205,8 +209,8 @@ def _compensate(
     """Restore the kept count outside the code regions: drop the weakest trained weights when the code added
     weights, switch on the strongest rewind weights when it removed some."""
     names = list(mask)
-    kept = torch.cat([mask[n].flatten() for n in names])
-    free = ~torch.cat([protected[n].flatten() for n in names])
+    kept = flatten(mask, names)
+    free = ~flatten(protected, names)
     candidates = free & (kept if surplus > 0 else ~kept)
     if int(candidates.sum()) < abs(surplus):
         raise InputError(
@@ -221,17 +225,13 @@ def _compensate(
             "--weights-per-connection 1 or a shorter signature"
         )
     source = weights if surplus > 0 else rewind
-    magnitude = torch.cat([source[n].detach().abs().float().flatten() for n in names])
+    magnitude = flatten(source, names).detach().abs().float()
     if surplus > 0:
         flip = torch.where(candidates, magnitude, torch.inf).topk(surplus, largest=False).indices
     else:
         flip = torch.where(candidates, magnitude, -torch.inf).topk(-surplus).indices
     kept[flip] = ~kept[flip]
-    start = 0
-    for name in names:
-        size = mask[name].numel()
-        mask[name] = kept[start : start + size].view_as(mask[name])
-        start += size
+    mask.update(unflatten(kept, mask))
 
 
 def embed_signature(
@@ -301,7 +301,7 @@ def raise_code_weights(
         raise InputError(
             f"raising needs a pruning fraction in [0, 1) and a margin >= 1, got {fraction} and {margin}"
         )
-    kept = torch.cat([weights[n].detach().abs().float()[mask[n]] for n in mask])
+    kept = mask.kept_values(weights).abs()
     floor = margin * float(kept.kthvalue(max(1, round(fraction * len(kept)))).values)
     positions = qr.data_positions(signature.spec)
     raised = {name: tensor.clone() for name, tensor in weights.items()}
@@ -342,19 +342,6 @@ def read_region(
         )
     kept = squeezed[rows, cols].numpy()
     return kept if kept_is_dark else ~kept
-
-
-def match_p_value(
-    matches: int, dark: Sequence[int], light: Sequence[int], densities: Sequence[float]
-) -> tuple[float, np.ndarray]:
-    """P(matches >= observed) for random masks: per copy, dark modules match with chance q (the layer's
-    connection density) and light ones with 1 - q; returns the p-value and the tail P(X >= m) for every m."""
-    pmf = np.ones(1)
-    for n_dark, n_light, q in zip(dark, light, densities):
-        pmf = np.convolve(pmf, binom.pmf(np.arange(n_dark + 1), n_dark, q))
-        pmf = np.convolve(pmf, binom.pmf(np.arange(n_light + 1), n_light, 1 - q))
-    tail = np.minimum(np.cumsum(pmf[::-1])[::-1], 1.0)
-    return float(tail[matches]), tail
 
 
 def extract(
@@ -444,3 +431,31 @@ def evidence(reading: Reading) -> Evidence:
             "regions": [asdict(r) for r in reading.signature.regions],
         },
     )
+
+
+class SignatureScheme:
+    """V2 as a claim-carrying scheme (``ticketguard.schemes.base``): the signature section sits at the claim's top
+    level, and its evidence is the match rate of the claimed regions in the suspect's mask as read."""
+
+    claim_key = "signature"
+    top_level = True
+    evidence_name = "qr-signature"
+    description = "a QR signature"
+    schema = SIGNATURE_SCHEMA
+
+    def section_to_json(self, section: Signature) -> dict[str, Any]:
+        return section.to_json()
+
+    def section_from_json(self, data: Any) -> Signature:
+        return Signature.from_json(data)
+
+    def evidence(self, section: Signature, context: VerifyContext) -> Evidence:
+        """Read the regions from what the suspect keeps; also draw the code at ``context.qr_image``."""
+        reading = extract(context.readable, section, context.alpha, forgeable=not context.trusted_time)
+        found = evidence(reading)
+        if context.qr_image is not None:
+            save_comparison_image(context.qr_image, reading)
+        return found
+
+
+SIGNATURE_SCHEME = SignatureScheme()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from ticketguard.core.files import atomic_path
 from ticketguard.schemes import qr
-from ticketguard.schemes.signature import Reading
+
+if TYPE_CHECKING:  # signature.py writes this picture, so it cannot be imported from here at run time
+    from ticketguard.schemes.signature import Reading
 
 log = logging.getLogger(__name__)
 

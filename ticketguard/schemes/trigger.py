@@ -8,23 +8,25 @@ saw T agrees this often, and the decision at the false-claim rate alpha.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from rich.progress import Progress
-from scipy.stats import binom
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ticketguard.artifacts.ticket import MAX_INPUT_SIDE, NORMALIZATION_SCHEMA, nullable
+from ticketguard.artifacts.ticket import MAX_INPUT_SIDE, NORMALIZATION_SCHEMA
 from ticketguard.core.errors import InputError
-from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence, binomial_p_value
-from ticketguard.core.files import SHA256_SCHEMA, check_json
+from ticketguard.core.evidence import DEFAULT_ALPHA, FORGERY_LEVEL, Evidence
 from ticketguard.core.masks import Mask
+from ticketguard.core.schema import SHA256_SCHEMA, check_json, nullable
+from ticketguard.core.stats import binomial_log_p_value, required_matches
 from ticketguard.data import ImageData, Normalization
+from ticketguard.data.augment import normalize
 from ticketguard.data.triggers import (
     KEYED_GENERATOR,
     MAX_TRIGGER_IMAGES,
@@ -32,29 +34,35 @@ from ticketguard.data.triggers import (
     keyed_trigger_set,
     load_trigger_folder,
 )
+from ticketguard.models import accept_model_name, build_from_state
 from ticketguard.training.loop import TrainConfig, evaluate, predict_labels, train
 
-EXTENSION = "trigger"
+if TYPE_CHECKING:  # base.py registers this scheme, so it cannot be imported from here at run time
+    from ticketguard.schemes.base import VerifyContext
+
 CLAIM_SCHEME = "trigger-set/1"
 
 
-def uniform_chance(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """An innocent model agrees with a secret label with probability 1/classes."""
-    return 1.0 / num_classes
+def uniform_chance(label_counts: torch.Tensor, answer_counts: torch.Tensor) -> float:
+    """Keyed labels are drawn uniformly and independently of any model: an innocent answer matches the label
+    paired with it with probability 1/classes, however the classes are paired."""
+    return 1.0 / label_counts.numel()
 
 
-def suspect_chance(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """sum_c p(c) q(c): the suspect's own label distribution on T against T's label distribution.
+def suspect_chance(label_counts: torch.Tensor, answer_counts: torch.Tensor) -> float:
+    """sum_c p(c) q(c): the suspect's own answer distribution on T against T's label distribution, class c of
+    the labels paired with answer c (counts of equal length; answers paired with no class are left out).
 
     A model that answers one class for everything agrees with the labels of that class by chance; this
     model charges it for that, where 1/classes would not.
     """
-    predicted_share = torch.bincount(predicted.cpu(), minlength=num_classes)[:num_classes].double()
-    label_share = torch.bincount(labels.cpu(), minlength=num_classes)[:num_classes].double()
-    return float((predicted_share * label_share).sum() / (predicted.numel() * labels.numel()))
+    trials = float(label_counts.sum())
+    return float((label_counts.double() * answer_counts.double()).sum()) / (trials * trials)
 
 
-CHANCE_MODELS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], float]] = {
+# (label counts, answer counts paired with them) -> chance of agreement. Each model is largest when the larger
+# counts are paired with each other (rearrangement inequality), which bounds it over every relabelling.
+CHANCE_MODELS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
     "suspect": suspect_chance,
     "uniform": uniform_chance,
 }
@@ -84,17 +92,31 @@ def judged_against_forgery(found: Evidence, source_kind: str, alpha: float, trus
     passed = found.p_value is not None and found.p_value <= level
     return replace(
         found,
-        threshold=required_matches(found.details["trials"], found.details["chance"], level) / found.details["trials"],
+        threshold=agreement_needed(found.details, level),
         passed=passed,
         decides_alone=source_kind == "keyed",
         details={**found.details, "level": level, "forgeable": FORGEABLE.get(source_kind, FORGEABLE["folder"])},
     )
 
 
-def required_matches(trials: int, chance: float, alpha: float) -> int:
-    """The fewest agreements whose binomial p-value is <= alpha (trials + 1 when none suffices)."""
-    passing = np.flatnonzero(binom.sf(np.arange(trials + 1) - 1, trials, chance) <= alpha)
-    return int(passing[0]) if passing.size else trials + 1
+def agreement_needed(details: dict[str, Any], level: float) -> float:
+    """The least agreement share at which the reading that decided passes at ``level``: each of the two
+    readings is tested at level / 2, the relabelled one with its union bound over every relabelling."""
+    trials = details["trials"]
+    log_tests = math.log(10) * details.get("relabellings_log10", 0.0) if details.get("relabelled") else 0.0
+    return required_matches(trials, details["chance"], level / READINGS, log_tests) / trials
+
+
+READINGS = 2
+"""Every suspect's answers are read as labelled and under the best relabelling; each reading gets half of alpha."""
+
+
+def _pair_counts(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contingency table (owner's class x answer) and the answers in its columns' order."""
+    answers, column = torch.unique(predicted, return_inverse=True)
+    table = torch.zeros(num_classes, answers.numel(), dtype=torch.long)
+    table.index_put_((labels, column), torch.ones_like(labels), accumulate=True)
+    return table, answers
 
 
 def trigger_evidence(
@@ -104,32 +126,77 @@ def trigger_evidence(
     chance_model: str = "suspect",
     alpha: float = DEFAULT_ALPHA,
 ) -> Evidence:
-    """V(...) on T: trigger accuracy against the accuracy that chance reaches with probability alpha."""
+    """V(...) on T: the suspect's answers against T's secret labels, read as labelled and as relabelled.
+
+    A thief may permute the classifier's output rows or rename the labels his API returns, so his answers
+    are pi(label) for a one-to-one pi he chose; ``predicted`` may hold any integers. Every suspect is read
+    both ways:
+
+    - as labelled: k_id = #{answer == label}, tested against Binomial(n, chance) (``chance_model``);
+    - relabelled: k* = the largest agreement over every one-to-one pairing of the owner's classes with the
+      suspect's answers (linear assignment on the class x answer table). For each of the R pairings
+      (R = max(C, D)! / |C - D|! for C classes and D distinct answers) the agreement is Binomial(n, chance of
+      that pairing), at most the chance model on sorted counts, so P(k* >= k) <= R P(Binomial(n, that
+      chance) >= k) (union bound, in log space).
+
+    Null: the suspect's answers are independent of T's labels (keyed labels are drawn from the owner's seed,
+    independently of any model a thief could have trained without it). p = min(1, 2 min(p_id, p_relabelled))
+    (Bonferroni over the two readings), so both maximisations are in the null; a copy answering as labelled
+    pays a factor 2, a relabelled one 2R. The score and threshold are those of the reading with the smaller
+    p-value; details keep both.
+    """
     check_chance_model(chance_model)
     if predicted.shape != labels.shape:
         raise InputError(f"got {predicted.numel()} predictions for {labels.numel()} trigger images")
-    if predicted.numel() and (predicted.min() < 0 or predicted.max() >= num_classes):
-        raise InputError(f"the suspect predicted labels outside its {num_classes} classes")
     trials = labels.numel()
     if trials == 0:
         raise InputError("the trigger set is empty, so it cannot show anything")
-    agreed = int((predicted.cpu() == labels.cpu()).sum())
-    chance = CHANCE_MODELS[chance_model](predicted, labels, num_classes)
-    p_value = binomial_p_value(agreed, trials, chance)
+    predicted, labels = predicted.cpu().long(), labels.cpu().long()
+    chance_of = CHANCE_MODELS[chance_model]
+    label_counts = torch.bincount(labels, minlength=num_classes)
+    answer_counts = torch.bincount(predicted[(predicted >= 0) & (predicted < num_classes)], minlength=num_classes)
+    log_identity, identity = _reading(
+        int((predicted == labels).sum()), trials, chance_of(label_counts, answer_counts), 0.0
+    )
+    table, answers = _pair_counts(predicted, labels, num_classes)
+    rows, columns = linear_sum_assignment(table.numpy(), maximize=True)
+    paired = min(num_classes, answers.numel())
+    sorted_chance = chance_of(label_counts.sort(descending=True).values[:paired],
+                              table.sum(0).sort(descending=True).values[:paired])
+    log_relabellings = math.lgamma(max(num_classes, answers.numel()) + 1) - math.lgamma(
+        abs(num_classes - answers.numel()) + 1
+    )
+    log_relabelled, relabelled = _reading(int(table[rows, columns].sum()), trials, sorted_chance, log_relabellings)
+    relabelled["relabelling"] = {str(c): int(answers[d]) for c, d in zip(rows.tolist(), columns.tolist())}
+    deciding = relabelled if log_relabelled < log_identity else identity
+    p_value = min(1.0, READINGS * math.exp(min(log_identity, log_relabelled)))
+    details = {
+        "agreed": deciding["agreed"],
+        "trials": trials,
+        "chance": deciding["chance"],
+        "chance_model": chance_model,
+        "classes": num_classes,
+        "relabelled": deciding is relabelled,
+        "relabellings_log10": log_relabellings / math.log(10),
+        "as_labelled": identity,
+        "best_relabelling": relabelled,
+    }
     return Evidence(
         name="trigger",
-        score=agreed / trials,
-        threshold=required_matches(trials, chance, alpha) / trials,
+        score=deciding["agreed"] / trials,
+        threshold=agreement_needed(details, alpha),
         passed=p_value <= alpha,
         p_value=p_value,
-        details={
-            "agreed": agreed,
-            "trials": trials,
-            "chance": chance,
-            "chance_model": chance_model,
-            "classes": num_classes,
-        },
+        details=details,
     )
+
+
+def _reading(agreed: int, trials: int, chance: float, log_tests: float) -> tuple[float, dict[str, Any]]:
+    """One reading of the answers: log P(the best of exp(log_tests) tests agrees >= agreed), and what to
+    report of it (its own p-value, before the factor for two readings)."""
+    chance = min(max(chance, 0.0), 1.0)  # a sum of products can round just past 1
+    log_p = min(0.0, log_tests + binomial_log_p_value(agreed, trials, chance))
+    return log_p, {"agreed": agreed, "chance": chance, "p_value": math.exp(log_p)}
 
 
 @torch.inference_mode()
@@ -142,10 +209,64 @@ def verify_local(
     chance_model: str = "suspect",
     alpha: float = DEFAULT_ALPHA,
 ) -> Evidence:
-    """The black-box check run in process on weights, no HTTP."""
-    return trigger_evidence(
-        predict_labels(model, trigger.images, mean, std), trigger.labels, num_classes, chance_model, alpha
+    """The black-box check run in process on weights, no HTTP, at the input scale the suspect expects
+    (``expected_input_scale``), which the details report."""
+    scale, estimate = expected_input_scale(model, trigger.images, mean, std)
+    found = trigger_evidence(
+        predict_labels(model, trigger.images, mean, std / scale), trigger.labels, num_classes, chance_model, alpha
     )
+    return replace(found, details={**found.details, "input_scale": scale, "input_scale_estimate": estimate})
+
+
+SCALE_PROBE_IMAGES = 256  # enough for per-channel variances, and bounded however large T is
+SCALE_TOLERANCE = 1.5
+"""Estimated scales within this factor of 1 read as 1: on digits ResNet-20s the estimate of an unscaled model
+lay within 0.87-1.09 (measured), and a trained model's answers move when its inputs are scaled by 1.2."""
+
+
+@torch.inference_mode()
+def expected_input_scale(
+    model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[float, float | None]:
+    """The factor s by which the suspect expects its inputs scaled, from its own stem and first BatchNorm
+    (the scale used, and the estimate; None where the model records no BatchNorm statistics).
+
+    A thief can multiply his inputs by s and divide the stem by s: the copy computes the same function on
+    his inputs, and standardised inputs reach it s times too small. The first BatchNorm's running variance
+    records what the stem gave on the thief's inputs. Inputs standardised with the owner's statistics have
+    mean 0 and variance 1 per channel, so the trigger images, brought to the same two moments, are sent
+    through the stem, and s is the median over channels of sqrt(running variance / variance seen). The
+    estimate uses the images and the suspect only, never T's labels, so the test's null is unchanged.
+    """
+    device = next(model.parameters()).device
+    probe = normalize(images[:SCALE_PROBE_IMAGES].to(device), mean.to(device), std.to(device))
+    probe = (probe - probe.mean((0, 2, 3), keepdim=True)) / probe.std((0, 2, 3), keepdim=True).clamp_min(1e-12)
+    seen: list[tuple[nn.BatchNorm2d, torch.Tensor]] = []
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
+    hooks = [m.register_forward_pre_hook(lambda m, inputs: seen.append((m, inputs[0]))) for m in norms]
+    was_training = model.training
+    try:
+        model.eval()(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if not seen:
+        return 1.0, None
+    norm, stem = seen[0]
+    variance = stem.float().var(dim=(0, 2, 3))
+    alive = (variance > 0) & (norm.running_var > 0)
+    if not alive.any():
+        return 1.0, None
+    estimate = float((norm.running_var[alive].float() / variance[alive]).sqrt().median())
+    scale = 1.0 if 1 / SCALE_TOLERANCE <= estimate <= SCALE_TOLERANCE else estimate
+    return scale, estimate
+
+
+def trigger_order_seed(config: TrainConfig) -> int:
+    """The seed of the order T's images join the batches in: one past the data order's seed, so the two orders
+    differ, and a user's training loop under ``protect`` draws T in the order this trainer does."""
+    return config.seed + 1
 
 
 @dataclass
@@ -204,7 +325,7 @@ def watermark(
 
     result = train(
         model, data, config, mask, progress=progress, description="watermark",
-        batch_hook=TriggerMixer(trigger, per_batch, config.seed + 1), epoch_hook=measure,
+        batch_hook=TriggerMixer(trigger, per_batch, trigger_order_seed(config)), epoch_hook=measure,
     )
     last = result.history[-1]
     return WatermarkResult(last["accuracy"], last["trigger_accuracy"], result.history)
@@ -364,3 +485,68 @@ def _rebuild(claim: TriggerClaim, folder: str | Path | None) -> TriggerSet:
             raise InputError(f"trigger folder {root} differs from the one in the claim (sha256 mismatch)")
         return trigger
     raise InputError(f"unknown trigger kind {kind!r} in the claim; expected keyed or folder")
+
+
+def verify_weights(
+    weights: dict[str, torch.Tensor],
+    claim: TriggerClaim,
+    recorded: Normalization | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    folder: str | Path | None = None,
+    device: torch.device | str | None = None,
+    architecture: str | None = None,
+) -> Evidence:
+    """The black-box check on bare weights: rebuild the suspect (as ``architecture`` when the caller names it)
+    and ask it for the trigger labels; ``recorded`` is the suspect's own normalisation when it is a ticket
+    folder."""
+    named = None
+    if architecture is not None:
+        accept_model_name(architecture)
+        named = (architecture, claim.shape[0], claim.classes)
+    model, (_, channels, classes) = build_from_state(weights, "checking the trigger set in process", named)
+    if (channels, classes) != (claim.shape[0], claim.classes):
+        raise InputError(
+            f"the suspect takes {channels} channel(s) and predicts {classes} classes, but the trigger set "
+            f"has {claim.shape[0]} and {claim.classes}"
+        )
+    # claims written before they recorded the normalisation: a ticket folder still records its own
+    normalization = claim.normalization or recorded
+    if normalization is None:
+        raise InputError(
+            "the claim does not record the input normalisation its owner trained with (it predates that "
+            "field); serve the suspect and check it with `ticketguard query`, or protect the ticket again"
+        )
+    trigger = claim.trigger_set(folder)
+    mean, std = normalization.tensors()
+    model = model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
+    return verify_local(
+        model, trigger.to(next(model.parameters()).device), mean, std, classes, claim.chance_model, alpha
+    )
+
+
+class TriggerScheme:
+    """V3 as a claim-carrying scheme (``ticketguard.schemes.base``): the trigger section sits under the claim's
+    extensions, and its evidence is the suspect's trigger accuracy, judged against what a forger could search."""
+
+    claim_key = "trigger"
+    top_level = False
+    evidence_name = "trigger"
+    description = "a trigger set"
+    schema = TRIGGER_SCHEMA
+
+    def section_to_json(self, section: TriggerClaim) -> dict[str, Any]:
+        return section.to_json()
+
+    def section_from_json(self, data: Any) -> TriggerClaim:
+        return TriggerClaim.from_json(data)
+
+    def evidence(self, section: TriggerClaim, context: VerifyContext) -> Evidence:
+        """Run the suspect's weights in process on T (``verify_weights``)."""
+        found = verify_weights(
+            context.weights, section, context.normalization, context.alpha, context.trigger_folder,
+            context.device, context.model,
+        )
+        return judged_against_forgery(found, section.source.get("kind", ""), context.alpha, context.trusted_time)
+
+
+TRIGGER_SCHEME = TriggerScheme()

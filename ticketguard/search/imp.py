@@ -1,20 +1,8 @@
 """Finding an extreme ticket (paper §4.1): IMP with late rewinding, matching decided on held-out images.
 
 Dense training gives W_k; each round prunes a ratio r of the weights the last matching mask keeps, by global
-magnitude, rewinds to W_k and retrains. Two schedules choose r (``PRUNING_SCHEDULES``):
-
-- ``paper``: walk the ratio list. While rounds match, pruning goes on at r; a failure reverts to the last matching
-  mask and moves to the next smaller r; after the smallest r fails, the last matching mask is the extreme ticket.
-- ``adaptive`` (the default): prune at the first (largest) ratio while rounds match; after the first failure,
-  bisect the ratio between the last matching mask and the known failure until that gap is the last ratio t (the
-  paper's 1 % extreme-sparsity resolution): about log2(r / t) trainings after the first failure.
-
-Each schedule has its own default ratios (``DEFAULT_RATIOS``). Adaptive starts at r = 0.5 because every round is a
-decision that can fail by chance, and near the extreme ticket accuracy declines slowly while rounds vary from
-seed to seed by more than that decline: r = 0.2 takes six or seven rounds through the decline, each a chance to
-stop early for good, where halving crosses it in two and then only narrows the bracket between a match and a
-failure. On digits that halves the trainings and gathers the seeds' tickets into a much narrower band of
-densities (``benchmarks/README.md``).
+magnitude, rewinds to W_k and retrains. A schedule chooses r and ends the search (``schedules.SCHEDULES``: the
+paper's walk down a ratio list, or the default adaptive bisection).
 
 A round *matches* when a paired non-inferiority test (``paired_test``) on a validation split carved from the
 training images shows it within the margin of the dense network; test accuracy is measured for the report and
@@ -47,74 +35,17 @@ from ticketguard.core.errors import InputError
 from ticketguard.core.files import load_tensors, read_json, save_tensors, write_json
 from ticketguard.core.masks import Mask, load_mask, magnitude_prune, prunable_names, save_mask
 from ticketguard.data import ImageData
-from ticketguard.models import accept_model_name, build_model, check_model_name
+from ticketguard.models import accept_model_name, build_model
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.schedules import SCHEDULES
 from ticketguard.training import distributed
-from ticketguard.training.loop import TrainConfig, predict_labels, state_copy, train
+from ticketguard.training.loop import predict_labels, state_copy, train
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "search.json"
 REWIND_FILE = "rewind.safetensors"
 DENSE_FILE = "dense-validation.safetensors"
-PRUNING_SCHEDULES = ("paper", "adaptive")
-DEFAULT_RATIOS: dict[str, tuple[float, ...]] = {"paper": (0.2, 0.1, 0.05, 0.01), "adaptive": (0.5, 0.01)}
-DECISION_SPLITS = ("validation", "test")
-RATIO_TOLERANCE = 1e-9
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """An extreme-ticket search: architecture, pruning schedule, matching test and the training run of every round.
-
-    ``validation_fraction`` of the training images (per class, chosen by the training seed) is held out to decide
-    matching at one-sided ``confidence``; ``decide_on="test"`` with ``validation_fraction=0`` is the paper's protocol.
-    """
-
-    model: str = "resnet20"
-    ratios: tuple[float, ...] = ()
-    """pruning ratios, largest first; empty: the schedule's ``DEFAULT_RATIOS``"""
-    eps: float = 0.01
-    rewind_epoch: int = 3
-    max_rounds: int = 40
-    include_classifier: bool = False
-    prune: tuple[str, ...] = ()
-    """fnmatch patterns of the weights to prune; empty: every conv and linear weight but the first and last"""
-    pruning_schedule: str = "adaptive"
-    decide_on: str = "validation"
-    validation_fraction: float = 0.2
-    confidence: float = 0.95
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        check_model_name(self.model)
-        if self.pruning_schedule not in PRUNING_SCHEDULES:
-            raise InputError(
-                f"unknown pruning schedule {self.pruning_schedule!r}; choose one of: {', '.join(PRUNING_SCHEDULES)}"
-            )
-        if not self.ratios:
-            object.__setattr__(self, "ratios", DEFAULT_RATIOS[self.pruning_schedule])
-        if any(not 0 < r < 1 for r in self.ratios):
-            raise InputError(f"pruning ratios must lie in (0, 1), got {list(self.ratios)}")
-        if list(self.ratios) != sorted(self.ratios, reverse=True):
-            raise InputError(f"pruning ratios must shrink, got {list(self.ratios)}")
-        if not 0 <= self.eps < math.inf:
-            raise InputError(f"eps must be a finite number >= 0, got {self.eps}")
-        if not 0 <= self.rewind_epoch < self.train.epochs:
-            raise InputError(f"rewind epoch must lie in [0, {self.train.epochs}), got {self.rewind_epoch}")
-        if self.max_rounds < 1:
-            raise InputError(
-                f"the search needs at least 1 pruning round (--max-rounds), got {self.max_rounds}"
-            )
-        if self.decide_on not in DECISION_SPLITS:
-            raise InputError(f"matching is decided on {' or '.join(DECISION_SPLITS)}, got {self.decide_on!r}")
-        if not 0 <= self.validation_fraction < 1:
-            raise InputError(f"the validation fraction must lie in [0, 1), got {self.validation_fraction}")
-        if self.decide_on == "validation" and self.validation_fraction == 0:
-            raise InputError("deciding on a validation split needs --validation-fraction > 0 (or --decide-on test)")
-        if not 0.5 < self.confidence < 1:
-            raise InputError(f"the matching test's confidence must lie in (0.5, 1), got {self.confidence}")
-
-
 def matches(accuracy: float, dense_accuracy: float, eps: float) -> bool:
     """The paper's rule: a ticket matches when its accuracy is within eps_f of the dense network's."""
     return accuracy >= dense_accuracy - eps
@@ -198,7 +129,7 @@ def resolution(images: int, dense_errors: int, confidence: float) -> float:
 
 
 @dataclass(frozen=True)
-class _Split:
+class HeldOutSplit:
     """The training images a round trains on, and the validation images held out from them."""
 
     fit: ImageData
@@ -207,7 +138,7 @@ class _Split:
     stats: tuple[torch.Tensor, torch.Tensor]
 
     @classmethod
-    def carve(cls, data: ImageData, config: SearchConfig) -> tuple[_Split, torch.Tensor]:
+    def carve(cls, data: ImageData, config: SearchConfig) -> tuple[HeldOutSplit, torch.Tensor]:
         fit, held = data.split_validation(config.validation_fraction, config.train.seed)
         if config.decide_on == "validation" and held.numel() == 0:
             raise InputError(
@@ -244,30 +175,7 @@ class SearchState:
 
 def next_ratio(config: SearchConfig, state: SearchState) -> float | None:
     """The ratio the next round prunes from the last matching mask, or None when the schedule has ended."""
-    if config.pruning_schedule == "paper":
-        return config.ratios[state.ratio_index] if state.ratio_index < len(config.ratios) else None
-    if state.failing_ratio is None:
-        return config.ratios[0]
-    finest = config.ratios[-1]
-    if state.failing_ratio <= finest * (1 + RATIO_TOLERANCE):
-        return None
-    return max(state.failing_ratio / 2, finest)
-
-
-def _advance(config: SearchConfig, state: SearchState, ratio: float, matched: bool) -> None:
-    """Move the schedule on after a round pruned ``ratio`` from the last matching mask."""
-    if config.pruning_schedule == "paper":
-        if matched:
-            state.counts[state.ratio_index] += 1
-        else:
-            state.ratio_index += 1
-    elif not matched:
-        state.failing_ratio = ratio
-    elif state.failing_ratio is None:
-        state.counts[0] += 1
-    else:  # the known failure, seen from the new last matching mask
-        state.counts[1] += 1
-        state.failing_ratio = 1 - (1 - state.failing_ratio) / (1 - ratio)
+    return SCHEDULES[config.pruning_schedule].next_ratio(config.ratios, state)
 
 
 def _round_path(workdir: Path, round_index: int, kind: str) -> Path:
@@ -297,7 +205,7 @@ def find_extreme_ticket(
     """Run (or resume) the extreme-ticket search; returns the ticket of the last matching round."""
     workdir, device = Path(workdir), torch.device(device)
     accept_model_name(config.model)
-    split, held = _Split.carve(data, config)
+    split, held = HeldOutSplit.carve(data, config)
     record = _config_record(config, data, held)
     if restart and workdir.exists() and distributed.is_main():
         shutil.rmtree(workdir)
@@ -305,7 +213,7 @@ def find_extreme_ticket(
     state = _load_state(workdir, record)
     if state is None:
         state = _train_dense(split, config, record, workdir, device, progress)
-    _warn_if_coarse(state, config, split.fit.num_classes)
+    warn_if_coarse(state, config, split.fit.num_classes)
     rewind = load_tensors(workdir / REWIND_FILE)
     dense_correct = load_tensors(workdir / DENSE_FILE)["correct"].bool() if split.labels.numel() else None
     while not state.done:
@@ -332,7 +240,8 @@ def _load_state(workdir: Path, record: dict[str, Any]) -> SearchState | None:
     return state
 
 
-def _warn_if_coarse(state: SearchState, config: SearchConfig, classes: int) -> None:
+def warn_if_coarse(state: SearchState, config: SearchConfig, classes: int) -> None:
+    """Say when the held-out split is too small to resolve eps_f: matching is then decided at a coarser margin."""
     validation = state.validation
     if config.decide_on == "validation" and not validation["resolves_eps"]:
         log.warning(
@@ -346,7 +255,7 @@ def _warn_if_coarse(state: SearchState, config: SearchConfig, classes: int) -> N
         )
 
 
-def _validation_record(split: _Split, config: SearchConfig, dense_correct: torch.Tensor) -> dict[str, Any]:
+def _validation_record(split: HeldOutSplit, config: SearchConfig, dense_correct: torch.Tensor) -> dict[str, Any]:
     """The held-out split and the margin its size allows: the decision's calibration, fixed for the search."""
     images = int(dense_correct.numel())
     record: dict[str, Any] = {
@@ -362,7 +271,7 @@ def _validation_record(split: _Split, config: SearchConfig, dense_correct: torch
 
 
 def _train_dense(
-    split: _Split,
+    split: HeldOutSplit,
     config: SearchConfig,
     record: dict[str, Any],
     workdir: Path,
@@ -389,7 +298,7 @@ def _train_dense(
         config=record,
         dense_accuracy=result.accuracy,
         validation=validation,
-        counts=[0] * (len(config.ratios) if config.pruning_schedule == "paper" else 2),
+        counts=SCHEDULES[config.pruning_schedule].initial_counts(config.ratios),
         history=[{"round": 0, "ratio": None, "density": 1.0, "validation_accuracy": validation["dense_accuracy"],
                   "accuracy": result.accuracy, "matched": True}],
         seconds=[time.perf_counter() - started],
@@ -406,7 +315,7 @@ def _train_dense(
 
 
 def _decide(
-    model: nn.Module, accuracy: float, split: _Split, dense_correct: torch.Tensor | None, config: SearchConfig,
+    model: nn.Module, accuracy: float, split: HeldOutSplit, dense_correct: torch.Tensor | None, config: SearchConfig,
     state: SearchState,
 ) -> dict[str, Any]:
     """A round's history entry: validation and test accuracy, the paired test's numbers and the decision."""
@@ -425,7 +334,7 @@ def _decide(
 
 
 def _run_round(
-    split: _Split,
+    split: HeldOutSplit,
     dense_correct: torch.Tensor | None,
     config: SearchConfig,
     state: SearchState,
@@ -457,7 +366,7 @@ def _run_round(
             save_tensors(_round_path(workdir, round_index, "weights"), state_copy(model))
             save_mask(_round_path(workdir, round_index, "mask"), candidate)
         state.best_round = round_index
-    _advance(config, state, ratio, row["matched"])
+    SCHEDULES[config.pruning_schedule].advance(config.ratios, state, ratio, row["matched"])
     state.history.append({"round": round_index, "ratio": ratio, "density": candidate.density(), **row})
     state.seconds.append(time.perf_counter() - started)
     log.info(

@@ -19,7 +19,8 @@ from rich.progress import Progress
 
 from ticketguard.core.errors import InputError
 from ticketguard.data import ImageData, load_subset
-from ticketguard.search.imp import SearchConfig, find_extreme_ticket
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training import distributed
 
 

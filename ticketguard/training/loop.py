@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import load_checkpoint, save_checkpoint
 from ticketguard.core.masks import Mask
+from ticketguard.core.settings import setting
 from ticketguard.data import ImageData
 from ticketguard.data.augment import crop_and_flip, normalize
 from ticketguard.training import distributed
@@ -44,31 +45,33 @@ ONECYCLE_START = 0.04
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run (paper §4.1: SGD 0.9, wd 1e-4, lr 0.1, x0.1 at 50 % and 75 % of 182 epochs,
-    batch 128).
+    batch 128). The settings from ``label_smoothing`` on are short-run tricks from the fast-CIFAR literature,
+    all off by default."""
 
-    ``schedule="onecycle"`` (linear warm-up over the first 30 % of the steps, then linear decay to zero) is
-    the faster alternative for short runs; ``compile`` runs the training forward/backward through
-    torch.compile. The remaining options are short-run tricks from the fast-CIFAR literature, all off by
-    default: ``label_smoothing`` (the share of each target spread evenly over all classes), ``nesterov``
-    momentum, ``decay_norm_and_bias=False`` (weight decay on conv and linear weights only, not on BatchNorm
-    scales and shifts or on biases) and ``flip_tta`` (the final test accuracy averages the logits of each
-    image and its mirror image).
-    """
-
-    epochs: int = 182
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    lr_decay: float = 0.1
-    seed: int = 0
-    schedule: str = "step"
-    compile: bool = False
-    label_smoothing: float = 0.0
-    nesterov: bool = False
-    decay_norm_and_bias: bool = True
-    flip_tta: bool = False
+    epochs: int = setting(182, help="Epochs per training run.")
+    batch_size: int = setting(128, help="Batch size.")
+    lr: float = setting(0.1, help="Peak learning rate.")
+    momentum: float = setting(0.9, help="SGD momentum.")
+    weight_decay: float = setting(1e-4, help="Weight decay.")
+    milestones: tuple[float, ...] = setting(
+        (0.5, 0.75), help="Shares of the run after which the step schedule multiplies the rate by lr_decay."
+    )
+    lr_decay: float = setting(0.1, help="Factor of each step of the step schedule.")
+    seed: int = setting(0, help="Seed of initialisation, batch order and augmentation.")
+    schedule: str = setting(
+        "step",
+        help="Learning-rate schedule: step (the paper's) or onecycle, a linear warm-up over the first 30 % of the "
+        "steps and a linear decay to zero that suits short runs.",
+    )
+    compile: bool = setting(False, help="Train through torch.compile (pays on GPUs and for ResNet-18/50).")
+    label_smoothing: float = setting(0.0, help="Share of each target spread evenly over all classes.")
+    nesterov: bool = setting(False, help="Nesterov momentum.")
+    decay_norm_and_bias: bool = setting(
+        True, help="Weight decay on BatchNorm scales and shifts and on biases too, not only on conv and linear weights."
+    )
+    flip_tta: bool = setting(
+        False, help="The final test accuracy averages the logits of each image and its mirror image."
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -286,7 +289,7 @@ def _fit(
         if rewind_epoch is not None and epoch + 1 == rewind_epoch:
             state["rewind_state"] = state_copy(model)
         if checkpoint is not None and distributed.is_main():
-            _save(checkpoint, model, optimizer, generator, config, state)
+            save_training_state(checkpoint, model, optimizer, generator, config, state)
         if progress is not None:
             progress.update(
                 task, advance=1, status=f"loss {record['loss']:.3f} acc {100 * record['train_accuracy']:.1f}%"
@@ -333,7 +336,7 @@ def _run_epoch(
     return {"epoch": epoch + 1, "loss": loss / count, "train_accuracy": right / count}
 
 
-def _save(
+def save_training_state(
     path: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -341,6 +344,7 @@ def _save(
     config: TrainConfig,
     state: dict[str, Any],
 ) -> None:
+    """Write the whole training state after an epoch, so that a killed run resumes to the same weights."""
     save_checkpoint(
         path,
         {

@@ -20,12 +20,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ticketguard.artifacts.ticket import MANIFEST, nullable
+from ticketguard.artifacts.ticket import MANIFEST
 from ticketguard.core.errors import InputError
-from ticketguard.core.files import SHA256_SCHEMA, atomic_path, check_json, read_json, sha256_file
-from ticketguard.schemes.signature import SIGNATURE_SCHEMA, Signature
-from ticketguard.schemes.trigger import EXTENSION as TRIGGER_KEY
-from ticketguard.schemes.trigger import PLAIN_NAME, TRIGGER_SCHEMA, TriggerClaim
+from ticketguard.core.files import atomic_path, read_json, sha256_file
+from ticketguard.core.schema import SHA256_SCHEMA, check_json, nullable
+from ticketguard.schemes.base import SCHEMES
+from ticketguard.schemes.signature import Signature
+from ticketguard.schemes.trigger import PLAIN_NAME, TriggerClaim
 from ticketguard.verification.align import Reference
 from ticketguard.verification.timestamp import TrustedTime, check_token, request_token
 
@@ -51,14 +52,18 @@ CLAIM_SCHEMA = {
     "properties": {
         "format": {"const": CLAIM_FORMAT},
         "created": {"type": "string"},
-        "signature": nullable(SIGNATURE_SCHEMA),
+        **{key: nullable(scheme.schema) for key, scheme in SCHEMES.items() if scheme.top_level},
         "ticket_files": nullable(
             {"type": "object", "propertyNames": PLAIN_NAME, "additionalProperties": SHA256_SCHEMA}
         ),
         "extensions": nullable({
             "type": "object",
-            # the reference fingerprint is checked field by field by Reference.from_json
-            "properties": {TRIGGER_KEY: TRIGGER_SCHEMA, DEFENCE_KEY: DEFENCE_SCHEMA, REFERENCE_KEY: {"type": "object"}},
+            # the reference is checked field by field by Reference.from_json
+            "properties": {
+                **{key: scheme.schema for key, scheme in SCHEMES.items() if not scheme.top_level},
+                DEFENCE_KEY: DEFENCE_SCHEMA,
+                REFERENCE_KEY: {"type": "object"},
+            },
             "additionalProperties": False,
         }),
         "rfc3161": nullable({
@@ -102,8 +107,12 @@ class DefenceClaim:
 @dataclass
 class Claim:
     """Secret evidence of ownership: the QR signature (V2), the trigger set (V3), the add-on defence's t and the
-    protected ticket's fingerprint (``reference``, what a disguised suspect is aligned to), each optional, and the
-    hashes of the shipped ticket they were made for."""
+    protected ticket's compact record (``reference``, what a disguised suspect is aligned to), each optional, and the
+    hashes of the shipped ticket they were made for.
+
+    Each scheme in ``SCHEMES`` keeps its section in the field named by its claim key (``signature``,
+    ``trigger``).
+    """
 
     signature: Signature | None
     ticket_files: dict[str, str]
@@ -116,11 +125,21 @@ class Claim:
     timestamp_token: str | None = None
     """An RFC 3161 token (base64 DER) over ``commitment(claim)``: a trusted time at which the body existed."""
 
+    def sections(self) -> dict[str, Any]:
+        """Each registered scheme's section by claim key, None where the claim has none."""
+        return {key: getattr(self, key) for key in SCHEMES}
+
     def body(self) -> dict[str, Any]:
         """Everything the Ed25519 signature covers."""
+        top_level: dict[str, Any] = {}
         extensions: dict[str, Any] = {}
-        if self.trigger is not None:
-            extensions[TRIGGER_KEY] = self.trigger.to_json()
+        for key, section in self.sections().items():
+            scheme = SCHEMES[key]
+            written = None if section is None else scheme.section_to_json(section)
+            if scheme.top_level:
+                top_level[key] = written
+            elif written is not None:
+                extensions[key] = written
         if self.defence is not None:
             extensions[DEFENCE_KEY] = self.defence.to_json()
         if self.reference is not None:
@@ -128,7 +147,7 @@ class Claim:
         return {
             "format": CLAIM_FORMAT,
             "created": self.created,
-            "signature": None if self.signature is None else self.signature.to_json(),
+            **top_level,
             "ticket_files": dict(self.ticket_files),
             "extensions": extensions,
         }
@@ -148,12 +167,14 @@ class Claim:
             raise InputError(f"not a {CLAIM_FORMAT} claim file")
         check_json(data, CLAIM_SCHEMA, "the claim")
         signed, extensions = data.get("ed25519") or {}, data.get("extensions") or {}
-        signature, trigger, defence = data.get("signature"), extensions.get(TRIGGER_KEY), extensions.get(DEFENCE_KEY)
-        reference = extensions.get(REFERENCE_KEY)
+        sections = {}
+        for key, scheme in SCHEMES.items():
+            section = (data if scheme.top_level else extensions).get(key)
+            sections[key] = None if section is None else scheme.section_from_json(section)
+        defence, reference = extensions.get(DEFENCE_KEY), extensions.get(REFERENCE_KEY)
         return cls(
-            signature=None if signature is None else Signature.from_json(signature),
+            **sections,
             ticket_files=dict(data.get("ticket_files") or {}),
-            trigger=None if trigger is None else TriggerClaim.from_json(trigger),
             defence=None if defence is None else DefenceClaim.from_json(defence),
             reference=None if reference is None else Reference.from_json(reference),
             created=data.get("created", ""),

@@ -21,12 +21,12 @@ these two owners, not exact (benchmarks/README.md, "False claims on every kind o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 
 from ticketguard.core.evidence import DEFAULT_ALPHA, Evidence
+from ticketguard.core.stats import bernstein_tail, needed_excess
 
 INDEPENDENT_ODDS_RATIO = 32.0
 
@@ -43,19 +43,6 @@ def null_probabilities(kept: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         marginal = kept.float().mean(dim=others) / density
         probability *= marginal[cells[:, axis]]
     return probability.clamp_(0.0, 1.0)
-
-
-def bernstein_tail(excess: float, variance: float) -> float:
-    """P(X - E X >= excess) <= exp(-excess^2 / (2 (variance + excess / 3))) for independent Bernoullis."""
-    if excess <= 0:
-        return 1.0
-    return math.exp(-excess * excess / (2 * (variance + excess / 3)))
-
-
-def needed_excess(variance: float, level: float) -> float:
-    """The smallest excess whose Bernstein bound is at most ``level``."""
-    log_inverse = -math.log(level)
-    return log_inverse / 3 + math.sqrt((log_inverse / 3) ** 2 + 2 * log_inverse * variance)
 
 
 def _odds(share: float) -> float:

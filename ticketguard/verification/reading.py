@@ -11,8 +11,8 @@ suspect's own weights only:
   epsilon fill reads as the suspect's real weights, never as a subset of the fill picked by position or by
   channel. A
   dense-fine-tuned copy reads back as its largest weights, which is where a stolen ticket's mask survives.
-- ``threshold_read``: every weight below the owner's add-on threshold t is dropped, the owner's positions
-  included, for claims that record no per-layer counts.
+- for claims that record no per-layer counts, the owner's add-on defence (``defence.defended``): every
+  weight below the threshold t is dropped, the owner's positions included.
 
 Magnitudes are read in the units of the BatchNorm that follows a conv (``effective_magnitudes``:
 |W| |gamma| / sqrt(var + eps) per output channel), which rescaling channels through BatchNorm and folding
@@ -26,7 +26,8 @@ from collections.abc import Mapping
 
 import torch
 
-Weights = dict[str, torch.Tensor]
+from ticketguard.core.masks import Weights
+
 FILL_SHARE = 0.01
 
 
@@ -61,16 +62,6 @@ def effective_magnitudes(
     gamma, var, eps = batchnorm
     gain = gamma.detach().double().abs() / torch.sqrt(var.detach().double().clamp(min=0) + eps)
     return magnitude * gain.view(-1, *([1] * (kernel.dim() - 1)))
-
-
-def threshold_read(weights: Mapping[str, torch.Tensor], threshold: float) -> Weights:
-    """The weights with every weight tensor's entries below ``threshold`` in magnitude set to zero."""
-    return {
-        name: torch.where(t.abs() < threshold, torch.zeros_like(t), t)
-        if t.is_floating_point() and t.dim() >= 2
-        else t
-        for name, t in weights.items()
-    }
 
 
 def masked(weights: Mapping[str, torch.Tensor], kept: Mapping[str, torch.Tensor]) -> Weights:

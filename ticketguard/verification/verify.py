@@ -19,23 +19,21 @@ from ticketguard.artifacts.suspect import Suspect, load_suspect
 from ticketguard.artifacts.ticket import Ticket
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
-from ticketguard.data import ImageData, Normalization
-from ticketguard.models import accept_model_name, build_from_state
+from ticketguard.data import ImageData
 from ticketguard.schemes import keymask as v1
-from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
-from ticketguard.schemes.signature_figures import save_comparison_image
+from ticketguard.schemes.base import SCHEMES, VerifyContext
 from ticketguard.training.loop import TrainConfig
 from ticketguard.verification.align import AlignmentError, align
 from ticketguard.verification.blackbox import Endpoint, query_labels
 from ticketguard.verification.claim import Claim, check_commitment, check_signature, load_claim, trusted_time
+from ticketguard.verification.defence import defended
 from ticketguard.verification.fingerprint import fingerprint_evidence
 from ticketguard.verification.reading import (
     effective_magnitudes,
     masked,
     rank_read,
     read_summary,
-    threshold_read,
 )
 from ticketguard.verification.timestamp import TrustedTime
 
@@ -70,10 +68,10 @@ def verify(
     signed = check_signature(claim, public_key)
     if commitment is not None:
         check_commitment(claim, commitment)
-    if claim.signature is None and claim.trigger is None:
-        raise InputError(
-            "the claim holds neither a QR signature nor a trigger set, so it cannot show anything"
-        )
+    sections = claim.sections()
+    if all(section is None for section in sections.values()):
+        held = " nor ".join(scheme.description for scheme in SCHEMES.values())
+        raise InputError(f"the claim holds neither {held}, so it cannot show anything")
     loaded = as_suspect(suspect)
     evidence: list[Evidence] = []
     unavailable: list[Unavailable] = []
@@ -86,23 +84,16 @@ def verify(
         details["claim_commitment"] = "matches the published commitment"
     stamped = _trusted_time(claim, tsa_certificate, details)
     weights, readable = _read_on_own_terms(loaded, claim, unavailable, details)
-    if claim.signature is not None:
+    context = VerifyContext(
+        weights, readable, loaded.normalization, alpha, stamped is not None, device, model, trigger_folder, qr_image
+    )
+    for key, scheme in SCHEMES.items():
+        if sections[key] is None:
+            continue
         try:
-            reading = v2.extract(readable, claim.signature, alpha, forgeable=stamped is None)
+            evidence.append(scheme.evidence(sections[key], context))
         except InputError as err:
-            unavailable.append(Unavailable("qr-signature", str(err)))
-        else:
-            evidence.append(v2.evidence(reading))
-            if qr_image is not None:
-                save_comparison_image(qr_image, reading)
-    if claim.trigger is not None:
-        try:
-            found = _trigger_evidence(weights, loaded.normalization, claim.trigger, alpha, trigger_folder, device, model)
-            evidence.append(
-                v3.judged_against_forgery(found, claim.trigger.source.get("kind", ""), alpha, stamped is not None)
-            )
-        except InputError as err:
-            unavailable.append(Unavailable("trigger", str(err)))
+            unavailable.append(Unavailable(scheme.evidence_name, str(err)))
     if "alignment" in details:  # last: it shows derivation, and never decides alone
         kept = {name: readable[name] != 0 for name in claim.reference.masks}
         evidence.append(fingerprint_evidence(kept, claim.reference.masks, alpha))
@@ -188,7 +179,7 @@ def _read_on_own_terms(
     if claim.defence is not None:
         details["reading"] = {"rule": "every weight below the claim's add-on threshold t dropped",
                               "threshold": claim.defence.threshold}
-        return weights, threshold_read(weights, claim.defence.threshold)
+        return weights, defended(weights, claim.defence.threshold)
     details["reading"] = {"rule": "every non-zero weight"}
     return weights, weights
 
@@ -201,43 +192,6 @@ def as_suspect(suspect: SuspectLike) -> Suspect:
         return load_suspect(suspect)
     return Suspect.from_weights(
         {name: tensor.detach().cpu() for name, tensor in suspect.items()}, "state_dict"
-    )
-
-
-def _trigger_evidence(
-    weights: dict[str, torch.Tensor],
-    recorded: Normalization | None,
-    claim: v3.TriggerClaim,
-    alpha: float,
-    folder: str | Path | None,
-    device: torch.device | str | None,
-    architecture: str | None,
-) -> Evidence:
-    """ESWT + T in process: rebuild the suspect from its weights and ask it for the trigger labels;
-    ``recorded`` is the suspect's own normalisation when it is a ticket folder."""
-    named = None
-    if architecture is not None:
-        accept_model_name(architecture)
-        named = (architecture, claim.shape[0], claim.classes)
-    model, (_, channels, classes) = build_from_state(weights, "checking the trigger set in process", named)
-    if (channels, classes) != (claim.shape[0], claim.classes):
-        raise InputError(
-            f"the suspect takes {channels} channel(s) and predicts {classes} classes, but the trigger set "
-            "has "
-            f"{claim.shape[0]} and {claim.classes}"
-        )
-    # claims written before they recorded the normalisation: a ticket folder still records its own
-    normalization = claim.normalization or recorded
-    if normalization is None:
-        raise InputError(
-            "the claim does not record the input normalisation its owner trained with (it predates that "
-            "field); serve the suspect and check it with `ticketguard query`, or protect the ticket again"
-        )
-    trigger = claim.trigger_set(folder)
-    mean, std = normalization.tensors()
-    model = model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
-    return v3.verify_local(
-        model, trigger.to(next(model.parameters()).device), mean, std, classes, claim.chance_model, alpha
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from rich.progress import Progress
 
-from ticketguard.artifacts.ticket import MANIFEST, Ticket
+from ticketguard.artifacts.ticket import Ticket, is_ticket_folder
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import DEFAULT_ALPHA
 from ticketguard.core.files import read_json, write_json
@@ -55,7 +55,7 @@ class Run:
         """Table 1's extreme ticket (IMP with late rewinding), searched once and stored in ``ticket/``."""
         if "ticket" not in self.cache:
             folder = self.out / "ticket"
-            if (folder / MANIFEST).is_file():
+            if is_ticket_folder(folder):
                 self.cache["ticket"] = Ticket.load(folder)
             else:
                 found = find_extreme_ticket(
@@ -71,7 +71,7 @@ class Run:
             raise self.cache["protected"]
         if "protected" not in self.cache:
             numbers_path = self.out / "protection.json"
-            if numbers_path.is_file() and (self.out / "protected" / MANIFEST).is_file():
+            if numbers_path.is_file() and is_ticket_folder(self.out / "protected"):
                 self.cache["protected"] = (Ticket.load(self.out / "protected"), read_json(numbers_path))
             else:
                 config = replace(DEMO, epochs=self.plan.epochs, seed=self.plan.seed)
@@ -229,7 +229,7 @@ def key_density_curve(
         for name, (locked, _) in splits.items():
             without[name].append(v1.retrain(locked, data, config, device, progress, f"{name} n_s={density}"))
         locked, key = splits.get("ewp", splits[scores[0]])
-        forged = v1.merge_key(locked, v1.forge_random_key(locked, key.size(), seed=1))
+        forged = v1.merge_key(locked, v1.forge_random_key(locked.mask, locked.rewind, key.size(), seed=1))
         fake1.append(v1.retrain(forged, data, config, device, progress, f"fake1 n_s={density}"))
     return {
         "dense_accuracy": ticket.metadata.get("dense_accuracy"),

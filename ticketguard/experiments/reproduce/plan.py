@@ -16,7 +16,8 @@ from ticketguard.data import ImageData, dataset_spec, load_dataset
 from ticketguard.data.cifar import load_image_folder
 from ticketguard.models import MODELS
 from ticketguard.schemes.scores import SCORES
-from ticketguard.search.imp import DEFAULT_RATIOS, SearchConfig
+from ticketguard.search.config import SearchConfig
+from ticketguard.search.schedules import SCHEDULES
 from ticketguard.training.loop import TrainConfig
 
 FULL_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -92,7 +93,7 @@ def make_plan(
         epochs=epochs,
         train_per_class=per_class[0],
         test_per_class=per_class[1],
-        ratios=DEFAULT_RATIOS["paper"] if full else (DEFAULT_RATIOS["paper"][0],),
+        ratios=SCHEDULES["paper"].default_ratios if full else SCHEDULES["paper"].default_ratios[:1],
         max_rounds=max(1, round(scale * SearchConfig.max_rounds)),
         rewind_epoch=min(max(1, round(PAPER_REWIND_EPOCH * epochs / PAPER_EPOCHS)), epochs - 1),
         prune=(0.05, 0.1, 0.2, 0.3, 0.5) if full else (0.05, 0.2, 0.5),

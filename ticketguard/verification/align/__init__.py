@@ -2,7 +2,7 @@
 
 Permuting channels, rescaling them through BatchNorm, renaming keys, folding BatchNorm, exporting to ONNX and
 adding dummy or split channels (ticketguard.attacks.disguises) leave a network's function unchanged but move every
-weight that position-based evidence reads. The owner keeps a compact fingerprint of the protected ticket
+weight that position-based evidence reads. The owner keeps a compact record of the protected ticket
 (``Reference``: its masks, per-channel kernel norms and BatchNorm statistics), and ``align`` returns the
 suspect in the reference architecture's own state_dict form, computing the suspect's function:
 
@@ -18,7 +18,7 @@ suspect in the reference architecture's own state_dict form, computing the suspe
 V2 and V3 then read the result unchanged. Alignment maximises agreement, so its overlap must be compared with
 that of independently trained tickets passed through the same alignment, never with a random mask.
 
-Modules: ``reference`` (the fingerprint and its JSON), ``layout`` (what the steps share), ``structure``
+Modules: ``reference`` (the record and its JSON), ``layout`` (what the steps share), ``structure``
 (step 1 and the shape checks of 2), ``permutations`` (2 and 3), ``scales`` (4 and the final state_dict).
 """
 

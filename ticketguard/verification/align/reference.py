@@ -1,4 +1,4 @@
-"""The owner's ``Reference``: the compact fingerprint of a protected ticket that alignment reads; its JSON.
+"""The owner's ``Reference``: the compact record of a protected ticket that alignment reads; its JSON.
 
 A reference travels in claims and is read back from untrusted files, so its codec checks every length against
 the architecture before decoding anything.
@@ -58,7 +58,7 @@ class Reference:
         weights: Mapping[str, torch.Tensor],
         mask: Mask,
     ) -> Reference:
-        """The fingerprint of the ticket ``weights`` x ``mask`` (the weights a thief would copy)."""
+        """The reference of the ticket ``weights`` x ``mask`` (the weights a thief would copy)."""
         arch = (architecture, in_channels, num_classes)
         layout = layout_of(arch)
         if {k: tuple(t.shape) for k, t in weights.items()} != {k: s for k, (s, _) in layout.state.items()}:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ticketguard.artifacts.suspect import load_suspect
-from ticketguard.artifacts.ticket import MANIFEST, Ticket
+from ticketguard.artifacts.ticket import Ticket, is_ticket_folder
 from ticketguard.core.errors import InputError
 from ticketguard.data import DATASETS, load_dataset
 from ticketguard.models import accept_model_name, build_from_state
@@ -61,7 +61,7 @@ def load_served_model(
     registered architecture or of ``architecture`` (a name or import path the caller gives, with the
     ``num_classes`` it predicts), in eval mode on the CPU."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
+    if is_ticket_folder(path):
         ticket = Ticket.load(path, trust_code=trust_code)
         model, weights = ticket.build_model(), ticket.weights
         channels, classes, size = ticket.in_channels, ticket.num_classes, tuple(ticket.input_size)
