@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,18 +37,10 @@ from ticketguard.core.files import read_json, write_json
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.models import build_model
 from ticketguard.training.loop import TrainConfig, predict_logits, resolve_device, train
+from ticketguard.training.recipes import RECIPES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CIFAR10_JPEG = SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
-
-RECIPES: dict[str, Callable[[int, int], TrainConfig]] = {
-    "fast": lambda epochs, seed: TrainConfig(
-        epochs=epochs, batch_size=128, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
-        decay_norm_and_bias=False, label_smoothing=0.1, schedule="onecycle", flip_tta=True, seed=seed,
-    ),
-    "paper": lambda epochs, seed: TrainConfig(epochs=epochs, seed=seed),
-}
-
 
 EVAL_CHUNK = 256
 """Test images per forward pass: on a CPU, batches of 1024 run 1.7x slower per image than 256 (cache size)."""

@@ -52,10 +52,26 @@ def test_plan_shrinks_data_epochs_and_grids_with_scale() -> None:
     assert len(small.prune) < len(full.prune) and len(small.densities) < len(full.densities)
 
 
+def test_the_cpu_preset_trains_the_fast_recipe_on_all_of_cifar10_and_can_run_small() -> None:
+    data, epochs, scale = reproduce.resolve_preset("cifar10-cpu", None, None, None)
+    plan = reproduce.make_preset_plan("cifar10-cpu", "resnet20", epochs, scale, (5000, 1000))
+    assert (plan.data, plan.epochs, plan.train_per_class, plan.test_per_class) == ("cifar10", 30, None, None)
+    train = plan.train
+    assert (train.schedule, train.label_smoothing, train.flip_tta, train.epochs) == ("onecycle", 0.1, True, 30)
+    assert plan.search.pruning_schedule == "adaptive" and plan.search.train == train
+    _, epochs, scale = reproduce.resolve_preset("cifar10-cpu", None, 3, 0.01)
+    small = reproduce.make_preset_plan("cifar10-cpu", "resnet20", epochs, scale, (5000, 1000))
+    assert (small.epochs, small.train_per_class, small.recipe) == (3, 50, "fast")
+    gpu = reproduce.make_preset_plan("cifar10-gpu", "resnet20", 182, 1.0, (5000, 1000))
+    assert (gpu.epochs, gpu.recipe, gpu.schedule) == (182, "paper", "paper")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["reproduce", "table9"], "unknown target"),
+        (["reproduce", "--preset", "cifar10-tpu"], "unknown preset"),
+        (["reproduce", "--preset", "cifar10-cpu", "--data", "digits"], "leave --data out"),
         (["reproduce", "--scale", "0"], "--scale"),
         (["reproduce", "--scale", "1.5"], "--scale"),
         (["reproduce", "--data", "cifar10"], "--data-dir"),

@@ -33,17 +33,22 @@ def reproduce_command(
         list[str] | None,
         typer.Argument(help=f"Experiments to run ({', '.join(reproduce.EXPERIMENTS)}); default: all."),
     ] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="A named campaign that sets data, epochs, scale, recipe, schedule and grids together: "
+        + "; ".join(f"{name}: {p.description}" for name, p in reproduce.PRESETS.items())
+        + ". A smaller --epochs or --scale runs the same campaign small.")] = None,
     model: Annotated[str, typer.Option(help="Architecture (the paper's tables use resnet20).")] = "resnet20",
-    data: Annotated[str, typer.Option(help="digits (built in), cifar10 or cifar100.")] = "digits",
+    data: Annotated[str | None, typer.Option(help="digits (built in, the default), cifar10 or cifar100.")] = None,
     data_dir: DataDir = None,
     epochs: Annotated[
         int | None,
         typer.Option(help="Epochs per training run (default: scale x the data set's, at least 2)."),
     ] = None,
     scale: Annotated[
-        float,
-        typer.Option(help="Share of the per-class data, epochs, IMP rounds and grids, in (0, 1]; 1 = paper."),
-    ] = 0.1,
+        float | None,
+        typer.Option(help="Share of the per-class data, epochs, IMP rounds and grids, in (0, 1]; 1 = paper "
+                     "(default 0.1)."),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Folder for report.md, the figures and resumable results.")
     ] = Path("runs/reproduce"),
@@ -52,11 +57,14 @@ def reproduce_command(
 ) -> None:
     """Run the experiments behind the paper's tables and figures and write our numbers beside the paper's."""
     names = reproduce.check_targets(targets or [])
-    reproduce.check_scale(scale)
+    data, epochs, scale = reproduce.resolve_preset(preset, data, epochs, scale)
     reproduce.check_data_dir(data, data_dir)
     started = time.perf_counter()
     loaded, full_per_class = reproduce.load_scaled(data, data_dir, scale)
-    plan = reproduce.make_plan(model, data, epochs, scale, full_per_class)
+    if preset is None:
+        plan = reproduce.make_plan(model, data, epochs, scale, full_per_class)
+    else:
+        plan = reproduce.make_preset_plan(preset, model, epochs, scale, full_per_class)
     if plan.train_per_class or plan.test_per_class:
         loaded = loaded.subset(plan.train_per_class, plan.test_per_class, plan.seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,11 +48,17 @@ DEMO = DemoConfig()
 
 
 def protect_demo(
-    ticket: Ticket, data: ImageData, config: DemoConfig, device: torch.device, progress: Progress, out: Path
+    ticket: Ticket,
+    data: ImageData,
+    config: DemoConfig,
+    train_config: TrainConfig,
+    device: torch.device,
+    progress: Progress,
+    out: Path,
 ) -> tuple[Ticket, Claim, dict[str, Any]]:
-    """V2 + V3 in one retraining (``ticketguard.protect``); the signature alone is trained once more, only to
-    measure each scheme's accuracy cost by itself, and the unmarked ticket's trigger accuracy is measured."""
-    train_config = TrainConfig(epochs=config.epochs, seed=config.seed)
+    """V2 + V3 in one retraining (``ticketguard.protect``) with ``train_config``; the signature alone is trained
+    once more, only to measure each scheme's accuracy cost by itself, and the unmarked ticket's trigger accuracy
+    is measured."""
     trigger = keyed_trigger_for(ticket, config.trigger_seed, config.trigger_count)
     signed_only = protect(
         ticket, data, signature=config.payload, train_config=train_config, device=device, progress=progress
@@ -96,7 +102,8 @@ def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Prog
     )
     ticket = find_extreme_ticket(data, search, out / "search", device, progress)
     ticket.save(out / "ticket")
-    protected, claim, numbers = protect_demo(ticket, data, config, device, progress, out)
+    train_config = TrainConfig(epochs=config.epochs, seed=config.seed)
+    protected, claim, numbers = protect_demo(ticket, data, config, train_config, device, progress, out)
     locked, key = v1.split_key(protected, config.key_density, config.key_score)
     v1.save_split(locked, key, out / "split")
     verdict = verify_key(

@@ -25,17 +25,21 @@ from ticketguard.experiments.reproduce.experiments import (
     run_experiment,
 )
 from ticketguard.experiments.reproduce.plan import (
+    PRESETS,
     Plan,
     check_data_dir,
     check_plan,
     check_scale,
     load_scaled,
     make_plan,
+    make_preset_plan,
+    resolve_preset,
 )
 
 __all__ = [
-    "EXPERIMENTS", "Experiment", "Plan", "Run", "check_data_dir", "check_plan", "check_scale", "check_targets",
-    "key_density_curve", "load_scaled", "make_plan", "plot_key_density", "run_experiment", "write_report",
+    "EXPERIMENTS", "PRESETS", "Experiment", "Plan", "Run", "check_data_dir", "check_plan", "check_scale",
+    "check_targets", "key_density_curve", "load_scaled", "make_plan", "make_preset_plan", "plot_key_density",
+    "resolve_preset", "run_experiment", "write_report",
 ]
 
 

@@ -31,13 +31,13 @@ from ticketguard.experiments.paper import (
     percent,
     quantity,
 )
+from ticketguard.experiments.reproduce.plan import Plan
 from ticketguard.schemes import keymask as v1
 from ticketguard.search.imp import find_extreme_ticket
 from ticketguard.training.loop import TrainConfig
 from ticketguard.verification.claim import load_claim
 
 log = logging.getLogger(__name__)
-from ticketguard.experiments.reproduce.plan import Plan
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Run:
                 config = replace(DEMO, epochs=self.plan.epochs, seed=self.plan.seed)
                 try:
                     protected, _, numbers = protect_demo(
-                        self.ticket(), self.data, config, self.device, self.progress, self.out
+                        self.ticket(), self.data, config, self.plan.train, self.device, self.progress, self.out
                     )
                 except Exception as err:
                     self.cache["protected"] = err

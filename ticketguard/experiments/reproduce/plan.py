@@ -4,7 +4,7 @@ results made with other settings."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ticketguard.schemes.scores import SCORES
 from ticketguard.search.config import SearchConfig
 from ticketguard.search.schedules import SCHEDULES
 from ticketguard.training.loop import TrainConfig
+from ticketguard.training.recipes import recipe
 
 FULL_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
 SMALL_DENSITIES = (0.05, 0.2)
@@ -50,10 +51,12 @@ class Plan:
     key_density: float = 0.2
     eps: float = 0.01
     seed: int = 0
+    recipe: str = "paper"
+    schedule: str = "paper"
 
     @property
     def train(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, seed=self.seed)
+        return recipe(self.recipe, self.epochs, self.seed)
 
     @property
     def search(self) -> SearchConfig:
@@ -63,7 +66,7 @@ class Plan:
             eps=self.eps,
             rewind_epoch=self.rewind_epoch,
             max_rounds=self.max_rounds,
-            pruning_schedule="paper",
+            pruning_schedule=self.schedule,
             decide_on="test",  # the paper's protocol: every training image trains, matching on test accuracy
             validation_fraction=0.0,
             train=self.train,
@@ -102,6 +105,76 @@ def make_plan(
         densities=FULL_DENSITIES if full else SMALL_DENSITIES,
         scores=tuple(SCORES) if full else SMALL_SCORES,
     )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named reproduction: the data, epochs and scale it runs at, and what it changes in the plan."""
+
+    data: str
+    scale: float
+    epochs: int
+    changes: dict[str, Any]
+    description: str
+
+
+PRESETS = {
+    "cifar10-cpu": Preset(
+        data="cifar10",
+        scale=1.0,
+        epochs=30,
+        changes={
+            "recipe": "fast",
+            "schedule": "adaptive",
+            "ratios": SCHEDULES["adaptive"].default_ratios,
+            "max_rounds": 12,
+            "rewind_epoch": 2,
+            "prune": (0.05, 0.1, 0.2, 0.3, 0.5),
+            "addon": (0.005, 0.01, 0.05, 0.1),
+            "finetune_epochs": 3,
+            "densities": (0.05, 0.2),
+            "scores": ("ewp",),
+        },
+        description="the full CIFAR-10 in 30 epochs per training (the fast recipe), the adaptive schedule, "
+        "the full attack grid and two key densities: the whole story on a CPU",
+    ),
+    "cifar10-gpu": Preset(
+        data="cifar10",
+        scale=1.0,
+        epochs=PAPER_EPOCHS,
+        changes={},
+        description="the paper's full protocol: 182 epochs per training, the paper's schedule and every grid",
+    ),
+}
+
+
+def make_preset_plan(name: str, model: str, epochs: int, scale: float, full_per_class: tuple[int, int]) -> Plan:
+    """The plan of preset ``name`` at ``epochs`` and ``scale`` (the preset's own unless a run shrinks them):
+    ``make_plan``, then the preset's changes."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    return replace(make_plan(model, preset.data, epochs, scale, full_per_class), **preset.changes)
+
+
+def resolve_preset(
+    preset: str | None, data: str | None, epochs: int | None, scale: float | None
+) -> tuple[str, int | None, float]:
+    """(data, epochs, scale) of a run: a preset's, where --epochs and --scale may shrink it (to try the same
+    campaign small) but --data may not change it; without a preset, the options with their defaults (digits, the
+    data set's epochs scaled, scale 0.1)."""
+    if preset is None:
+        scale = 0.1 if scale is None else scale
+        check_scale(scale)
+        return data or "digits", epochs, scale
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    if data is not None and data != chosen.data:
+        raise InputError(f"preset {preset} runs on {chosen.data}; leave --data out or drop --preset")
+    scale = chosen.scale if scale is None else scale
+    check_scale(scale)
+    return chosen.data, chosen.epochs if epochs is None else epochs, scale
 
 
 def check_scale(scale: float) -> None:
