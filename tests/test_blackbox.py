@@ -41,6 +41,7 @@ from ticketguard.verification.blackbox import (
     query_labels,
 )
 from ticketguard.verification.claim import load_claim, save_claim, sign, ticket_hashes
+from ticketguard.verification.verify import verify_endpoint
 
 SERVER_START_S = 60
 
@@ -121,7 +122,7 @@ def test_cli_serve_and_query_show_ownership_of_the_marked_ticket_only(tickets, c
 
 
 def test_query_refuses_a_forged_folder_claim_labelled_with_the_apis_own_answers(tickets, digits, tmp_path,
-                                                                               authority, serve, capsys) -> None:
+                                                                               authority, serve, capsys) -> None:  # noqa: F811
     """A forger labels random images with the served model's answers and dates his claim 2020: 100/100 agree,
     yet folder labels are free to choose, so without a trusted time they never decide. Stamped now, the same
     claim holds, but only against copies published after its stamp, and the verdict says so."""
@@ -138,6 +139,27 @@ def test_query_refuses_a_forged_folder_claim_labelled_with_the_apis_own_answers(
     evidence = verdict["evidence"][0]
     assert not verdict["owned"] and evidence["details"]["agreed"] == 100 and not evidence["decides_alone"]
     assert stamped["trusted_time"]["holds_against"].startswith("copies first published after")
+
+
+def relabelled_served(ticket: Path, order: torch.Tensor) -> ServedModel:
+    """The ticket served with its classifier rows permuted: its API answers order^-1 of the ticket's labels."""
+    served = load_served_model(ticket)
+    with torch.no_grad():
+        served.model.fc.weight.copy_(served.model.fc.weight[order])
+        served.model.fc.bias.copy_(served.model.fc.bias[order])
+    return served
+
+
+def test_query_shows_a_relabelled_copy_of_the_marked_ticket_and_not_a_relabelled_innocent(tickets) -> None:
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(5))
+    found = {}
+    for name in ("marked", "plain"):
+        with ModelServer(relabelled_served(tickets[name], order), port=0) as running:
+            found[name] = verify_endpoint(Endpoint(running.url), tickets["claim"])
+    marked, plain = (found[name].evidence[0] for name in ("marked", "plain"))
+    assert found["marked"].owned and marked.details["relabelled"] and marked.p_value < 1e-6
+    assert marked.details["as_labelled"]["p_value"] > 1e-3  # read as labelled, the relabelled copy looks innocent
+    assert not found["plain"].owned and plain.p_value > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +241,11 @@ def test_overloaded_server_is_retried_a_bounded_number_of_times() -> None:
 
 
 def test_slow_server_times_out_with_a_clear_error() -> None:
-    with fake_api(lambda i: (200, _v2_body([0, 0, 0, 0]), 1.0)) as (url, _):
-        with pytest.raises(InputError, match="no complete answer .* within 0.2 s after 1 attempts"):
-            query_labels(Endpoint(url, timeout_s=0.2, retries=0), IMAGES)
+    with (
+        fake_api(lambda i: (200, _v2_body([0, 0, 0, 0]), 1.0)) as (url, _),
+        pytest.raises(InputError, match="no complete answer .* within 0.2 s after 1 attempts"),
+    ):
+        query_labels(Endpoint(url, timeout_s=0.2, retries=0), IMAGES)
 
 
 @pytest.mark.parametrize(
@@ -360,8 +384,8 @@ def test_endpoint_refuses_unsafe_settings(setting: dict[str, float]) -> None:
 
 
 @contextmanager
-def raw_server(serve: Callable[[socket.socket], None]) -> Iterator[str]:
-    """A loopback server that reads the first segment of each request, then hands the connection to ``serve``."""
+def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A loopback server that reads the first segment of each request, then hands the connection to ``answer``."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.05)
     stopped = threading.Event()
@@ -370,7 +394,7 @@ def raw_server(serve: Callable[[socket.socket], None]) -> Iterator[str]:
         with connection, contextlib.suppress(OSError):
             connection.settimeout(5)
             connection.recv(1 << 20)
-            serve(connection)
+            answer(connection)
 
     def accept() -> None:
         while not stopped.is_set():
@@ -390,13 +414,13 @@ def raw_server(serve: Callable[[socket.socket], None]) -> Iterator[str]:
 def dripping(head: bytes) -> Callable[[socket.socket], None]:
     """Send ``head``, then one more byte every 50 ms for up to 5 s: each read succeeds, the answer never ends."""
 
-    def serve(connection: socket.socket) -> None:
+    def answer(connection: socket.socket) -> None:
         connection.sendall(head)
         for _ in range(100):
             time.sleep(0.05)
             connection.sendall(b" ")
 
-    return serve
+    return answer
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def test_plan_shrinks_data_epochs_and_grids_with_scale() -> None:
 def test_the_cpu_preset_trains_the_fast_recipe_on_all_of_cifar10_and_can_run_small() -> None:
     data, epochs, scale = reproduce.resolve_preset("cifar10-cpu", None, None, None)
     plan = reproduce.make_preset_plan("cifar10-cpu", "resnet20", epochs, scale, (5000, 1000))
-    assert (plan.data, plan.epochs, plan.train_per_class, plan.test_per_class) == ("cifar10", 30, None, None)
+    assert (data, plan.data, plan.epochs, plan.train_per_class) == ("cifar10", "cifar10", 30, None)
     train = plan.train
     assert (train.schedule, train.label_smoothing, train.flip_tta, train.epochs) == ("onecycle", 0.1, True, 30)
     assert plan.search.pruning_schedule == "adaptive" and plan.search.train == train

@@ -490,6 +490,20 @@ def test_an_onnx_weight_with_a_nonzero_zero_point_dequantizes_its_pruned_entries
         (np.float32([0.1, 0.1]), np.int8([0, 0]), {"axis": 1, "block_size": 2}, "block-quantized"),
         (np.float32([0.1, 0.1]), np.int8([0, 0]), {"axis": "rows"}, "malformed axis"),
     ],
+    ids=[
+        "zero scale",
+        "negative scale",
+        "NaN scale",
+        "infinite scale",
+        "scale unlike the axis",
+        "zero point unlike the axis",
+        "axis out of range",
+        "2-D scale",
+        "int32 zero point of an int8 weight",
+        "zero point outside int8",
+        "blocked",
+        "string axis",
+    ],
 )
 def test_an_onnx_weight_with_a_bad_quantizer_is_refused(
     tmp_path, scale, zero_point, attributes, refusal
@@ -511,10 +525,30 @@ def test_an_onnx_weight_with_a_bad_quantizer_is_refused(
     assert_one_sentence(err)
 
 
+def test_a_qlinear_matmul_reads_back_as_a_matmul_with_one_scale_per_column(tmp_path) -> None:
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node(
+            "QLinearMatMul",
+            ["xq", "xs", "xz", "fc.weight_quantized", "ws", "wz", "ys", "yz"],
+            ["yq"],
+        ),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"]),
+    ]
+    scalars = [named(np.float32(0.1), "xs"), named(np.int8(0), "xz"), named(np.float32(0.2), "ys")]
+    quantizer = [named(np.float32([0.5, 0.25]), "ws"), named(np.int8([0, 4]), "wz"), named(np.int8(0), "yz")]
+    weight = named(QUANTIZED_WEIGHT.T, "fc.weight_quantized")
+    suspect = load_suspect(write_graph(tmp_path / "matmul.onnx", nodes, [weight, *scalars, *quantizer]))
+    expected = (QUANTIZED_WEIGHT.T.astype(np.float32) - [0, 4]) * [0.5, 0.25]
+    assert [(n.op_type, n.weights) for n in suspect.graph or []] == [("MatMul", (None, "fc.weight"))]
+    assert list(suspect.weights) == ["fc.weight"], "scales and zero points are no weights"
+    assert torch.equal(suspect.weights["fc.weight"], torch.from_numpy(expected.astype(np.float32)))
+
+
 def test_an_unsupported_quantized_op_is_refused(tmp_path) -> None:
     nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")]
     weights = [named(QUANTIZED_WEIGHT.T, "w"), named(np.float32(0.1), "s"), named(np.int8(0), "z")]
-    with pytest.raises(InputError, match="DynamicQuantizeMatMul .* reads the quantized weight 'w'") as err:
+    with pytest.raises(InputError, match="DynamicQuantizeMatMul reads the quantized weight 'w'") as err:
         load_suspect(write_graph(tmp_path / "fused.onnx", nodes, weights))
     assert_one_sentence(err)
 

@@ -142,7 +142,7 @@ def test_a_relabelled_owner_copy_is_shown_and_a_relabelled_innocent_is_not(
     innocent = verify_local(relabelled(unmarked, order), trigger, mean, std, 10)
     assert owner.details["as_labelled"]["p_value"] > 0.01  # read as labelled, the copy agrees at chance
     assert owner.details["relabelled"] and owner.passed and owner.p_value < FORGERY_LEVEL
-    assert owner.details["best_relabelling"]["relabelling"] == {str(c): int(a) for a, c in enumerate(order)}
+    assert owner.details["best_relabelling"]["relabelling"] == {str(c): a for a, c in enumerate(order.tolist())}
     assert not innocent.passed and innocent.p_value > 1e-3
 
 
