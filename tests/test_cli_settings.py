@@ -7,12 +7,14 @@ import pytest
 import typer
 
 from ticketguard.cli.app import app
+from ticketguard.cli.options import DataChoice, RunOptions
 from ticketguard.cli.settings import Settings, expand_settings
 from ticketguard.core.errors import InputError
 from ticketguard.core.settings import setting
 from ticketguard.protect import SignatureConfig, TriggerConfig, TriggerSource
 from ticketguard.search.config import SearchConfig
 from ticketguard.training.loop import TrainConfig
+from ticketguard.verification.blackbox import Endpoint
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def _command(marker: Any) -> tuple[Any, dict[str, Any]]:
     toy_app = typer.Typer()
 
     def toy(*, given: Any) -> None:
-        seen.update(given)
+        seen.update(given if isinstance(given, dict) else {"made": given})
 
     toy.__annotations__ = {"given": marker, "return": None}
     toy_app.command()(expand_settings(toy))
@@ -94,12 +96,20 @@ def test_renamed_options_take_their_old_names_too() -> None:
     assert _help(command, "toy_limit") == "A limit."
 
 
+def test_a_parameter_annotated_with_the_settings_class_gets_the_dataclass() -> None:
+    made = _run(Annotated[Toy, Settings(Toy, ("name", "limit"))], ["--name", "x"])["made"]
+    assert made == Toy(name="x")
+
+
 def test_a_setting_without_help_is_refused() -> None:
     with pytest.raises(TypeError, match="has no help"):
         _command(Annotated[dict[str, Any], Settings(Undocumented)])
 
 
-@pytest.mark.parametrize("config", [SearchConfig, TrainConfig, SignatureConfig, TriggerConfig, TriggerSource])
+@pytest.mark.parametrize(
+    "config",
+    [SearchConfig, TrainConfig, SignatureConfig, TriggerConfig, TriggerSource, DataChoice, RunOptions, Endpoint],
+)
 def test_every_setting_states_its_help(config: type) -> None:
     assert all(f.metadata["help"].endswith(".") for f in fields(config))
 
@@ -110,3 +120,11 @@ def test_find_offers_every_search_setting_with_the_fields_help() -> None:
     for setting_field in fields(SearchConfig):
         if setting_field.name != "train":
             assert offered[setting_field.name].startswith(setting_field.metadata["help"].rstrip("."))
+
+
+def test_shared_options_keep_their_flags_and_defaults() -> None:
+    protect = {p.name: p for p in typer.main.get_command(app).commands["protect"].params}
+    assert protect["json"].opts == ["--json"] and protect["json"].is_flag and not protect["json"].secondary_opts
+    assert protect["trust_code"].opts == ["--trust-code"] and protect["force"].default is False
+    assert protect["device"].default == "auto" and protect["alpha"].default == RunOptions.alpha
+    assert protect["data"].default is None and protect["data_dir"].opts == ["--data-dir"]

@@ -13,12 +13,12 @@ from rich.table import Table
 from ticketguard.artifacts.ticket import Ticket
 from ticketguard.attacks import chains
 from ticketguard.attacks import removal as attacks
-from ticketguard.cli.options import ALPHA, Alpha, DataDir, Device, Force, Json, TestPerClass, TrustCode
+from ticketguard.cli.options import DataChoice, RunOptions, data_options, run_options
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
+from ticketguard.cli.settings import expand_settings
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import check_alpha
 from ticketguard.core.files import prepare_output, save_tensors
-from ticketguard.data import load_subset
 from ticketguard.experiments import harness, report
 from ticketguard.experiments.demo import DEMO, run_demo
 from ticketguard.experiments.suspect_attack import attack_suspect
@@ -43,8 +43,10 @@ def _fractions(text: str, option: str, closed: bool) -> tuple[float, ...]:
 
 
 @commands.command()
+@expand_settings
 def attack(
     suspect: Annotated[Path, typer.Argument(help="Ticket folder, safetensors or torch state_dict file.")],
+    *,
     attack_spec: Annotated[
         str,
         typer.Option(
@@ -82,35 +84,28 @@ def attack(
     claim: Annotated[
         Path | None, typer.Option(help="The owner's claim: code region (fake3), defence t.")
     ] = None,
-    data: Annotated[str | None, typer.Option(help="Fine-tuning data set (default: the ticket's).")] = None,
-    data_dir: DataDir = None,
+    data_choice: Annotated[DataChoice, data_options("data", "data_dir", "train_per_class")],
     transfer_data: Annotated[
         str | None, typer.Option(help="Transfer target: a data set, or parity.")
     ] = None,
-    train_per_class: Annotated[
-        int | None, typer.Option(help="Fine-tune on a class-balanced subset.")
-    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the attack's randomness.")] = 0,
-    device: Device = "auto",
-    force: Force = False,
-    as_json: Json = False,
-    trust_code: TrustCode = False,
+    run: Annotated[RunOptions, run_options("device", "force", "json", "trust_code")],
 ) -> None:
     """Attack a suspect model and write the attacked weights as a new safetensors file."""
     steps = chains.parse_chain(attack_spec)
     path = out if out.suffix == ".safetensors" else out / "attacked.safetensors"
-    prepare_output(path, force, inputs=[suspect])
+    prepare_output(path, run.force, inputs=[suspect])
     started = time.perf_counter()
     attacked = attack_suspect(
-        suspect, steps, claim=load_claim(claim) if claim is not None else None, data=data, data_dir=data_dir,
-        transfer_data=transfer_data, train_per_class=train_per_class, seed=seed, device=device,
-        trust_code=trust_code, fraction=fraction, scale=weight_scale, epochs=epochs, lr=lr, payload=payload,
-        key_density=key_density, free=free, threshold=threshold,
+        suspect, steps, claim=load_claim(claim) if claim is not None else None, data=data_choice.data,
+        data_dir=data_choice.data_dir, transfer_data=transfer_data, train_per_class=data_choice.train_per_class,
+        seed=seed, device=run.device, trust_code=run.trust_code, fraction=fraction, scale=weight_scale,
+        epochs=epochs, lr=lr, payload=payload, key_density=key_density, free=free, threshold=threshold,
     )
     save_tensors(path, attacked.weights)
     summary = {"attack": " then ".join(map(str, steps)), "out": str(path), "density_before": attacked.density_before,
                "density": attacked.mask.density(), "seconds": time.perf_counter() - started}
-    if as_json:
+    if run.json:
         emit_json(summary)
     else:
         results.print(f"{summary['attack']}: weights left {percent(summary['density_before'])} -> "
@@ -134,8 +129,10 @@ def _figures(rows: list[dict[str, Any]], signature: v2.Signature | None, out: Pa
 
 
 @commands.command()
+@expand_settings
 def evaluate(
     ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="The protected ticket folder.")],
+    *,
     claim: Annotated[Path, typer.Option(help="The owner's claim (signature, trigger set, defence t).")],
     out: Annotated[
         Path, typer.Option(help="Folder for results.json/.csv/.md, the plots and finished points.")
@@ -153,34 +150,27 @@ def evaluate(
     key_density: Annotated[
         float | None, typer.Option(help="fake1 key size (default: the ticket's V1 key).")
     ] = None,
-    data_dir: DataDir = None,
-    train_per_class: Annotated[
-        int | None, typer.Option(help="Fine-tune on a class-balanced subset.")
-    ] = None,
-    test_per_class: TestPerClass = None,
-    alpha: Alpha = ALPHA,
-    device: Device = "auto",
-    as_json: Json = False,
-    trust_code: TrustCode = False,
+    data_choice: Annotated[DataChoice, data_options("data_dir", "train_per_class", "test_per_class")],
+    run: Annotated[RunOptions, run_options("alpha", "device", "json", "trust_code")],
 ) -> None:
     """Run an attack grid on a protected ticket and measure accuracy and every piece of evidence."""
-    check_alpha(alpha)
+    check_alpha(run.alpha)
     prune_fractions = _fractions(prune, "--prune", closed=False)
     addon_fractions = _fractions(addon, "--addon", closed=True)
     if finetune_epochs < 1:
         raise InputError(f"--finetune-epochs must be >= 1, got {finetune_epochs}")
     prepare_output(out / f"{harness.RESULTS}.json", force=True)  # never into a ticket folder; a rerun resumes
-    ticket = Ticket.load(ticket_path, trust_code=trust_code)
+    ticket = Ticket.load(ticket_path, trust_code=run.trust_code)
     claimed = load_claim(claim)
-    data = load_subset(ticket.dataset, data_dir, train_per_class, test_per_class, 0)
+    data = data_choice.load(ticket.dataset, 0)
     subject = harness.Subject(
         ticket,
         data,
         claimed,
         key_density or ticket.metadata.get(v1.METADATA_ENTRY, {}).get("key_density"),
-        harness.transfer_task(transfer_data, data, data_dir),
-        alpha,
-        resolve_device(device),
+        harness.transfer_task(transfer_data, data, data_choice.data_dir),
+        run.alpha,
+        resolve_device(run.device),
     )
     points = harness.default_grid(
         prune_fractions,
@@ -192,7 +182,7 @@ def evaluate(
         rows = harness.run_grid(subject, points, out, progress)
     paths = harness.write_results(rows, out)
     figures = _figures(rows, claimed.signature, out)
-    if as_json:
+    if run.json:
         emit_json({"rows": rows, "results": {k: str(v) for k, v in paths.items()}})
     else:
         _print_rows(rows, f"attacks on {ticket_path}")
@@ -200,17 +190,18 @@ def evaluate(
 
 
 @commands.command()
+@expand_settings
 def demo(
+    *,
     out: Annotated[
         Path, typer.Option(help="Report folder: report.md with the tables, PNGs beside it.")
     ] = Path("runs/demo"),
-    device: Device = "auto",
+    run: Annotated[RunOptions, run_options("device", "json")],
     rounds: Annotated[int, typer.Option(hidden=True)] = DEMO.rounds,
     epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.epochs,
     finetune_epochs: Annotated[int, typer.Option(hidden=True)] = DEMO.finetune_epochs,
     train_per_class: Annotated[int | None, typer.Option(hidden=True)] = None,
     test_per_class: Annotated[int | None, typer.Option(hidden=True)] = None,
-    as_json: Json = False,
 ) -> None:
     """The whole story on the built-in digits: find an extreme ticket, sign it (V2), watermark it (V3), split
     a key (V1), attack it, verify, and write a report with the paper's numbers beside ours."""
@@ -226,11 +217,11 @@ def demo(
     )
     started = time.perf_counter()
     with progress_bar() as progress:
-        outcome = run_demo(out, config, resolve_device(device), progress)
+        outcome = run_demo(out, config, resolve_device(run.device), progress)
     outcome["seconds"] = time.perf_counter() - started
     figures = _figures(outcome["rows"], outcome["signature"], out)
     path = report.write_demo_report(out, outcome, [f.name for f in figures])
-    if as_json:
+    if run.json:
         emit_json({"report": str(path), "seconds": outcome["seconds"], "rows": outcome["rows"]})
     else:
         _print_rows(outcome["rows"], "attacks on the protected ticket")

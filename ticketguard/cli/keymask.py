@@ -8,21 +8,11 @@ from typing import Annotated, Any
 import typer
 
 from ticketguard.artifacts.ticket import MANIFEST, TENSOR_FILES, Ticket
-from ticketguard.cli.options import (
-    DataDir,
-    Device,
-    Force,
-    Json,
-    TestPerClass,
-    TrainPerClass,
-    TrustCode,
-    retraining,
-)
+from ticketguard.cli.options import DataChoice, RunOptions, data_options, retraining, run_options
 from ticketguard.cli.output import emit_json, percent, print_verdict, progress_bar, results
 from ticketguard.cli.settings import expand_settings
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import prepare_output, staged_folder
-from ticketguard.data import load_subset
 from ticketguard.schemes.keymask import (
     KEY_FOLDER,
     LOCKED_FOLDER,
@@ -40,14 +30,14 @@ commands = typer.Typer()
 
 
 @commands.command()
+@expand_settings
 def split(
     ticket: Annotated[Path, typer.Argument(help="The ticket folder to lock.")],
+    *,
     out: Annotated[Path, typer.Option(help="Folder to write OUT/locked (to ship) and OUT/key (to license).")],
     score: Annotated[str, typer.Option(help=f"Score of the key weights: {', '.join(SCORES)}.")] = "ewp",
     key_density: Annotated[float, typer.Option(help="n_s: the key's share of kept weights.")] = 0.05,
-    force: Force = False,
-    as_json: Json = False,
-    trust_code: TrustCode = False,
+    run: Annotated[RunOptions, run_options("force", "json", "trust_code")],
 ) -> None:
     """Split a ticket into a locked ticket and a key mask of its highest-scoring weights (Algorithm 1).
 
@@ -55,10 +45,10 @@ def split(
     check_key_density(key_density)
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
-    prepare_output(out, force, folder=True, inputs=[ticket], replaces=(LOCKED_FOLDER, KEY_FOLDER))
-    locked, key = split_key(Ticket.load(ticket, trust_code=trust_code), key_density, score)
+    prepare_output(out, run.force, folder=True, inputs=[ticket], replaces=(LOCKED_FOLDER, KEY_FOLDER))
+    locked, key = split_key(Ticket.load(ticket, trust_code=run.trust_code), key_density, score)
     locked_folder, key_folder = save_split(locked, key, out)
-    if as_json:
+    if run.json:
         emit_json(
             {
                 "locked": str(locked_folder),
@@ -76,20 +66,21 @@ def split(
 
 
 @commands.command()
+@expand_settings
 def merge(
     locked: Annotated[Path, typer.Argument(help="The locked ticket folder.")],
     key: Annotated[Path, typer.Argument(help="The key folder split from it.")],
+    *,
     out: Annotated[Path, typer.Option(help="Ticket folder to write.")],
-    force: Force = False,
-    as_json: Json = False,
+    run: Annotated[RunOptions, run_options("force", "json")],
 ) -> None:
     """Add a key back to its locked ticket; the result is the original ticket, bit for bit, written whole or
     not at all."""
-    prepare_output(out, force, folder=True, inputs=[locked, key], replaces=(MANIFEST, *TENSOR_FILES))
+    prepare_output(out, run.force, folder=True, inputs=[locked, key], replaces=(MANIFEST, *TENSOR_FILES))
     ticket = merge_key(*load_pair(locked, key))
     with staged_folder(out) as staging:
         ticket.save(staging)
-    if as_json:
+    if run.json:
         emit_json({"ticket": str(out), "density": ticket.mask.density()})
     else:
         results.print(f"ticket [bold]{out}[/] restored ({percent(ticket.mask.density(), 3)} of weights left)")
@@ -103,15 +94,11 @@ def verify_key_command(
     key_mask: Annotated[
         Path | None, typer.Option(help="Key-mask folder (from split); without it, check the lock only.")
     ] = None,
-    data_dir: DataDir = None,
+    data_choice: Annotated[DataChoice, data_options("data_dir", "train_per_class", "test_per_class")],
     training: Annotated[dict[str, Any], retraining("epochs", "batch_size", "lr", "seed")],
     eps: Annotated[float, typer.Option(help="eps_f in accuracy points.")] = 1.0,
     fake1: Annotated[bool, typer.Option(help="Also retrain with a random key (fake1).")] = False,
-    train_per_class: TrainPerClass = None,
-    test_per_class: TestPerClass = None,
-    device: Device = "auto",
-    as_json: Json = False,
-    trust_code: TrustCode = False,
+    run: Annotated[RunOptions, run_options("device", "json", "trust_code")],
 ) -> None:
     """Retrain the locked ticket without and with the key; ownership shows as an accuracy gap beyond eps_f.
 
@@ -119,14 +106,14 @@ def verify_key_command(
     than eps_f.
     """
     if key_mask is None:
-        ticket, secret = Ticket.load(locked, trust_code=trust_code), None
+        ticket, secret = Ticket.load(locked, trust_code=run.trust_code), None
     else:
-        ticket, secret = load_pair(locked, key_mask, trust_code)
+        ticket, secret = load_pair(locked, key_mask, run.trust_code)
     config = ticket.train_config(**training)
-    data = load_subset(ticket.dataset, data_dir, train_per_class, test_per_class, config.seed)
+    data = data_choice.load(ticket.dataset, config.seed)
     with progress_bar() as progress:
-        verdict = verify_key(ticket, secret, data, config, eps / 100, resolve_device(device), progress, fake1)
-    if as_json:
+        verdict = verify_key(ticket, secret, data, config, eps / 100, resolve_device(run.device), progress, fake1)
+    if run.json:
         emit_json(verdict.to_json())
     else:
         print_verdict(verdict.to_json(), f"verify-key {locked}")

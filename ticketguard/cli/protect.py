@@ -7,6 +7,7 @@ option overrides them.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,23 +16,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.table import Table
 
 from ticketguard.artifacts.ticket import Ticket
-from ticketguard.cli.options import (
-    ALPHA,
-    Alpha,
-    DataDir,
-    Device,
-    Force,
-    Json,
-    SigningKey,
-    TestPerClass,
-    TrainingOverrides,
-    TrainPerClass,
-    TrustCode,
-)
+from ticketguard.cli.options import Data, DataChoice, Run, RunOptions, TrainingOverrides, data_options
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
 from ticketguard.cli.settings import Settings, expand_settings
 from ticketguard.core.errors import InputError
-from ticketguard.data import ImageData, load_subset
+from ticketguard.core.settings import setting
+from ticketguard.data import ImageData
 from ticketguard.protect import (
     STARTS,
     Protected,
@@ -54,31 +44,38 @@ OptionalSigning = Annotated[dict[str, Any], Settings(SignatureConfig, optional=T
 TRIGGER_FOLDER = {"folder": ("--trigger",)}
 Source = Annotated[dict[str, Any], Settings(TriggerSource, prefix="trigger", flags=TRIGGER_FOLDER)]
 Mixing = Annotated[dict[str, Any], Settings(TriggerConfig, flags={"chance_model": ("--chance",)})]
-Out = Annotated[Path, typer.Option(help="Folder for the protected ticket (to ship).")]
-ClaimPath = Annotated[Path | None, typer.Option(help="Secret claim file to write (default: OUT.claim.json).")]
 Start = Annotated[str, typer.Option(help="Train from the ticket's rewind W_k or fine-tune its weights.")]
-Data = Annotated[str | None, typer.Option(help="Data set (default: the ticket's).")]
 
 
-def _data(ticket: Ticket, name: str | None, folder: Path | None, train_per_class: int | None,
-          test_per_class: int | None, seed: int) -> ImageData:
-    return load_subset(name or ticket.dataset, folder, train_per_class, test_per_class, seed)
+@dataclass(frozen=True)
+class Destination:
+    """Where the protected ticket and its secret claim are written, and the owner's key that signs the claim."""
+
+    out: Path = setting(help="Folder for the protected ticket (to ship).")
+    claim: Path | None = setting(None, help="Secret claim file to write (default: OUT.claim.json).")
+    signing_key: Path | None = setting(None, help="Owner's Ed25519 private key (PEM) that signs the claim.")
+
+    def prepare(self, force: bool) -> tuple[Path, Ed25519PrivateKey | None]:
+        """The claim file to write and the key that signs it (None: unsigned), once both files may be written."""
+        claim = self.claim or self.out.with_name(self.out.name + ".claim.json")
+        check_destinations(self.out, claim, force)
+        return claim, load_private_key(self.signing_key) if self.signing_key else None
 
 
-def _claim_path(out: Path, claim: Path | None) -> Path:
-    return claim or out.with_name(out.name + ".claim.json")
+Destinations = Annotated[Destination, Settings(Destination)]
 
 
 def _protect_and_save(
-    ticket: Ticket, data: ImageData, device: str, out: Path, claim_path: Path, key: Ed25519PrivateKey | None,
-    force: bool, as_json: bool, tsa_url: str | None = None, **settings: Any,
+    ticket: Ticket, data: ImageData, run: RunOptions, out: Path, claim_path: Path, key: Ed25519PrivateKey | None,
+    tsa_url: str | None = None, **settings: Any,
 ) -> None:
     """The one retraining (with a progress bar), then the ticket and claim written, then the result printed."""
     started = time.perf_counter()
     with progress_bar() as progress:
-        protected = protect(ticket, data, device=resolve_device(device), progress=progress, **settings)
-    protected.save(out, claim_path, key, force, tsa_url)
-    _finish(_report(protected, out, claim_path, key is not None, time.perf_counter() - started), as_json)
+        protected = protect(ticket, data, device=resolve_device(run.device), progress=progress, alpha=run.alpha,
+                            **settings)
+    protected.save(out, claim_path, key, run.force, tsa_url)
+    _finish(_report(protected, out, claim_path, key is not None, time.perf_counter() - started), run.json)
 
 
 def _report(protected: Protected, out: Path, claim_path: Path, signed: bool, seconds: float) -> dict[str, Any]:
@@ -121,38 +118,26 @@ def _finish(report: dict[str, Any], as_json: bool) -> None:
 def protect_command(
     ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="Ticket folder to protect.")],
     *,
-    out: Out,
     signing: OptionalSigning,
-    claim: ClaimPath = None,
-    signing_key: SigningKey = None,
+    destination: Destinations,
     tsa: Annotated[str | None, typer.Option(
         help="URL of an RFC 3161 time-stamping authority that stamps the claim as it is written.")] = None,
     source: Source,
     mixing: Mixing,
-    data: Data = None,
-    data_dir: DataDir = None,
-    train_per_class: TrainPerClass = None,
-    test_per_class: TestPerClass = None,
+    data_choice: Data,
     training: TrainingOverrides,
-    alpha: Alpha = ALPHA,
-    device: Device = "auto",
-    force: Force = False,
-    as_json: Json = False,
-    trust_code: TrustCode = False,
+    run: Run,
 ) -> None:
     """Sign the mask (QR payload) and/or watermark the weights (trigger set) in ONE retraining from W_k; write
     the protected ticket and the secret claim. Exit 1 if the result fails its own verification."""
-    claim_path = _claim_path(out, claim)
-    check_destinations(out, claim_path, force)
-    key = load_private_key(signing_key) if signing_key else None
-    ticket = Ticket.load(ticket_path, trust_code=trust_code)
+    claim_path, key = destination.prepare(run.force)
+    ticket = Ticket.load(ticket_path, trust_code=run.trust_code)
     trigger_source = TriggerSource(**source)
     marking = TriggerConfig(trigger_source.load(ticket), **mixing) if trigger_source.given else None
     signature = SignatureConfig(**signing) if "payload" in signing else None
     config = ticket.train_config(**training)
-    dataset = _data(ticket, data, data_dir, train_per_class, test_per_class, config.seed)
-    _protect_and_save(ticket, dataset, device, out, claim_path, key, force, as_json, tsa,
-                      signature=signature, trigger=marking, train_config=config, alpha=alpha)
+    _protect_and_save(ticket, data_choice.load(ticket.dataset, config.seed), run, destination.out, claim_path, key,
+                      tsa, signature=signature, trigger=marking, train_config=config)
 
 
 @commands.command()
@@ -161,35 +146,26 @@ def embed(
     ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="Ticket folder to protect.")],
     *,
     signing: Signing,
-    out: Out,
-    claim: ClaimPath = None,
-    signing_key: SigningKey = None,
+    destination: Destinations,
     train: Annotated[bool, typer.Option("--train/--no-train", help="Retrain with the signed mask now; --no-train leaves training to `watermark`, so the two-step flow trains once.")] = True,
-    data_dir: DataDir = None,
-    train_per_class: TrainPerClass = None,
+    data_choice: Annotated[DataChoice, data_options("data_dir", "train_per_class")],
     training: TrainingOverrides,
-    alpha: Alpha = ALPHA,
-    device: Device = "auto",
-    force: Force = False,
-    as_json: Json = False,
-    trust_code: TrustCode = False,
+    run: Run,
 ) -> None:
     """Write a QR signature into the ticket's mask (V2) and retrain; save the protected ticket and the claim."""
-    claim_path = _claim_path(out, claim)
-    check_destinations(out, claim_path, force)
-    key = load_private_key(signing_key) if signing_key else None
-    ticket = Ticket.load(ticket_path, trust_code=trust_code)
+    claim_path, key = destination.prepare(run.force)
+    ticket = Ticket.load(ticket_path, trust_code=run.trust_code)
     signature = SignatureConfig(**signing)
+    out = destination.out
     if not train:
         signed, found, _ = sign_mask(ticket, signature)
-        Protected(signed, Claim(found, {})).save(out, claim_path, key, force)
+        Protected(signed, Claim(found, {})).save(out, claim_path, key, run.force)
         results.print(f"signature {signature.payload!r} written into the mask of {out} (not trained yet: run "
                       f"`ticketguard watermark {out} --claim {claim_path}` to train it with a trigger set)")
         return
     config = ticket.train_config(**training)
-    dataset = _data(ticket, None, data_dir, train_per_class, None, config.seed)
-    _protect_and_save(ticket, dataset, device, out, claim_path, key, force, as_json,
-                      signature=signature, train_config=config, alpha=alpha)
+    _protect_and_save(ticket, data_choice.load(ticket.dataset, config.seed), run, out, claim_path, key,
+                      signature=signature, train_config=config)
 
 
 @commands.command()
@@ -197,33 +173,26 @@ def embed(
 def watermark(
     ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="The ticket folder to watermark.")],
     *,
-    out: Out,
+    destination: Annotated[Destination, Settings(Destination, ("out",))],
     claim: Annotated[Path, typer.Option(help="Claim to write; an unsigned claim of this ticket (from embed) is extended.")],
     source: Annotated[dict[str, Any], Settings(
         TriggerSource, prefix="trigger", flags={**TRIGGER_FOLDER, "labels": ("--trigger-labels", "--labels")}
     )],
     mixing: Mixing,
     start: Start = "rewind",
-    data: Data = None,
-    data_dir: DataDir = None,
-    train_per_class: TrainPerClass = None,
-    test_per_class: TestPerClass = None,
+    data_choice: Data,
     training: TrainingOverrides,
-    alpha: Alpha = ALPHA,
-    device: Device = "auto",
-    force: Force = False,
-    as_json: Json = False,
-    trust_code: TrustCode = False,
+    run: Run,
 ) -> None:
     """Retrain a ticket with a trigger set mixed into every batch (V3); the claim keeps a signature from embed."""
     if start not in STARTS:
         raise InputError(f"--start must be one of {', '.join(STARTS)}, got {start!r}")
     existing = signature_to_carry(claim, ticket_path)
-    check_destinations(out, claim, force, extend_claim=existing is not None)
-    ticket = Ticket.load(ticket_path, trust_code=trust_code)
+    check_destinations(destination.out, claim, run.force, extend_claim=existing is not None)
+    ticket = Ticket.load(ticket_path, trust_code=run.trust_code)
     marking = TriggerConfig(TriggerSource(**source).load(ticket), **mixing)
     config = ticket.train_config(**training)
-    dataset = _data(ticket, data, data_dir, train_per_class, test_per_class, config.seed)
     # an extended claim is rewritten on purpose; the ticket folder was checked above
-    _protect_and_save(ticket, dataset, device, out, claim, None, True, as_json,
-                      trigger=marking, train_config=config, start=start, existing=existing, alpha=alpha)
+    _protect_and_save(ticket, data_choice.load(ticket.dataset, config.seed), replace(run, force=True),
+                      destination.out, claim, None, trigger=marking, train_config=config, start=start,
+                      existing=existing)

@@ -9,9 +9,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ticketguard.cli.options import DataDir, Device, Json
+from ticketguard.cli.options import DataChoice, RunOptions, data_options, run_options
 from ticketguard.cli.output import console, emit_json, progress_bar
 from ticketguard.cli.output import results as shown
+from ticketguard.cli.settings import expand_settings
 from ticketguard.experiments import reproduce
 from ticketguard.training.loop import resolve_device
 
@@ -28,18 +29,20 @@ def _print_table(title: str, rows: list[dict[str, str]]) -> None:
 
 
 @commands.command(name="reproduce")
+@expand_settings
 def reproduce_command(
     targets: Annotated[
         list[str] | None,
         typer.Argument(help=f"Experiments to run ({', '.join(reproduce.EXPERIMENTS)}); default: all."),
     ] = None,
+    *,
     preset: Annotated[str | None, typer.Option(
         help="A named campaign that sets data, epochs, scale, recipe, schedule and grids together: "
         + "; ".join(f"{name}: {p.description}" for name, p in reproduce.PRESETS.items())
         + ". A smaller --epochs or --scale runs the same campaign small.")] = None,
     model: Annotated[str, typer.Option(help="Architecture (the paper's tables use resnet20).")] = "resnet20",
     data: Annotated[str | None, typer.Option(help="digits (built in, the default), cifar10 or cifar100.")] = None,
-    data_dir: DataDir = None,
+    data_choice: Annotated[DataChoice, data_options("data_dir")],
     epochs: Annotated[
         int | None,
         typer.Option(help="Epochs per training run (default: scale x the data set's, at least 2)."),
@@ -52,15 +55,14 @@ def reproduce_command(
     out: Annotated[
         Path, typer.Option(help="Folder for report.md, the figures and resumable results.")
     ] = Path("runs/reproduce"),
-    device: Device = "auto",
-    as_json: Json = False,
+    run: Annotated[RunOptions, run_options("device", "json")],
 ) -> None:
     """Run the experiments behind the paper's tables and figures and write our numbers beside the paper's."""
     names = reproduce.check_targets(targets or [])
     data, epochs, scale = reproduce.resolve_preset(preset, data, epochs, scale)
-    reproduce.check_data_dir(data, data_dir)
+    reproduce.check_data_dir(data, data_choice.data_dir)
     started = time.perf_counter()
-    loaded, full_per_class = reproduce.load_scaled(data, data_dir, scale)
+    loaded, full_per_class = reproduce.load_scaled(data, data_choice.data_dir, scale)
     if preset is None:
         plan = reproduce.make_plan(model, data, epochs, scale, full_per_class)
     else:
@@ -71,9 +73,9 @@ def reproduce_command(
     reproduce.check_plan(out, plan)
     results = {}
     with progress_bar() as progress:
-        run = reproduce.Run(plan, loaded, out, resolve_device(device), progress)
+        campaign = reproduce.Run(plan, loaded, out, resolve_device(run.device), progress)
         for name in names:
-            results[name] = reproduce.run_experiment(run, name)
+            results[name] = reproduce.run_experiment(campaign, name)
     seconds = time.perf_counter() - started
     path = reproduce.write_report(out, plan, results, seconds)
     tables = {
@@ -81,12 +83,12 @@ def reproduce_command(
                "rows": None if result.get("error") else reproduce.EXPERIMENTS[name].rows(result, plan)}
         for name, result in results.items()
     }
-    if as_json:
+    if run.json:
         emit_json({"report": str(path), "seconds": seconds, "experiments": tables})
     for table in tables.values():
         if table["error"]:
             console.print(f"[red]{table['title']}: failed: {table['error']}[/]")
-        elif not as_json:
+        elif not run.json:
             _print_table(table["title"], table["rows"])
     failed = [name for name, result in results.items() if result.get("error")]
     console.print(f"reproduce finished in {seconds:.0f} s; report: [bold]{path}[/]")

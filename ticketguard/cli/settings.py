@@ -3,7 +3,8 @@ are written once, on its field (``core.settings.setting``).
 
 A command asks for a group of options with a parameter annotated ``Annotated[dict[str, Any], Settings(...)]``
 and the ``expand_settings`` decorator: the parameter becomes one option per field, and the command gets the
-values given, by field name, ready for the dataclass.
+values given, by field name, ready for the dataclass. Annotated with the dataclass itself
+(``Annotated[Config, Settings(Config)]``), the parameter gets the dataclass made from them.
 """
 
 from __future__ import annotations
@@ -54,26 +55,29 @@ class _Option:
 
 def expand_settings(command: Callable[..., None]) -> Callable[..., None]:
     """The command with each ``Settings`` parameter replaced by its options; the command gets a dict of the
-    settings given (options left at None are left out, so the dataclass's defaults apply)."""
+    settings given (options left at None are left out, so the dataclass's defaults apply), or the dataclass
+    made from them where the parameter is annotated with it."""
     signature = inspect.signature(command, eval_str=True)
-    groups: dict[str, list[_Option]] = {}
+    groups: dict[str, tuple[list[_Option], Callable[..., Any]]] = {}
     parameters: list[inspect.Parameter] = []
     for parameter in signature.parameters.values():
         settings = _settings_of(parameter.annotation)
         if settings is None:
             parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
         else:
-            groups[parameter.name] = _options(settings)
-            parameters.extend(option.parameter for option in groups[parameter.name])
+            options = _options(settings)
+            make = settings.config if typing.get_args(parameter.annotation)[0] is settings.config else dict
+            groups[parameter.name] = (options, make)
+            parameters.extend(option.parameter for option in options)
     names = [parameter.name for parameter in parameters] + list(groups)
     if len(set(names)) != len(names):
         raise TypeError(f"{command.__name__} would get two parameters of one name: {sorted(names)}")
 
     @functools.wraps(command)
     def run(**given: Any) -> None:
-        for group, options in groups.items():
+        for group, (options, make) in groups.items():
             values = {option.field_name: option.parse(given.pop(option.parameter.name)) for option in options}
-            given[group] = {name: value for name, value in values.items() if value is not None}
+            given[group] = make(**{name: value for name, value in values.items() if value is not None})
         command(**given)
 
     run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]

@@ -12,12 +12,12 @@ from rich.table import Table
 
 from ticketguard.artifacts.suspect import load_suspect
 from ticketguard.artifacts.ticket import Ticket, is_ticket_folder
-from ticketguard.cli.options import RETRAINING, DataDir, Device, Force, Json, TestPerClass, TrainPerClass
+from ticketguard.cli.options import RETRAINING, DataChoice, JsonOutput, RunOptions, data_options, run_options
 from ticketguard.cli.output import console, emit_json, percent, progress_bar, results
 from ticketguard.cli.settings import Settings, expand_settings
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import prepare_output
-from ticketguard.data import dataset_spec, load_subset
+from ticketguard.data import dataset_spec
 from ticketguard.search.adopt import adopt as adopt_model
 from ticketguard.search.config import SearchConfig
 from ticketguard.search.jobs import DataSource, run_jobs, search_job
@@ -39,13 +39,10 @@ def find(
     = Path("runs/ticket"),
     search: SearchOptions,
     data: Annotated[str, typer.Option(help="Data set: digits (built in), cifar10, cifar100, folder.")] = "digits",
-    data_dir: DataDir = None,
+    data_choice: Annotated[DataChoice, data_options("data_dir", "train_per_class", "test_per_class")],
     download: Annotated[bool, typer.Option(help="Fetch the official CIFAR archive if DATA_DIR lacks it.")] = False,
     training: FindTraining,
-    train_per_class: TrainPerClass = None,
-    test_per_class: TestPerClass = None,
     compiling: Compiling,
-    device: Device = "auto",
     restart: Annotated[bool, typer.Option(help="Discard an earlier search in OUT/search instead of resuming.")]
     = False,
     seeds: Annotated[
@@ -54,7 +51,7 @@ def find(
     workers: Annotated[int, typer.Option(help="With --seeds: searches run at once, one device each.")] = 1,
     ray: Annotated[str | None, typer.Option(help="With --seeds: run them as Ray tasks on this cluster.")]
     = None,
-    as_json: Json = False,
+    run: Annotated[RunOptions, run_options("device", "json")],
 ) -> None:
     """Find an extreme winning ticket by IMP with late rewinding; rerun the same command to resume.
 
@@ -65,7 +62,7 @@ def find(
     if seeds is None and (workers != 1 or ray is not None):
         raise InputError("--workers and --ray run independent searches: give them --seeds")
     config = SearchConfig(**search, train=TrainConfig(**{"epochs": spec.default_epochs, **training, **compiling}))
-    source = DataSource(data, data_dir, download, train_per_class, test_per_class)
+    source = DataSource(data, data_choice.data_dir, download, data_choice.train_per_class, data_choice.test_per_class)
     started = time.perf_counter()
     if seeds is not None:
         jobs = [
@@ -74,18 +71,18 @@ def find(
             for s in _parse_seeds(seeds)
         ]
         summaries = run_jobs(search_job, jobs, workers, ray)
-        emit_json(summaries) if as_json else _print_seed_table(summaries)
+        emit_json(summaries) if run.json else _print_seed_table(summaries)
         console.print(f"{len(jobs)} tickets written under [bold]{out}[/] in {time.perf_counter() - started:.0f} s")
         return
     distributed.init_from_environment()
-    target = distributed.local_device(resolve_device(device))
+    target = distributed.local_device(resolve_device(run.device))
     if not distributed.is_main():
         search_job(source, config, out, restart, str(target))
         return
     with progress_bar() as progress:
         search_job(source, config, out, restart, str(target), progress)
     report = _ticket_report(out)
-    emit_json(report) if as_json else _print_report(report)
+    emit_json(report) if run.json else _print_report(report)
     console.print(f"ticket written to [bold]{out}[/] in {time.perf_counter() - started:.0f} s")
 
 
@@ -112,44 +109,46 @@ def _print_seed_table(summaries: list[dict[str, Any]]) -> None:
 
 
 @commands.command()
+@expand_settings
 def adopt(
     model_file: Annotated[Path, typer.Argument(
         metavar="MODEL_FILE", help="A sparse model: state_dict, Lightning or torch.nn.utils.prune checkpoint, "
         "or safetensors file.")],
+    *,
     model: Annotated[str, typer.Option(
         help="Its architecture: a registered name or an import path (package.module:factory(...)). Importing runs "
         "that module's code.")],
     out: Annotated[Path, typer.Option(help="Ticket folder to write.")],
     data: Annotated[str, typer.Option(help="The data it was trained on: digits, cifar10, cifar100, folder.")]
     = "digits",
-    data_dir: DataDir = None,
+    data_choice: Annotated[DataChoice, data_options("data_dir", "test_per_class")],
     prune: Annotated[list[str] | None, typer.Option(
         metavar="GLOB", help="Weights the mask covers (fnmatch patterns); default as for find.")] = None,
     include_classifier: Annotated[bool, typer.Option(help="The mask covers the classifier too.")] = False,
-    test_per_class: TestPerClass = None,
-    force: Force = False,
-    as_json: Json = False,
+    run: Annotated[RunOptions, run_options("force", "json")],
 ) -> None:
     """Make a ticket folder from a sparse model found elsewhere, so that protect, attack and verify take it.
 
     The file holds no late-rewind weights W_k, so the ticket's are its own weights: protecting it retrains
     from them."""
-    prepare_output(out, force, folder=True, inputs=[model_file])
-    images = load_subset(data, data_dir, None, test_per_class, 0)
+    prepare_output(out, run.force, folder=True, inputs=[model_file])
+    images = data_choice.load(data, 0)
     adopt_model(model_file, model, images, include_classifier=include_classifier, prune=tuple(prune or ())).save(out)
     report = _ticket_report(out)
-    emit_json(report) if as_json else _print_report(report)
+    emit_json(report) if run.json else _print_report(report)
     console.print(f"ticket written to [bold]{out}[/]")
 
 
 @commands.command()
+@expand_settings
 def info(
     path: Annotated[Path, typer.Argument(help="A ticket folder, or a model file (.safetensors, .pt, .pth).")],
-    as_json: Json = False,
+    *,
+    run: JsonOutput,
 ) -> None:
     """Show a ticket's or model file's architecture, accuracy, search history and density per layer."""
     report = _ticket_report(path) if is_ticket_folder(path) else _model_file_report(path)
-    if as_json:
+    if run.json:
         emit_json(report)
     else:
         _print_report(report)

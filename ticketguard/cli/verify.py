@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -13,8 +14,9 @@ import typer
 from rich.table import Table
 
 from ticketguard.artifacts.suspect import load_suspect
-from ticketguard.cli.options import ALPHA, Alpha, Device, Json, PublicKey, TsaCert
+from ticketguard.cli.options import JsonOutput, PublicKey, RunOptions, TsaCert, run_options
 from ticketguard.cli.output import console, emit_json, print_verdict, progress_bar, results
+from ticketguard.cli.settings import expand_settings
 from ticketguard.core.errors import InputError
 from ticketguard.schemes.blind_scan import DEFAULT_BUDGET_S, BlindScan, blind_scan
 from ticketguard.training.loop import resolve_device
@@ -45,8 +47,10 @@ TriggerFolder = Annotated[Path | None, typer.Option(help="Where the claim's trig
 
 
 @commands.command()
+@expand_settings
 def verify(
     suspect: Suspect,
+    *,
     claim: Annotated[Path, typer.Option(help="The owner's claim file.")],
     image: Image = None,
     public_key: PublicKey = None,
@@ -55,38 +59,37 @@ def verify(
     commitment: Annotated[str | None, typer.Option(
         help="The digest the owner published with `ticketguard commit`; the claim must match it.")] = None,
     tsa_cert: TsaCert = None,
-    alpha: Alpha = ALPHA,
-    device: Device = "auto",
-    as_json: Json = False,
+    run: Annotated[RunOptions, run_options("alpha", "device", "json")],
 ) -> None:
     """Check every piece of evidence the claim holds (QR signature, trigger set) on a suspect's weights:
     exit 0 ownership shown, 1 not shown, 2 bad input."""
-    _verify(suspect, claim, image, public_key, trigger_folder, alpha, device, as_json, model, commitment, tsa_cert)
+    _verify(suspect, claim, image, public_key, trigger_folder, run, model, commitment, tsa_cert)
 
 
 @commands.command()
+@expand_settings
 def extract(
     suspect: Suspect,
+    *,
     claim: Annotated[Path | None, typer.Option(help="The owner's claim; without it, scan for any code.")] = None,
     image: Image = None,
     public_key: PublicKey = None,
-    alpha: Alpha = ALPHA,
     budget: Annotated[float, typer.Option(
         help="Seconds the scan without a claim may take; it then stops and says what it left out.")
     ] = DEFAULT_BUDGET_S,
-    as_json: Json = False,
+    run: Annotated[RunOptions, run_options("alpha", "json")],
 ) -> None:
     """Read the signature from a suspect: with a claim, verify it; without, scan every conv and linear layer
     for any code (exit 0 when one is found)."""
     if claim is not None:
-        _verify(suspect, claim, image, public_key, None, alpha, "cpu", as_json)
+        _verify(suspect, claim, image, public_key, None, replace(run, device="cpu"))
         return
     if image is not None:
         raise InputError("--image needs --claim: without one there is no expected code to compare with")
     weights = load_suspect(suspect).weights
     with progress_bar() as progress:
         scan = blind_scan(weights, budget_s=budget, progress=progress)
-    if as_json:
+    if run.json:
         emit_json(scan.to_json())
     else:
         _print_found(scan)
@@ -94,15 +97,15 @@ def extract(
 
 
 def _verify(suspect: Path, claim: Path, image: Path | None, public_key: Path | None, trigger_folder: Path | None,
-            alpha: float, device: str, as_json: bool, model: str | None = None,
-            commitment: str | None = None, tsa_cert: Path | None = None) -> None:
+            run: RunOptions, model: str | None = None, commitment: str | None = None,
+            tsa_cert: Path | None = None) -> None:
     verdict = verify_suspect(
-        suspect, claim, alpha=alpha, public_key=load_public_key(public_key) if public_key else None,
-        trigger_folder=trigger_folder, qr_image=image, device=resolve_device(device), model=model,
+        suspect, claim, alpha=run.alpha, public_key=load_public_key(public_key) if public_key else None,
+        trigger_folder=trigger_folder, qr_image=image, device=resolve_device(run.device), model=model,
         commitment=commitment, tsa_certificate=read_pem(tsa_cert) if tsa_cert is not None else None,
     )
     report = {"suspect": str(suspect), **verdict.to_json()}
-    if as_json:
+    if run.json:
         emit_json(report)
     else:
         print_verdict(report, f"verify {suspect}")
@@ -122,27 +125,31 @@ def _print_found(scan: BlindScan) -> None:
 
 
 @commands.command()
+@expand_settings
 def keygen(
+    *,
     out: Annotated[Path, typer.Option(help="Folder for owner.key (private, mode 0600) and owner.pub.")] = Path("."),
-    as_json: Json = False,
+    run: JsonOutput,
 ) -> None:
     """Make an Ed25519 key pair for signing claims (an existing key is never overwritten)."""
     private_path, public_path = generate_keys(out)
-    if as_json:
+    if run.json:
         emit_json({"private_key": str(private_path), "public_key": str(public_path)})
     else:
         results.print(f"private key {private_path} (keep secret), public key {public_path} (share)")
 
 
 @commands.command()
+@expand_settings
 def commit(
     claim: Annotated[Path, typer.Argument(help="The claim file to commit to.")],
-    as_json: Json = False,
+    *,
+    run: JsonOutput,
 ) -> None:
     """Print the claim's commitment: a digest to publish now (model card, README, a transparency log) that
     reveals nothing of the secret; later, `verify --commitment HEX` shows the claim is the one published."""
     digest = claim_commitment(load_claim(claim))
-    if as_json:
+    if run.json:
         emit_json({"claim": str(claim), "commitment": digest, "hash": "sha256 of the canonical claim body"})
     else:
         results.print(digest, highlight=False)
@@ -162,19 +169,20 @@ def timestamp(
 
 
 @commands.command("dispute")
+@expand_settings
 def dispute_command(
     suspect: Suspect,
     claims: Annotated[list[Path], typer.Argument(help="Two or more claim files from the parties.")],
+    *,
     tsa_cert: TsaCert = None,
-    alpha: Alpha = ALPHA,
-    as_json: Json = False,
+    run: Annotated[RunOptions, run_options("alpha", "json")],
 ) -> None:
     """Verify each claim on the suspect and name the earliest (by trusted time) whose unforgeable evidence
     holds: exit 0 when one claim wins, 1 when undecided, 2 on bad input."""
     if len(claims) < 2:
         raise InputError("a dispute needs two or more claims; check one with `ticketguard verify`")
-    result = dispute(suspect, claims, tsa_certificate=read_pem(tsa_cert) if tsa_cert else None, alpha=alpha)
-    if as_json:
+    result = dispute(suspect, claims, tsa_certificate=read_pem(tsa_cert) if tsa_cert else None, alpha=run.alpha)
+    if run.json:
         emit_json({"suspect": str(suspect), **result.to_json()})
     else:
         table = Table(title=f"dispute over {suspect}: {result.to_json()['decision']}")

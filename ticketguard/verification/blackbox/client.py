@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ticketguard.core.errors import InputError
+from ticketguard.core.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,18 @@ MODEL_VERSION = "1"
 class Endpoint:
     """Where and how to ask a suspect for predictions."""
 
-    url: str
-    protocol: str = "v2"
-    model: str = "ticket"
-    input_name: str = INPUT_NAME
-    output_name: str | None = None
-    request_field: str = "instances"
-    response_field: str = "predictions"
-    batch_size: int = 100
-    timeout_s: float = 10.0
-    retries: int = 2
-    pixel_max: float = 1.0
-    query_timeout_s: float = 600.0
+    url: str = setting(help="Where the suspect answers: its server's base URL or its full infer/predict URL.")
+    protocol: str = setting("v2", help="API: v2 (Open Inference Protocol v2) or json (plain JSON).")
+    model: str = setting("ticket", help="Model name in the v2 path /v2/models/NAME/infer.")
+    input_name: str = setting(INPUT_NAME, help="v2 input tensor name.")
+    output_name: str | None = setting(None, help="v2 output to read (default: the first).")
+    request_field: str = setting("instances", help="JSON request field holding the images.")
+    response_field: str = setting("predictions", help="JSON answer field with labels or scores.")
+    batch_size: int = setting(100, help="Images per request.")
+    timeout_s: float = setting(10.0, help="Seconds to wait for each answer.")
+    retries: int = setting(2, help="Retries per request after a network error or overload.")
+    pixel_max: float = setting(1.0, help="Pixels are sent in [0, PIXEL_MAX] (1 or 255).")
+    query_timeout_s: float = setting(600.0, help="Seconds the whole query may take.")
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
