@@ -9,6 +9,7 @@ import torch.nn.utils.prune as torch_prune
 import ticketguard
 from ticketguard.artifacts.ticket import WEIGHTS_FILE
 from ticketguard.cli import main
+from ticketguard.cli.output import progress_bar
 from ticketguard.models import build_model
 
 QUICK = ["--epochs", "2", "--rewind-epoch", "1", "--ratios", "0.5", "--max-rounds", "1", "--train-per-class", "30"]
@@ -119,3 +120,15 @@ def test_a_false_claim_level_outside_zero_one_is_bad_input(ticket_dir: Path, tmp
     assert main(["verify", str(ticket_dir), "--claim", str(claim), "--alpha", alpha]) == 2
     err = capsys.readouterr().err
     assert "must lie in (0, 1)" in err and "Traceback" not in err
+
+
+def test_a_logged_run_prints_one_progress_line_per_step_with_the_time_left(capsys) -> None:
+    """Under nohup the console is a file: each finished step is a line, not a bar nobody sees."""
+    with progress_bar() as progress:
+        task = progress.add_task("round 1", total=4, completed=1, status="")
+        progress.update(task, advance=1, status="test acc 50.00%")
+        progress.update(task, status="only the status changed")
+        progress.advance(task)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("round 1:")]
+    assert [line.split(" after")[0] for line in lines] == ["round 1: 2/4", "round 1: 3/4"]
+    assert all("s left" in line for line in lines) and lines[0].endswith("test acc 50.00%")

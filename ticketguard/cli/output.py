@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -25,16 +27,51 @@ results = Console()
 """Results: stdout."""
 
 
+class LineProgress(Progress):
+    """Progress for a console that is not a terminal (a run logged to a file, e.g. under nohup): one line each
+    time a task moves on, with its elapsed and remaining time, where a live bar would show nothing."""
+
+    def __init__(self, *columns: Any, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self._started: dict[TaskID, tuple[float, float]] = {}
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        before = self._tasks[task_id].completed
+        super().update(task_id, **kwargs)
+        self._report(task_id, before)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        before = self._tasks[task_id].completed
+        super().advance(task_id, advance)
+        self._report(task_id, before)
+
+    def _report(self, task_id: TaskID, before: float) -> None:
+        task = self._tasks[task_id]
+        started_at, started_from = self._started.setdefault(task_id, (time.monotonic(), before))
+        if task.completed == before:
+            return
+        elapsed = time.monotonic() - started_at
+        done = task.completed - started_from
+        left = f"{elapsed / done * (task.total - task.completed):.0f} s left" if task.total and done > 0 else ""
+        status = task.fields.get("status", "")
+        self.console.print(
+            f"{task.description}: {task.completed:g}/{task.total:g} after {elapsed:.0f} s, {left} {status}".rstrip()
+        )
+
+
 def progress_bar() -> Progress:
-    return Progress(
+    """A live bar on a terminal; one line per step when the output is logged."""
+    columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        console=console,
     )
+    if console.is_terminal:
+        return Progress(*columns, console=console)
+    return LineProgress(*columns, console=console, auto_refresh=False)
 
 
 def emit_json(data: Any) -> None:
