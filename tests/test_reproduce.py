@@ -4,11 +4,18 @@ the paper's, a rerun reuses the stored results, and bad input is refused in one 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import CIFAR_JPEG, shared_data
 
 from ticketguard.cli import main
+from ticketguard.core.masks import load_mask
 from ticketguard.experiments import reproduce
 
 TINY = ["--data", "digits", "--scale", "0.2", "--epochs", "3"]
@@ -84,3 +91,32 @@ def test_reproduce_refuses_bad_input_in_one_line(
     error = capsys.readouterr().err.strip()
     assert message in error and "Traceback" not in error
     assert not (tmp_path / "plan.json").exists()
+
+
+def _campaign(out: Path) -> list[str]:
+    return [sys.executable, "-m", "ticketguard", "reproduce", "table1", "--preset", "cifar10-cpu", "--data-dir",
+            str(shared_data(CIFAR_JPEG)), "--scale", "0.01", "--epochs", "3", "--device", "cpu", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(tmp_path: Path) -> None:
+    """kill -9 during the dense training of the CPU preset (run small): the same command goes on from the last
+    finished epoch and ends where an uninterrupted run ends."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_campaign(reference), check=True, capture_output=True, env=env, timeout=600)
+
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen(_campaign(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while not list((resumed / "search").rglob("*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert list((resumed / "search").rglob("*.pt")), "the kill must land after an epoch was saved"
+    assert not (resumed / "results" / "table1.json").exists()
+
+    subprocess.run(_campaign(resumed), check=True, capture_output=True, env=env, timeout=600)
+    finished, expected = (json.loads((out / "results" / "table1.json").read_text()) for out in (resumed, reference))
+    assert finished == expected
+    assert load_mask(resumed / "ticket" / "mask.safetensors") == load_mask(reference / "ticket" / "mask.safetensors")

@@ -127,7 +127,6 @@ PRESETS = {
             "recipe": "fast",
             "schedule": "adaptive",
             "ratios": SCHEDULES["adaptive"].default_ratios,
-            "max_rounds": 12,
             "rewind_epoch": 2,
             "prune": (0.05, 0.1, 0.2, 0.3, 0.5),
             "addon": (0.005, 0.01, 0.05, 0.1),
