@@ -83,6 +83,7 @@ def test_registry_names_every_attack() -> None:
         "fake1",
         "fake2",
         "fake3",
+        "channels",
         "permute",
         "rescale",
         "fold-bn",

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ticketguard.attacks.removal import fine_tuning
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import FORGERY_LEVEL, Verdict
 from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
@@ -12,6 +13,7 @@ from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
 from ticketguard.models import build_model
 from ticketguard.schemes.trigger import (
     SCALE_TOLERANCE,
+    SmoothedTriggerLoss,
     TriggerClaim,
     predict_labels,
     trigger_evidence,
@@ -189,3 +191,28 @@ def test_a_copy_that_expects_inputs_255_times_larger_is_read_at_its_own_scale(
         assert 255 / SCALE_TOLERANCE < found[name].details["input_scale"] < 255 * SCALE_TOLERANCE
     assert found["owner"].passed and found["owner"].p_value < FORGERY_LEVEL
     assert not found["innocent"].passed and found["innocent"].p_value > 1e-3
+
+
+def test_the_smoothing_pass_adds_gradients_and_leaves_weights_and_statistics_as_they_were(digits: ImageData) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10).train()
+    model.conv.weight.data[0] = 0  # a pruned filter: noise is added there too, and taken away exactly
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mean, std = digits.channel_stats()
+    inputs = (digits.train_images[:20].float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    SmoothedTriggerLoss(4, 0.3, seed=1)(model, inputs, digits.train_labels[:20])
+    after = model.state_dict()
+    assert all(torch.allclose(after[k].float(), v.float(), atol=1e-6) for k, v in before.items() if "num_batches" not in k)
+    assert torch.equal(after["conv.weight"][0], torch.zeros_like(after["conv.weight"][0]))
+    assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
+
+
+def test_the_trigger_set_survives_five_epochs_of_adam_on_every_weight(marked_and_unmarked, digits: ImageData) -> None:
+    """A thief's usual fine-tuning: Adam at 1e-3 for 5 epochs, pruned weights freed too (a stronger attack than
+    the paper's, which keeps the mask)."""
+    model, _, mask, trigger, _, _ = marked_and_unmarked
+    tuned, _ = fine_tuning(model.state_dict(), mask, data=digits, epochs=5, lr=1e-3, optimizer="adam", free=True)
+    attacked = build_model("resnet20", 1, 10)
+    attacked.load_state_dict(tuned)
+    found = verify_local(attacked.eval(), trigger, *digits.channel_stats(), 10)
+    assert found.passed and found.p_value < FORGERY_LEVEL

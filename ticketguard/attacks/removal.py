@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ticketguard.attacks.disguises import DISGUISES
+from ticketguard.attacks.structural import prune_channels
 from ticketguard.core.errors import InputError
 from ticketguard.core.masks import Mask, Weights, magnitude_prune, mask_from_zeros
 from ticketguard.data import ImageData
@@ -295,5 +296,6 @@ ATTACKS: dict[str, Attack] = {
     "fake1": fake1,
     "fake2": fake2,
     "fake3": fake3,
+    "channels": prune_channels,
     **DISGUISES,  # edits that keep the function: permute, rescale, fold-bn, rename, widen
 }

@@ -34,7 +34,7 @@ class DemoConfig:
     payload: str = "ACME-R20-2026"
     trigger_seed: int = 2021
     trigger_count: int = 100
-    per_batch: int = 8
+    per_batch: int | None = None  # protect's default: about TRIGGER_VIEWS views of each trigger image
     key_density: float = 0.2
     key_score: str = "ewp"
     finetune_epochs: int = 3
@@ -60,8 +60,10 @@ def protect_demo(
     once more, only to measure each scheme's accuracy cost by itself, and the unmarked ticket's trigger accuracy
     is measured."""
     trigger = keyed_trigger_for(ticket, config.trigger_seed, config.trigger_count)
+    out.mkdir(parents=True, exist_ok=True)
     signed_only = protect(
-        ticket, data, signature=config.payload, train_config=train_config, device=device, progress=progress
+        ticket, data, signature=config.payload, train_config=train_config, device=device, progress=progress,
+        checkpoint=out / "signature-only.checkpoint.pt",
     )
     mean, std = data.channel_stats()
     unmarked = v3.verify_local(
@@ -75,6 +77,7 @@ def protect_demo(
         train_config=train_config,
         device=device,
         progress=progress,
+        checkpoint=out / "protected.checkpoint.pt",
     )
     protected.save(out / "protected", out / "claim.json", force=True)
     embedded = protected.report["embedding"]

@@ -28,7 +28,7 @@ MIN_INPUT_SIZE = 8
 
 __all__ = [
     "MIN_INPUT_SIZE", "MODELS", "ModelFactory", "accept_model_name", "build_from_state", "build_model",
-    "check_model_name", "identify_architecture", "is_import_path", "trust_model_code",
+    "check_model_name", "identify_architecture", "is_import_path", "named_architecture", "trust_model_code",
 ]
 
 
@@ -62,13 +62,21 @@ def accept_model_name(name: str) -> None:
 
 
 def build_from_state(
-    state: dict[str, torch.Tensor], purpose: str, architecture: tuple[str, int, int] | None = None
+    state: dict[str, torch.Tensor],
+    purpose: str,
+    architecture: tuple[str, int, int] | None = None,
+    *,
+    reshaped: bool = True,
 ) -> tuple[nn.Module, tuple[str, int, int]]:
     """The model ``state`` fits, loaded with it: ``architecture`` (name or import path, input channels,
     classes) when the caller knows it, else the registered architecture the weights fit; ``purpose`` says why
-    in the error."""
+    in the error.
+
+    ``reshaped``: weights with every name of a registered architecture but other channel widths (a
+    structurally pruned or widened copy) run in that architecture with each conv, BatchNorm and linear layer
+    as wide as its weights (``architecture.build_disguised``), when those widths fit together."""
     if architecture is None:
-        architecture = identify_architecture(state)
+        architecture = identify_architecture(state) or (named_architecture(state) if reshaped else None)
     if architecture is None:
         raise InputError(
             f"{purpose} needs the weights of a registered architecture ({', '.join(MODELS)}), or the model's "
@@ -78,9 +86,46 @@ def build_from_state(
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
+        if reshaped and architecture[0] in MODELS and set(state) == set(model.state_dict()):
+            return _at_their_widths(state, architecture), architecture
         first = str(err).strip().splitlines()[:2]
         raise InputError(f"the weights do not fit {architecture[0]}: {' '.join(first)}") from None
     return model, architecture
+
+
+def named_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(name, input channels, classes) of the registered architecture whose state_dict names exactly the
+    tensors of ``state``, whatever their widths."""
+    for name, factory in MODELS.items():
+        with torch.device("meta"):
+            probe = factory()
+        if set(probe.state_dict()) != set(state):
+            continue
+        convs = [f"{n}.weight" for n, m in probe.named_modules() if isinstance(m, nn.Conv2d)]
+        linears = [f"{n}.weight" for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
+        stem, classifier = state[convs[0]], state[linears[-1]]
+        if stem.dim() == 4 and classifier.dim() == 2:
+            return name, int(stem.shape[1]), int(classifier.shape[0])
+    return None
+
+
+def _at_their_widths(state: dict[str, torch.Tensor], architecture: tuple[str, int, int]) -> nn.Module:
+    """The registered architecture with every layer as wide as ``state`` says, once a forward pass on the
+    meta device shows that those widths fit together."""
+    from ticketguard.models.architecture import build_disguised  # it builds on this registry
+
+    shapes = {key: torch.empty_like(tensor, device="meta") for key, tensor in state.items()}
+    probe_input = torch.empty(1, architecture[1], 4 * MIN_INPUT_SIZE, 4 * MIN_INPUT_SIZE, device="meta")
+    try:
+        with torch.no_grad():
+            build_disguised(shapes, architecture).eval()(probe_input)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise InputError(
+            f"the weights name every layer of {architecture[0]}, but their widths do not fit together: "
+            f"{first}"
+        ) from None
+    return build_disguised(state, architecture)
 
 
 def identify_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:

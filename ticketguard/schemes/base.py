@@ -44,6 +44,9 @@ class VerifyContext:
     """the suspect's architecture by import path, for checks that run the suspect"""
     trigger_folder: str | Path | None = None
     qr_image: str | Path | None = None
+    observed: dict[str, torch.Tensor] | None = None
+    """per masked layer, the cells whose channels a structurally pruned suspect still has (the others are
+    unknown, not empty); None when it has every channel"""
 
 
 class ClaimScheme(Protocol[Section]):

@@ -300,11 +300,14 @@ def forge_random_key(locked: Mask, rewind: Mapping[str, torch.Tensor], size: int
 
 
 def retrain(ticket: Ticket, data: ImageData, config: TrainConfig, device: torch.device,
-            progress: Progress | None = None, description: str = "retrain") -> float:
-    """Retrain N[W_k, M] from the rewind weights with the mask held fixed; the test accuracy."""
+            progress: Progress | None = None, description: str = "retrain", checkpoint: Path | None = None) -> float:
+    """Retrain N[W_k, M] from the rewind weights with the mask held fixed; the test accuracy. ``checkpoint``:
+    saved after every epoch and resumed from (the caller removes it)."""
     torch.manual_seed(config.seed)
     model = ticket.build_model("rewind").to(device)
-    return train(model, data, config, ticket.mask, progress=progress, description=description).accuracy
+    return train(
+        model, data, config, ticket.mask, progress=progress, description=description, checkpoint=checkpoint
+    ).accuracy
 
 
 def target_accuracy(ticket: Ticket, fallback: float) -> float:

@@ -158,6 +158,8 @@ class Reading:
     raw_p_value: float
     placements: float
     level: float
+    erased: int = 0
+    """modules in channels a structurally pruned suspect lacks in every copy: unknown, left out of the test"""
 
     @property
     def match_rate(self) -> float:
@@ -345,12 +347,20 @@ def read_region(
 
 
 def extract(
-    weights: Mapping[str, torch.Tensor], signature: Signature, alpha: float = DEFAULT_ALPHA, forgeable: bool = True
+    weights: Mapping[str, torch.Tensor],
+    signature: Signature,
+    alpha: float = DEFAULT_ALPHA,
+    forgeable: bool = True,
+    observed: Mapping[str, torch.Tensor] | None = None,
 ) -> Reading:
     """Read every claimed copy, vote module by module, decode, and test the match rate against chance.
 
     ``forgeable``: a forger could have searched payloads after the fact (no trusted time older than the
     suspect), so a match without a decode must reach FORGERY_LEVEL.
+
+    ``observed``: per layer, the cells whose channels a structurally pruned suspect still has. A module in a
+    lost channel is unknown, not empty: it joins no vote, is an erasure to the decoder, and the match rate,
+    its null and the layer density count observed modules only.
 
     Pruning only removes connections, so a connection kept in any copy was written as kept: the vote keeps a
     module if any copy keeps it, and flags modules where copies disagree as unreliable for the mixed-damage
@@ -363,16 +373,24 @@ def extract(
     expected = code.data_modules
     squeezed = [_squeezed_kept(weights, region) for region in signature.regions]
     kept = np.stack([read_region(s, r, spec, True) for s, r in zip(squeezed, signature.regions)])
+    seen = np.stack([_observed_modules(observed, r, spec) for r in signature.regions])
+    kept &= seen
     copies = kept if signature.kept_is_dark else ~kept
     voted = kept.any(axis=0) if signature.kept_is_dark else ~kept.any(axis=0)
-    disagree = kept.any(axis=0) != kept.all(axis=0)
-    decoded = decode_modules(spec, voted, signature.kept_is_dark, disagree)
-    densities = [float(s.float().mean()) for s in squeezed]
+    erased = ~seen.any(axis=0)
+    disagree = (kept.any(axis=0) != (kept | ~seen).all(axis=0)) & ~erased
+    decoded = decode_modules(spec, voted, signature.kept_is_dark, disagree | erased)
+    densities = [_observed_density(s, observed, r) for s, r in zip(squeezed, signature.regions)]
     wanted_kept = expected == signature.kept_is_dark
-    n_wanted = int(wanted_kept.sum())
-    matches = int((copies == expected).sum())
+    trials = int(seen.sum())
+    if trials == 0:
+        raise InputError("every module of the claimed regions lies in channels the suspect no longer has")
+    matches = int(((copies == expected) & seen).sum())
     raw_p_value, tail = match_p_value(
-        matches, [n_wanted] * len(squeezed), [len(expected) - n_wanted] * len(squeezed), densities
+        matches,
+        [int((wanted_kept & observed_here).sum()) for observed_here in seen],
+        [int((~wanted_kept & observed_here).sum()) for observed_here in seen],
+        densities,
     )
     placements = placement_count(weights, spec.size, len(signature.regions))
     corrected = np.minimum(tail * placements, 1.0)
@@ -385,14 +403,34 @@ def extract(
         expected,
         decoded,
         matches,
-        copies.size,
+        trials,
         float(corrected[matches]),
-        needed / copies.size,
+        needed / trials,
         densities,
         raw_p_value,
         placements,
         level,
+        int(erased.sum()),
     )
+
+
+def _observed_modules(
+    observed: Mapping[str, torch.Tensor] | None, region: Region, spec: qr.QrSpec
+) -> np.ndarray:
+    """Which data modules of ``region`` lie in channels the suspect still has (all without ``observed``)."""
+    if observed is None or region.layer not in observed:
+        return np.ones(len(qr.data_positions(spec)), dtype=bool)
+    rows, cols = _region_cells(region, qr.data_positions(spec))
+    return connections(observed[region.layer].cpu())[rows, cols].numpy()
+
+
+def _observed_density(
+    squeezed: torch.Tensor, observed: Mapping[str, torch.Tensor] | None, region: Region
+) -> float:
+    """The connection density of a layer over the cells whose channels the suspect still has."""
+    if observed is None or region.layer not in observed:
+        return float(squeezed.float().mean())
+    return float(squeezed[connections(observed[region.layer].cpu())].float().mean())
 
 
 def decode_modules(
@@ -426,6 +464,7 @@ def evidence(reading: Reading) -> Evidence:
             "level": reading.level,
             "placements_searched": reading.placements,
             "modules": reading.trials,
+            "modules_erased": reading.erased,
             "voted_modules": "".join("1" if m else "0" for m in reading.voted),
             "layer_densities": reading.densities,
             "regions": [asdict(r) for r in reading.signature.regions],
@@ -451,7 +490,9 @@ class SignatureScheme:
 
     def evidence(self, section: Signature, context: VerifyContext) -> Evidence:
         """Read the regions from what the suspect keeps; also draw the code at ``context.qr_image``."""
-        reading = extract(context.readable, section, context.alpha, forgeable=not context.trusted_time)
+        reading = extract(
+            context.readable, section, context.alpha, not context.trusted_time, context.observed
+        )
         found = evidence(reading)
         if context.qr_image is not None:
             save_comparison_image(context.qr_image, reading)

@@ -32,7 +32,8 @@ def adopt(
     accept_model_name(architecture)
     weights, _ = fold_pruning_reparametrisation(load_tensors(path))
     channels, classes = data.input_shape[0], data.num_classes
-    model, _ = build_from_state(weights, f"adopting {path}", (architecture, channels, classes))
+    named = (architecture, channels, classes)
+    model, _ = build_from_state(weights, f"adopting {path}", named, reshaped=False)
     weights = state_copy(model)
     mask = mask_from_zeros(weights, prunable_names(model, include_classifier, prune))
     return Ticket(

@@ -35,6 +35,9 @@ BatchHook = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torc
 """(augmented uint8 images, labels, step) -> the batch to train on: how a scheme mixes in its own examples."""
 EpochHook = Callable[[int, nn.Module], dict[str, float]]
 """(epochs done, model) -> extra numbers for that epoch's history record."""
+GradientHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+"""(network, standardised batch, labels) -> None, after the batch's backward pass and before the step: a
+scheme's own loss terms, whose gradients it adds to the parameters' .grad."""
 
 
 SCHEDULES = ("step", "onecycle")
@@ -228,12 +231,14 @@ def train(
     description: str = "train",
     batch_hook: BatchHook | None = None,
     epoch_hook: EpochHook | None = None,
+    gradient_hook: GradientHook | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with ``mask`` held fixed; pruned weights stay exactly zero.
 
     ``rewind_epoch`` = k captures W_k (late rewinding) after k epochs. With ``checkpoint``, the run resumes
     from that file if it exists and saves to it after every epoch; the caller removes it when done.
-    ``batch_hook`` changes every batch after augmentation; ``epoch_hook`` adds numbers to each epoch's record.
+    ``batch_hook`` changes every batch after augmentation; ``epoch_hook`` adds numbers to each epoch's record;
+    ``gradient_hook`` adds gradients of its own to every step.
     """
     if config.flip_tta and not data.flip:
         raise InputError(
@@ -247,6 +252,7 @@ def train(
         return _fit(
             model, data.to(device), config, optimizer, rewind_epoch=rewind_epoch, checkpoint=checkpoint,
             progress=progress, description=description, batch_hook=batch_hook, epoch_hook=epoch_hook,
+            gradient_hook=gradient_hook,
         )
 
 
@@ -262,6 +268,7 @@ def _fit(
     description: str,
     batch_hook: BatchHook | None,
     epoch_hook: EpochHook | None,
+    gradient_hook: GradientHook | None,
 ) -> TrainResult:
     """The epochs of ``train`` with the mask already kept, resuming from ``checkpoint`` where it exists."""
     device = data.train_images.device
@@ -281,7 +288,9 @@ def _fit(
     forward = torch.compile(network) if config.compile else network
     mean, std = (t.to(device) for t in data.channel_stats())
     for epoch in range(state["epoch"], config.epochs):
-        record = _run_epoch(forward, optimizer, data, config, epoch, generator, (mean, std), batch_hook)
+        record = _run_epoch(
+            forward, optimizer, data, config, epoch, generator, (mean, std), batch_hook, gradient_hook
+        )
         if epoch_hook is not None:
             record.update(epoch_hook(epoch + 1, model))
         state["history"].append(record)
@@ -309,6 +318,7 @@ def _run_epoch(
     generator: torch.Generator,
     stats: tuple[torch.Tensor, torch.Tensor],
     batch_hook: BatchHook | None,
+    gradient_hook: GradientHook | None,
 ) -> dict[str, float]:
     """One pass over the training data; the host reads loss and accuracy once, at the end."""
     device = data.train_images.device
@@ -322,11 +332,14 @@ def _run_epoch(
             images, labels = batch_hook(images, labels, step)
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(epoch + step / steps)
+        inputs = normalize(images, mean, std)
         with autocast(device):
-            logits = forward(normalize(images, mean, std))
+            logits = forward(inputs)
             loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if gradient_hook is not None:
+            gradient_hook(forward, inputs, labels)
         optimizer.step()
         loss_sum += loss.detach().float() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()

@@ -5,7 +5,8 @@ The statistic is the count of the reference's kept weights that the aligned susp
 prunable layer. Its null treats each of those cells as kept independently with the probability that the
 suspect's own structure gives it: the product of the suspect's density in that output channel, that input
 channel and that kernel position (a rank-one model of each layer). Those marginals are read after alignment,
-so matching dense channels to dense channels, which alignment does, raises the null's expectation with it. The
+so matching dense channels to dense channels, which alignment does, raises the null's expectation with it. On
+a structurally pruned suspect only the channels alignment matched count, statistic and marginals alike. The
 p-value is Bernstein's bound on the upper tail of a sum of independent Bernoulli variables: it holds for any
 probabilities, without a normal approximation, and stays meaningful far in the tail.
 
@@ -49,13 +50,28 @@ def _odds(share: float) -> float:
     return share / max(1.0 - share, 1e-12)
 
 
+def _matched(tensor: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the output and input channels that ``observed`` (a product of the two) covers."""
+    rows = observed.flatten(1).any(1)
+    columns = observed.transpose(0, 1).flatten(1).any(1)
+    return tensor[rows][:, columns]
+
+
 def fingerprint_evidence(
-    aligned: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], alpha: float = DEFAULT_ALPHA
+    aligned: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    alpha: float = DEFAULT_ALPHA,
+    observed: Mapping[str, torch.Tensor] | None = None,
 ) -> Evidence:
-    """The overlap of the aligned suspect's mask with the reference mask, with its Bernstein p-value."""
+    """The overlap of the aligned suspect's mask with the reference mask, with its Bernstein p-value.
+
+    ``observed``: per layer, the cells whose channels a structurally pruned suspect still has; statistic
+    and null then cover the matched channels only (the null's marginals are read there too)."""
     hits, total, mean, model_mean, variance, layers = 0, 0, 0.0, 0.0, 0.0, {}
     for name, owned in reference.items():
         kept = aligned[name]
+        if observed is not None and name in observed:
+            kept, owned = _matched(kept, observed[name]), _matched(owned, observed[name])
         modelled = null_probabilities(kept, owned.nonzero())
         model_mean += float(modelled.sum())
         odds = modelled / (1 - modelled).clamp(min=1e-12) * INDEPENDENT_ODDS_RATIO

@@ -83,9 +83,11 @@ def verify(
     if commitment is not None:
         details["claim_commitment"] = "matches the published commitment"
     stamped = _trusted_time(claim, tsa_certificate, details)
-    weights, readable = _read_on_own_terms(loaded, claim, unavailable, details)
+    observed: dict[str, torch.Tensor] = {}
+    weights, readable = _read_on_own_terms(loaded, claim, unavailable, details, observed)
     context = VerifyContext(
-        weights, readable, loaded.normalization, alpha, stamped is not None, device, model, trigger_folder, qr_image
+        weights, readable, loaded.normalization, alpha, stamped is not None, device, model, trigger_folder,
+        qr_image, observed or None,
     )
     for key, scheme in SCHEMES.items():
         if sections[key] is None:
@@ -96,7 +98,7 @@ def verify(
             unavailable.append(Unavailable(scheme.evidence_name, str(err)))
     if "alignment" in details:  # last: it shows derivation, and never decides alone
         kept = {name: readable[name] != 0 for name in claim.reference.masks}
-        evidence.append(fingerprint_evidence(kept, claim.reference.masks, alpha))
+        evidence.append(fingerprint_evidence(kept, claim.reference.masks, alpha, observed or None))
     return Verdict(tuple(evidence), alpha, tuple(unavailable), details)
 
 
@@ -147,14 +149,19 @@ def _trusted_time(claim: Claim, certificate: bytes | None, details: dict[str, An
 
 
 def _read_on_own_terms(
-    loaded: Suspect, claim: Claim, unavailable: list[Unavailable], details: dict[str, Any]
+    loaded: Suspect,
+    claim: Claim,
+    unavailable: list[Unavailable],
+    details: dict[str, Any],
+    observed: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The suspect's weights (aligned when the claim has a reference: same function, the reference's form),
     and the same with only what it keeps on its own terms (``ticketguard.verification.reading``) non-zero.
 
     With a reference: aligned, then each layer's largest weights in BatchNorm units, as many as the owner kept
     there. A suspect that cannot be aligned is read by rank under its own names; a claim without a reference
-    drops every weight below its add-on threshold t. ``details`` gets what was read.
+    drops every weight below its add-on threshold t. ``details`` gets what was read; ``observed`` the cells
+    whose channels a structurally pruned suspect still has (the aligned weights hold zeros in the others).
     """
     weights = loaded.weights
     if claim.reference is not None:
@@ -167,6 +174,7 @@ def _read_on_own_terms(
         else:
             details["alignment"] = alignment.report
             details["reading"] = alignment.report["reading"]
+            observed.update(alignment.observed or {})
             return alignment.weights, masked(alignment.weights, alignment.mask)
         counts = {n: int(m.sum()) for n, m in claim.reference.masks.items()}
         kept = {

@@ -217,20 +217,37 @@ def key_density_curve(
     scores: Sequence[str],
     device: torch.device,
     progress: Progress | None = None,
+    workdir: Path | None = None,
 ) -> dict[str, Any]:
     """Figure 2 (and Fig. 5's fake1): test accuracy of the locked ticket retrained without its key, against
     the key's relative density n_s, per score; plus a random key of the same size added to the EWP-locked
-    ticket. Same protocol and seed for every retraining."""
-    with_key = v1.retrain(ticket, data, config, device, progress, "ticket (with key)")
+    ticket. Same protocol and seed for every retraining.
+
+    With ``workdir``, each finished retraining's accuracy is kept in ``workdir/retrained.json`` and each
+    running one saves a checkpoint every epoch, so a killed curve loses at most one epoch."""
+    finished = read_json(workdir / "retrained.json") if workdir and (workdir / "retrained.json").is_file() else {}
+
+    def retrained(candidate: Ticket, name: str) -> float:
+        if name not in finished:
+            checkpoint = None if workdir is None else workdir / f"{name.replace(' ', '-')}.checkpoint.pt"
+            finished[name] = v1.retrain(candidate, data, config, device, progress, name, checkpoint)
+            if workdir is not None:
+                write_json(workdir / "retrained.json", finished)
+                checkpoint.unlink(missing_ok=True)
+        return finished[name]
+
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    with_key = retrained(ticket, "ticket (with key)")
     without: dict[str, list[float]] = {name: [] for name in scores}
     fake1: list[float] = []
     for density in densities:
         splits = {name: v1.split_key(ticket, density, name) for name in scores}
         for name, (locked, _) in splits.items():
-            without[name].append(v1.retrain(locked, data, config, device, progress, f"{name} n_s={density}"))
+            without[name].append(retrained(locked, f"{name} n_s={density}"))
         locked, key = splits.get("ewp", splits[scores[0]])
         forged = v1.merge_key(locked, v1.forge_random_key(locked.mask, locked.rewind, key.size(), seed=1))
-        fake1.append(v1.retrain(forged, data, config, device, progress, f"fake1 n_s={density}"))
+        fake1.append(retrained(forged, f"fake1 n_s={density}"))
     return {
         "dense_accuracy": ticket.metadata.get("dense_accuracy"),
         "ticket_density": ticket.mask.density(),
@@ -262,7 +279,8 @@ def plot_key_density(curve: dict[str, Any], eps: float, path: str | Path) -> Pat
 
 def run_fig2(run: Run) -> dict[str, Any]:
     curve = key_density_curve(
-        run.ticket(), run.data, run.plan.train, run.plan.densities, run.plan.scores, run.device, run.progress
+        run.ticket(), run.data, run.plan.train, run.plan.densities, run.plan.scores, run.device, run.progress,
+        run.out / "fig2",
     )
     plot_key_density(curve, run.plan.eps, run.out / "fig2.png")
     return curve | {"eps": run.plan.eps, "figures": ["fig2.png"]}

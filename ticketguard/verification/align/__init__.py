@@ -11,12 +11,15 @@ suspect in the reference architecture's own state_dict form, computing the suspe
    tensors on the reference's BatchNorm statistics;
 2. widths: split hidden channels merged, then channels with no outgoing weight left out;
 3. order: per permutation group a linear assignment on mask agreement with the reference, iterated across
-   layers as in weight matching (Ainsworth et al., Git Re-Basin), option-A shortcuts respected;
+   layers as in weight matching (Ainsworth et al., Git Re-Basin), option-A shortcuts respected; a group that
+   structural pruning left narrower gets a rectangular assignment, and the reference channels it lacks come
+   back as zero channels (computing nothing, feeding nothing), recorded in ``observed``;
 4. units: per output channel the scale that maps the kernel onto the reference's norm is divided out and
    BatchNorm compensates exactly, so an owner's magnitude threshold applies in the reference's units.
 
-V2 and V3 then read the result unchanged. Alignment maximises agreement, so its overlap must be compared with
-that of independently trained tickets passed through the same alignment, never with a random mask.
+V2 and V3 then read the result unchanged, V2 and the fingerprint only on the cells the suspect still has.
+Alignment maximises agreement, so its overlap must be compared with that of independently trained tickets
+passed through the same alignment, never with a random mask.
 
 Modules: ``reference`` (the record and its JSON), ``layout`` (what the steps share), ``structure``
 (step 1 and the shape checks of 2), ``permutations`` (2 and 3), ``scales`` (4 and the final state_dict).
@@ -58,6 +61,9 @@ class Alignment:
     weights: Weights
     mask: Mask
     report: dict[str, Any]
+    observed: dict[str, torch.Tensor] | None = None
+    """per masked layer, the cells whose output and input channels the suspect still has (a structurally
+    pruned copy lacks the others: unknown, not empty); None when it has every channel"""
 
 
 def align(suspect: Suspect, reference: Reference) -> Alignment:
@@ -85,11 +91,19 @@ def _align(suspect: Suspect, reference: Reference) -> Alignment:
     if parts.vectors is not None:
         attach_vectors(parts, perms, reference, layout)
     owner = axis_owners(layout, parts.tensors)
+    missing = {
+        g.name: perms[g.name] >= group_width(parts.tensors, g)
+        for g in layout.groups
+        if group_width(parts.tensors, g) < g.size
+    }
+    observed = _observed_cells(reference, missing, owner) if missing else None
     aligned = {key: reorder(tensor, key, perms, owner) for key, tensor in parts.tensors.items()}
-    mask = Mask(_read(aligned, reference, layout))  # in the suspect's units, in which its values were stored
+    mask = Mask(_read(aligned, reference, layout, observed))  # read in the suspect's own units
     scales = canonicalise(aligned, reference, layout, parts.folded)
     weights = state_dict_of(aligned, layout)
-    overlap = {key: _jaccard(mask[key], reference.masks[key]) for key in mask}
+    seen = observed or {}
+    overlap = {key: _jaccard(mask[key], reference.masks[key], seen.get(key)) for key in mask}
+    owned = {key: int((m & seen.get(key, m)).sum()) for key, m in reference.masks.items()}
     report = {
         "structure": parts.structure,
         "batchnorm": "rebuilt from folded conv biases" if parts.folded else "kept",
@@ -98,29 +112,54 @@ def _align(suspect: Suspect, reference: Reference) -> Alignment:
         "converged": converged,
         "permuted": {name: int((p != torch.arange(len(p))).sum()) for name, p in perms.items()},
         "removed": removed,
+        "pruned": {name: {"missing": int(m.sum()), "kept": int((~m).sum())} for name, m in missing.items()},
         "rescaled": {conv: _scale_summary(s) for conv, s in scales.items()},
         "overlap": overlap,
         "mean_overlap": sum(overlap.values()) / len(overlap) if overlap else float("nan"),
-        "reading": read_summary(mask, {key: int(m.sum()) for key, m in reference.masks.items()}),
+        "reading": read_summary(mask, owned),
     }
-    return Alignment(weights, mask, report)
+    return Alignment(weights, mask, report, observed)
 
 
-def _read(tensors: Weights, reference: Reference, layout: Layout) -> dict[str, torch.Tensor]:
+def _observed_cells(
+    reference: Reference, missing: dict[str, torch.Tensor], owner: dict[tuple[str, int], str]
+) -> dict[str, torch.Tensor]:
+    """Per masked layer, the cells whose output and input channels are both among the suspect's."""
+    observed = {}
+    for key, owned in reference.masks.items():
+        present = []
+        for dim in (0, 1):
+            group = owner.get((key, dim))
+            lacking = missing.get(group) if group is not None else None
+            present.append(torch.ones(owned.shape[dim], dtype=torch.bool) if lacking is None else ~lacking)
+        cells = present[0][:, None] & present[1][None, :]
+        observed[key] = cells.view(*cells.shape, *[1] * (owned.dim() - 2)).expand_as(owned)
+    return observed
+
+
+def _read(
+    tensors: Weights, reference: Reference, layout: Layout, observed: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Each masked layer's kept weights, read by rank in BatchNorm units where its BatchNorm is present, as
-    many as the reference keeps there (in proportion for a layer still wider than the reference's)."""
+    many as the reference keeps there: on the ``observed`` cells when the suspect lacks channels, in
+    proportion for a layer still wider or narrower than the reference's."""
     kept = {}
     for key, owned in reference.masks.items():
         tensor, bn = tensors[key], layout.bn_of.get(key.removesuffix(".weight"))
         stats = None
         if bn is not None and f"{bn}.weight" in tensors and f"{bn}.running_var" in tensors:
             stats = (tensors[f"{bn}.weight"], tensors[f"{bn}.running_var"], layout.eps[bn])
-        count = round(int(owned.sum()) * tensor.numel() / owned.numel())
+        if observed is not None:
+            count = int((owned & observed[key]).sum())
+        else:
+            count = round(int(owned.sum()) * tensor.numel() / owned.numel())
         kept[key] = rank_read(effective_magnitudes(tensor, stats), count, tensor)
     return kept
 
 
-def _jaccard(mask: torch.Tensor, reference: torch.Tensor) -> float:
+def _jaccard(mask: torch.Tensor, reference: torch.Tensor, observed: torch.Tensor | None = None) -> float:
+    if observed is not None:
+        mask, reference = mask & observed, reference & observed
     union = int((mask | reference).sum())
     return int((mask & reference).sum()) / union if union else 1.0
 

@@ -1,7 +1,9 @@
 """Steps 2 and 3 of alignment, widths and order: merge split channels, drop dummies, recover permutations.
 
 Per permutation group a linear assignment on mask agreement with the reference, iterated across layers as in
-weight matching (Ainsworth et al., Git Re-Basin); option-A shortcuts keep their parent stream's order.
+weight matching (Ainsworth et al., Git Re-Basin); option-A shortcuts keep their parent stream's order. A group
+that structural pruning left with fewer channels gets a rectangular assignment, and the reference channels
+no suspect channel matches are recorded as missing.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def recover_permutations(
     tensors: Weights, kept: Mapping[str, torch.Tensor], reference: Reference, layout: Layout
 ) -> tuple[dict[str, torch.Tensor], int, bool]:
     """Per group, the suspect channel for each reference channel, by linear assignment on disagreement
-    between the suspect's read mask ``kept`` and the reference's.
+    between the suspect's read mask ``kept`` and the reference's. A group with fewer channels than the
+    reference's (structural pruning) gets a rectangular assignment; its unmatched reference channels are
+    ``missing``: their index is the suspect's width, which ``take_channels`` reads as an all-zero channel.
 
     A channel's incoming and outgoing patterns depend on the orders of the neighbouring groups, so groups are
     solved in turn until no order changes (weight matching). The first round knows no neighbour yet and
@@ -70,6 +74,11 @@ def recover_permutations(
     """
     owner = axis_owners(layout, tensors)
     droppable = {g.name: _droppable(tensors, g) for g in layout.groups if group_width(tensors, g) > g.size}
+    missing_cost = {
+        g.name: _empty_channel_cost(g, kept, reference)
+        for g in layout.groups
+        if group_width(tensors, g) < g.size
+    }
     children: dict[str, list[PermutationGroup]] = defaultdict(list)
     for group in layout.groups:
         if group.embeds is not None:
@@ -90,7 +99,9 @@ def recover_permutations(
     for round_ in range(1, MAX_ROUNDS + 1):
         previous = dict(perms)
         for group in layout.groups:
-            perms[group.name] = _assign(group, total_cost(group), perms, droppable.get(group.name))
+            perms[group.name] = _assign(
+                group, total_cost(group), perms, droppable.get(group.name), missing_cost.get(group.name)
+            )
         if all(p is not None and torch.equal(p, perms[name]) for name, p in previous.items()):
             return perms, round_, True
     return perms, MAX_ROUNDS, False
@@ -113,7 +124,7 @@ def _axis_cost(
     known = group is None or perms[group] is not None
     if group is not None:
         if known:
-            sus = sus.index_select(other, perms[group])
+            sus = take_channels(sus, other, perms[group])
         else:
             ref, sus = ref.sum(other, keepdim=True), sus.sum(other, keepdim=True)
     ref, sus = ref.movedim(dim, 0).flatten(1), sus.movedim(dim, 0).flatten(1)
@@ -122,14 +133,37 @@ def _axis_cost(
     return torch.cdist(ref, sus, p=1).double()
 
 
+def _empty_channel_cost(
+    group: PermutationGroup, kept: Mapping[str, torch.Tensor], reference: Reference
+) -> torch.Tensor:
+    """Per reference channel, the disagreement of an empty channel with it: its kept weights on the group's
+    axes (what both the Hamming and the kept-count costs of ``_axis_cost`` give against zeros)."""
+    cost = torch.zeros(group.size, dtype=torch.float64)
+    for key, dim in group.axes:
+        if key in kept:
+            cost += reference.masks[key].movedim(dim, 0).flatten(1).sum(1).double()
+    return cost
+
+
 def _assign(
     group: PermutationGroup,
     cost: torch.Tensor,
     perms: Mapping[str, torch.Tensor | None],
     droppable: torch.Tensor | None,
+    missing_cost: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The suspect channel for each reference channel. An option-A stream keeps its parent's order on the
-    channels it carries, and in a widened group every channel that cannot be dropped must be chosen."""
+    channels it carries, and in a widened group every channel that cannot be dropped must be chosen.
+
+    A narrower group matches each suspect channel to one reference channel, by rectangular assignment on the
+    cost less that of leaving the reference channel empty: the total is then the disagreement of the whole
+    group with its missing channels read as empty, so the match does not favour sparse reference channels."""
+    if missing_cost is not None:
+        width = cost.shape[1]
+        rows, cols = linear_sum_assignment((cost - missing_cost[:, None]).numpy())
+        perm = torch.full((group.size,), width, dtype=torch.long)
+        perm[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+        return perm
     if group.embeds is not None:
         parent, offset = group.embeds
         carried = perms[parent] + offset
@@ -147,12 +181,23 @@ def _assign(
     return torch.from_numpy(cols).long()
 
 
+def take_channels(tensor: torch.Tensor, dim: int, perm: torch.Tensor) -> torch.Tensor:
+    """Channel i along ``dim`` is the tensor's channel perm[i]; an index equal to its width stands for a
+    channel the suspect does not have, and reads as zeros (a channel that computes nothing and feeds
+    nothing: for a BatchNorm, gamma = beta = 0, so the function is the suspect's)."""
+    if perm.numel() and int(perm.max()) >= tensor.shape[dim]:
+        empty = tensor.new_zeros(tensor.shape[:dim] + (1,) + tensor.shape[dim + 1 :])
+        tensor = torch.cat([tensor, empty], dim)
+    return tensor.index_select(dim, perm)
+
+
 def reorder(
     tensor: torch.Tensor, key: str, perms: Mapping[str, torch.Tensor], owner: Mapping[Axis, str]
 ) -> torch.Tensor:
-    """``tensor`` with every channel axis in the reference's order (and width)."""
+    """``tensor`` with every channel axis in the reference's order (and width); channels the suspect lacks
+    are zeros."""
     for dim in range(min(tensor.dim(), 2)):
         group = owner.get((key, dim))
         if group is not None:
-            tensor = tensor.index_select(dim, perms[group])
+            tensor = take_channels(tensor, dim, perms[group])
     return tensor

@@ -3,7 +3,8 @@
 Layers come from the ONNX graph, else from names that spell the architecture (its own or torchvision's, under
 a wrapper's prefix or none, extra tensors beside them left out), else
 (opaque names) from content: kernels on shape and kept counts, 1-D tensors on the reference's BatchNorm
-statistics once channel orders are known. Hidden channels may be wider than the reference's (``widen``).
+statistics once channel orders are known. Hidden channels may be wider than the reference's (``widen``), and
+layers found by name or in a graph may have fewer channels (structural pruning), never both.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def _count_profile(kept: torch.Tensor) -> torch.Tensor:
 
 
 def check_tensors(parts: Parts, layout: Layout) -> None:
-    """Every tensor has the reference's rank and sizes, except hidden channels, which may be wider (widen)."""
+    """Every tensor has the reference's rank and sizes, except channels: hidden ones may be wider (widen), and
+    any group but an option-A stream may be narrower (structural pruning), though not both in one suspect."""
     owner = axis_owners(layout, parts.tensors)
     for key, tensor in parts.tensors.items():
         shape = layout.state.get(key, ((tensor.shape[0],), None))[0]  # a folded bias spans its conv's rows
@@ -164,16 +166,32 @@ def check_tensors(parts: Parts, layout: Layout) -> None:
             raise AlignmentError(
                 f"the suspect's {parts.sources[key]} has shape {tuple(tensor.shape)} where {key} has {shape}"
             )
+    wider, narrower = [], []
+    carried = {group.embeds[0] for group in layout.groups if group.embeds is not None}
     for group in layout.groups:
         widths = {parts.tensors[k].shape[d] for k, d in group_axes(group, parts.tensors)}
         width = max(widths)
         wider_allowed = group.kind == "hidden" and parts.vectors is None
-        if len(widths) > 1 or width < group.size or (width > group.size and not wider_allowed):
+        if len(widths) > 1 or width < 1 or (width > group.size and not wider_allowed):
             raise AlignmentError(
                 f"the suspect's channels of {group.name} have widths {sorted(widths)} where the reference "
                 f"has {group.size}"
                 + ("" if wider_allowed else "; only hidden channels of named layers may be wider")
             )
+        if width < group.size and (group.embeds is not None or group.name in carried):
+            raise AlignmentError(
+                f"the suspect has {width} channels of {group.name} where the reference has {group.size}, but "
+                "an option-A shortcut carries that stream at a fixed offset, so no copy that runs lacks them"
+            )
+        if width > group.size:
+            wider.append(group.name)
+        elif width < group.size:
+            narrower.append(group.name)
+    if wider and narrower:
+        raise AlignmentError(
+            f"the suspect has more channels than the reference in {wider[0]} and fewer in {narrower[0]}: "
+            "neither a widened copy nor a structurally pruned one"
+        )
 
 
 def attach_vectors(
