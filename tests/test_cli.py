@@ -1,5 +1,6 @@
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -126,9 +127,11 @@ def test_a_logged_run_prints_one_progress_line_per_step_with_the_time_left(capsy
     """Under nohup the console is a file: each finished step is a line, not a bar nobody sees."""
     with progress_bar() as progress:
         task = progress.add_task("round 1", total=4, completed=1, status="")
+        time.sleep(0.6)
         progress.update(task, advance=1, status="test acc 50.00%")
         progress.update(task, status="only the status changed")
         progress.advance(task)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("round 1:")]
     assert [line.split(" after")[0] for line in lines] == ["round 1: 2/4", "round 1: 3/4"]
     assert all("s left" in line for line in lines) and lines[0].endswith("test acc 50.00%")
+    assert float(lines[0].split(", ")[1].split(" s left")[0]) >= 1  # two steps to go at >= 0.6 s a step

@@ -35,6 +35,11 @@ class LineProgress(Progress):
         super().__init__(*columns, **kwargs)
         self._started: dict[TaskID, tuple[float, float]] = {}
 
+    def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
+        task_id = super().add_task(description, *args, **kwargs)
+        self._started[task_id] = (time.monotonic(), self._tasks[task_id].completed)
+        return task_id
+
     def update(self, task_id: TaskID, **kwargs: Any) -> None:
         before = self._tasks[task_id].completed
         super().update(task_id, **kwargs)
@@ -47,7 +52,7 @@ class LineProgress(Progress):
 
     def _report(self, task_id: TaskID, before: float) -> None:
         task = self._tasks[task_id]
-        started_at, started_from = self._started.setdefault(task_id, (time.monotonic(), before))
+        started_at, started_from = self._started[task_id]
         if task.completed == before:
             return
         elapsed = time.monotonic() - started_at
