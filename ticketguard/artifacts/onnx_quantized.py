@@ -285,9 +285,10 @@ class _Dequantizer:
         if consumer is None or consumer.op_type != "Add":
             return ""
         addend = next((n for n in consumer.input if n != scaled), "")
-        source = self.producer.get(addend)
-        if source is not None and source.op_type == "Reshape":
-            addend = _input(source, 0)
+        for op_type in ("Reshape", "Identity"):  # torch's exporter shares equal biases through an Identity
+            source = self.producer.get(addend)
+            if source is not None and source.op_type == op_type:
+                addend = _input(source, 0)
         tensor = self.tensors.get(addend) if self.stored(addend) else None
         return (
             addend if tensor is not None and tensor.data_type in SCALE_TYPES and len(tensor.dims) == 1 else ""

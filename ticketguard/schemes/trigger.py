@@ -221,9 +221,11 @@ def verify_local(
 
 
 SCALE_PROBE_IMAGES = 256  # enough for per-channel variances, and bounded however large T is
-SCALE_TOLERANCE = 1.5
-"""Estimated scales within this factor of 1 read as 1: on digits ResNet-20s the estimate of an unscaled model
-lay within 0.87-1.09 (measured), and a trained model's answers move when its inputs are scaled by 1.2."""
+SCALE_TOLERANCE = 4.0
+"""Estimated scales within this factor of 1 read as 1. On trained digits ResNet-20s the estimate of an unscaled
+model lay within 0.8-1.2 (keyed, Adi's and noise images), but a model trained for 4 steps, whose BatchNorm still
+holds mostly its initial statistics, read 2.5: a thief's scale is corrected from a factor of 4 on (pixels in
+0-255 where the owner used 0-1 is 255)."""
 
 
 @torch.inference_mode()
@@ -298,34 +300,27 @@ class TriggerMixer:
         return torch.cat([images, self.trigger.images[taken]]), torch.cat([labels, self.trigger.labels[taken]])
 
 
-WEIGHT_NOISE = 0.05
-"""Standard deviation of the noise of ``SmoothedTriggerLoss``, relative to each layer's root mean square weight:
-on digits (benchmarks/README.md) 0.05 cost 0.2 points of accuracy, 0.1 about 1."""
-
-
 class SmoothedTriggerLoss:
     """The gradient hook of WE(D, T, ...): T's loss once more, at the weights plus Gaussian noise.
 
     Fine-tuning moves every weight (Adam by about its rate a step, pruned weights too once they are freed),
-    and labels learned at one point of weight space alone are lost on the way: on digits, 5 epochs of Adam at
-    1e-3 on every weight kept 44-57 % of T. So every step also descends T's loss (the mean over the batch's
-    trigger images) at weights with noise N(0, (noise * rms of the layer)^2) added to every conv and linear
-    weight, pruned positions included: randomized smoothing over the parameters, as in certified watermarks
-    (Bansal et al., ICML 2022); the same attack then kept 77-84 %. BatchNorm normalises with the noisy batch
-    but keeps its running statistics, and the step that follows keeps the mask as always. It costs one more
-    forward and backward pass of the batch. ``per_batch``: the trigger images at the end of every batch
-    (``TriggerMixer``).
+    and labels learned at one point of weight space alone are lost on the way. So every step also descends T's
+    loss (the mean over the batch's trigger images) at weights with noise N(0, (noise * rms of the layer)^2)
+    added to every conv and linear weight, pruned positions included: randomized smoothing over the parameters,
+    as in certified watermarks (Bansal et al., ICML 2022). BatchNorm normalises with the noisy batch but keeps
+    its running statistics, and the step that follows keeps the mask as always. It costs one more forward and
+    backward pass of the batch. ``per_batch``: the trigger images at the end of every batch (``TriggerMixer``).
+
+    Measured (benchmarks/README.md), noise 0.05: on the digits ticket retrained from W_1 for 20 epochs, 5
+    epochs of Adam at 1e-3 on every weight kept 77-84 % of T instead of 44-57 %, at 0.2 points of accuracy; on
+    a ResNet-20 trained from its initialisation for 10 epochs it cost 16 points. So it is not on by default.
     """
 
-    def __init__(self, per_batch: int, noise: float, seed: int, start: int = 0) -> None:
-        self.per_batch, self.noise, self.seed, self.start = per_batch, noise, seed, start
+    def __init__(self, per_batch: int, noise: float, seed: int) -> None:
+        self.per_batch, self.noise, self.seed = per_batch, noise, seed
         self.generator: torch.Generator | None = None
-        self.steps = 0
 
     def __call__(self, network: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        self.steps += 1
-        if self.steps <= self.start:
-            return
         if self.generator is None:
             self.generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
         weights = [p for p in network.parameters() if p.dim() > 1 and p.requires_grad]
@@ -362,7 +357,7 @@ def watermark(
     mask: Mask | None = None,
     *,
     per_batch: int = 1,
-    weight_noise: float = WEIGHT_NOISE,
+    weight_noise: float = 0.0,
     progress: Progress | None = None,
     checkpoint: Path | None = None,
 ) -> WatermarkResult:
