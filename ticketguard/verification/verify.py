@@ -113,7 +113,8 @@ def verify_endpoint(
     tsa_certificate: bytes | None = None,
 ) -> Verdict:
     """ESWT + T through a prediction API: the claim's trigger images sent to ``endpoint``, the answers tested
-    against chance (``chance_model`` overrides the claim's); ``tsa_certificate`` as for ``verify``."""
+    against chance as labelled and under the best relabelling of the classes (``v3.trigger_evidence``; an API
+    may rename its labels); ``chance_model`` overrides the claim's; ``tsa_certificate`` as for ``verify``."""
     check_alpha(alpha)
     claim = claim if isinstance(claim, Claim) else load_claim(claim)
     signed = check_signature(claim, public_key)
