@@ -171,7 +171,7 @@ def _summary(rows: list[dict]) -> list[str]:
     for setting in sorted({(r["trigger"], r["setting"]) for r in rows}):
         mine = [r for r in rows if (r["trigger"], r["setting"]) == setting]
         cost = mean(_of(mine, "unmarked", "accuracy")) - mean(_of(mine, "marked", "accuracy"))
-        parts = [f"{setting[0]}, {mine[0]['images_per_batch']} per batch, weight noise {mine[0]['weight_noise']:g}:",
+        parts = [f"{setting[0]}, {mine[0]['images_per_batch']} per batch, weight noise {mine[0]['weight_noise']:g}",
                  f"accuracy cost {100 * cost:.2f} points",
                  f"trigger {_spread(_of(mine, 'marked', 'trigger_accuracy'))}"]
         for kind in ("mask kept", "dense"):
