@@ -7,6 +7,7 @@ them skip and say why. CI sets REQUIRE_SHARED_DATA (see .ci/run), which turns ea
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,12 @@ def sparse_model(
     mask = Mask({name: torch.rand(shape, generator=generator) < 0.3 for name, shape in shapes.items()})
     mask.apply_(model)
     return model.eval(), {k: v.clone() for k, v in model.state_dict().items()}, mask
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Alignment is many small matrix products; on a shared CPU extra threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,6 @@ An independent ticket pruned the same way is never shown.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,7 @@ FRACTIONS = (0.1, 0.25, 0.5)
 TUNING = {"as pruned": "", "fine-tuned 2 epochs": "+finetune:epochs=2"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
