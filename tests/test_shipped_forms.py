@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import randomise_batchnorm, trained_ticket
+from conftest import randomise_batchnorm, sparse_model, trained_ticket
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
@@ -32,6 +32,7 @@ from ticketguard.core.masks import Mask, magnitude_prune
 from ticketguard.data import ImageData
 from ticketguard.data.augment import normalize
 from ticketguard.models import build_model
+from ticketguard.verification.align import Reference, align
 from ticketguard.verification.verify import verify
 
 # torch.ao.quantization and TorchScript are deprecated and say so; shipping with them is what a thief may do
@@ -417,6 +418,58 @@ def test_int8_onnx_dequantizes_within_half_a_step_with_pruned_weights_exactly_ze
         assert any(numpy_helper.to_array(t).any() for t in zero_points if t.data_type == TensorProto.UINT8)
 
 
+@pytest.fixture(scope="module")
+def resnet18_onnx(tmp_path_factory) -> tuple[dict[str, torch.Tensor], Mask, Path]:
+    """A sparse ResNet-18 for 8x8 one-channel images (non-trivial BatchNorm, 30 % of its weights kept): its
+    weights, its mask and its ONNX export."""
+    model, weights, mask = sparse_model("resnet18", 1, seed=0)
+    path = tmp_path_factory.mktemp("resnet18") / "float.onnx"
+    export_onnx(model, path, (1, 8, 8), dynamo=False)
+    return weights, mask, path
+
+
+@pytest.mark.slow
+def test_dynamic_int8_onnx_of_resnet18_aligns_every_conv_to_its_own_though_onnxruntime_reorders_them(
+    resnet18_onnx,
+) -> None:
+    """onnxruntime lists a strided block's shortcut conv before the block's second conv; read in data-flow
+    order, each conv still meets its own reference conv. Aligned weights are the owner's within half an int8
+    step of the folded kernel (one scale per tensor) times the spread of the BatchNorm scales folded into its
+    channels (at most 6 here), and the mask is the owner's less the weights that rounding took to 0."""
+    weights, mask, exported = resnet18_onnx
+    shipped = quantize_onnx(exported, "dynamic int8", torch.empty(0))
+    written = [n.input[1] for n in onnx.load(exported).graph.node if n.op_type == "Conv"]
+    listed = [n.input[1] for n in onnx.load(shipped).graph.node if n.op_type == "ConvInteger"]
+    assert [name.removesuffix("_quantized") for name in listed] != written, "onnxruntime reorders the convs"
+    alignment = align(load_suspect(shipped), Reference.of("resnet18", 1, 10, weights, mask))
+    assert alignment.report["structure"] == "onnx graph"
+    for key, tensor in weights.items():
+        if key.endswith(".weight") and tensor.dim() > 1:
+            error = float((alignment.weights[key] - tensor).abs().max())
+            assert error <= 6 / 254 * 1.25 * float(tensor.abs().max()), key
+    assert all(bool((alignment.mask[key] <= mask[key]).all()) for key in mask)
+    assert alignment.report["mean_overlap"] > 0.95
+
+
+def test_onnx_layers_are_read_in_data_flow_order_however_the_file_lists_them(resnet18_onnx, tmp_path) -> None:
+    """Nodes listed backwards and every residual Add's operands swapped (the same function, a valid graph
+    once sorted) give the layers in the order the exporter wrote them: each block's main path, then its
+    shortcut."""
+    _, _, exported = resnet18_onnx
+    model = onnx.load(exported)
+    nodes = list(model.graph.node)[::-1]
+    for node in nodes:
+        if node.op_type == "Add":
+            operands = list(node.input)[::-1]
+            del node.input[:]
+            node.input.extend(operands)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    (tmp_path / "backwards.onnx").write_bytes(model.SerializeToString())
+    backwards, written = load_suspect(tmp_path / "backwards.onnx"), load_suspect(exported)
+    assert [n.weights for n in backwards.graph or []] == [n.weights for n in written.graph or []]
+
+
 def write_graph(path: Path, nodes: list[onnx.NodeProto], initializers: list[TensorProto]) -> Path:
     """A one-input model of ``nodes``, written without onnx's checker (a forged file need not pass it)."""
     graph = helper.make_graph(
@@ -564,6 +617,22 @@ def test_an_integer_op_whose_weight_scale_cannot_be_traced_is_refused(tmp_path) 
     weights = [named(QUANTIZED_WEIGHT.T, "w"), named(np.int8(0), "z")]
     with pytest.raises(InputError, match="cannot be traced") as err:
         load_suspect(write_graph(tmp_path / "unscaled.onnx", nodes, weights))
+    assert_one_sentence(err)
+
+
+@pytest.mark.parametrize(
+    "loop",
+    [
+        [("Add", ["x", "b"], "a"), ("Relu", ["a"], "b")],  # on the way to the output
+        [("Relu", ["c"], "d"), ("Relu", ["d"], "c"), ("Relu", ["x"], "b")],  # off every path to the output
+    ],
+)
+def test_onnx_nodes_that_read_each_other_in_a_cycle_are_refused(tmp_path, loop) -> None:
+    nodes = [helper.make_node(op, inputs, [output]) for op, inputs, output in loop]
+    nodes.append(helper.make_node("Gemm", ["b", "fc.weight", "fc.bias"], ["y"], transB=1))
+    weights = [named(np.ones((2, 3), np.float32), "fc.weight"), named(np.zeros(2, np.float32), "fc.bias")]
+    with pytest.raises(InputError, match="cycle") as err:
+        load_suspect(write_graph(tmp_path / "cycle.onnx", nodes, weights))
     assert_one_sentence(err)
 
 

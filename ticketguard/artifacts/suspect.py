@@ -1,8 +1,9 @@
 """A suspect model as the verifier receives it: a ticket folder or an untrusted weight file, loaded safely.
 
 Thieves ship state_dicts (safetensors, torch files, Lightning-style checkpoints) or ONNX files. An ONNX file
-is only read, never run: its initializers become the weights and its weighted nodes, in graph order, are kept
-so that alignment can match layers by operation and shape, since an exporter's tensor names are arbitrary. A
+is only read, never run: its initializers become the weights and its weighted nodes, in data-flow order, are
+kept so that alignment can match layers by operation and shape, since an exporter's tensor names are arbitrary
+and a tool that rewrites the file (onnxruntime's quantizer) may list the nodes in another topological order. A
 quantized ONNX file is first read back as its float graph (``onnx_quantized``).
 """
 
@@ -35,6 +36,7 @@ ONNX_WEIGHT_TYPES = {
     onnx.TensorProto.BFLOAT16: np.float32,  # numpy has no bfloat16: widened exactly
 }
 ONNX_ATTRIBUTE_TYPES = {onnx.AttributeProto.INT, onnx.AttributeProto.INTS, onnx.AttributeProto.FLOAT}
+LAYER_OPS = {"Conv", "Gemm", "MatMul"}  # the layers a branch's depth counts at a join
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class Suspect:
 
     ``mask`` covers every weight matrix and conv kernel (dim > 1): for a suspect, nothing says which layers
     its owner pruned, so the verifier looks at all of them. ``graph`` holds an ONNX suspect's weighted nodes
-    in graph (topological) order; None for state_dicts, whose names already say where each tensor goes.
+    in data-flow order (a main path before its shortcut, however the file lists them); None for state_dicts,
+    whose names already say where each tensor goes.
     ``normalization`` is known only for a ticket folder, which records it.
     """
 
@@ -117,7 +120,7 @@ def load_onnx(path: Path) -> tuple[dict[str, torch.Tensor], list[GraphNode], str
     if not weights:
         raise InputError(f"{path} holds no floating-point weights; ship the ONNX file with its initializers")
     source = QUANTIZED_ONNX_SOURCE if quantized.weights else "onnx"
-    return weights, _weighted_nodes(quantized.nodes, weights), source
+    return weights, _weighted_nodes(_data_flow_order(quantized.nodes, weights, path), weights), source
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:
@@ -178,8 +181,60 @@ def _weight(name: str, tensor: onnx.TensorProto, path: Path) -> torch.Tensor:
     return torch.tensor(np.asarray(array, dtype=ONNX_WEIGHT_TYPES[tensor.data_type]))
 
 
+def _data_flow_order(
+    nodes: list[onnx.NodeProto], weights: dict[str, torch.Tensor], path: Path
+) -> list[onnx.NodeProto]:
+    """The nodes in the order a model's forward pass states them, whatever order the file lists them in: each
+    after every node whose activation it reads, and at a join (a residual addition) the branch through more
+    layers first, so a main path comes before its shortcut whichever operand the join lists first. Walked
+    back from the nodes whose outputs nothing reads; a cycle is refused. A weight is no activation, even
+    under the name of the node that dequantized it."""
+    producer = {
+        output: index
+        for index, node in enumerate(nodes)
+        for output in node.output
+        if output and output not in weights
+    }
+    reads = [[producer[name] for name in node.input if name in producer] for node in nodes]
+    read_by_some = {index for indices in reads for index in indices}
+    sinks = [index for index in range(len(nodes)) if index not in read_by_some]
+    depth: dict[int, int] = {}
+    for index in _post_order(sinks, reads, path):
+        layers = int(nodes[index].op_type in LAYER_OPS)
+        depth[index] = max((depth[read] for read in reads[index]), default=0) + layers
+    deeper_first = [sorted(indices, key=lambda read: -depth[read]) for indices in reads]
+    return [nodes[index] for index in _post_order(sinks, deeper_first, path)]
+
+
+def _post_order(roots: list[int], reads: list[list[int]], path: Path) -> list[int]:
+    """Depth-first post-order from ``roots`` along ``reads`` (each node's producers, in the order visited),
+    without recursion, so that no graph is too deep; every node must be reached, and none may read its own
+    output, directly or through others."""
+    cycle = InputError(f"{path} is not a valid ONNX file: its nodes read each other in a cycle")
+    order: list[int] = []
+    finished: set[int] = set()
+    for root in roots:
+        on_path, stack = {root}, [(root, iter(reads[root]))]
+        while stack:
+            index, pending = stack[-1]
+            read = next(pending, None)
+            if read is None:
+                stack.pop()
+                on_path.remove(index)
+                finished.add(index)
+                order.append(index)
+            elif read in on_path:
+                raise cycle
+            elif read not in finished:
+                on_path.add(read)
+                stack.append((read, iter(reads[read])))
+    if len(order) != len(reads):
+        raise cycle
+    return order
+
+
 def _weighted_nodes(graph_nodes: list[onnx.NodeProto], weights: dict[str, torch.Tensor]) -> list[GraphNode]:
-    """Every node that reads a weight, in graph order; an Identity of a weight is that weight."""
+    """Every node that reads a weight, in the order given; an Identity of a weight is that weight."""
     aliases = {name: name for name in weights}
     nodes = []
     for node in graph_nodes:

@@ -47,7 +47,7 @@ def read_structure(suspect: Suspect, reference: Reference, layout: Layout) -> Pa
     }
     for structure, names in namings.items():
         for folded, wanted in ((False, layout.unfolded_keys), (True, layout.folded_keys)):
-            prefix = _wrapper_prefix(floats, [names[k] for k in wanted])
+            prefix = wrapper_prefix(floats, [names[k] for k in wanted])
             if prefix is not None:
                 sources = {k: prefix + names[k] for k in wanted}
                 tensors = {k: floats[name].double() for k, name in sources.items()}
@@ -55,7 +55,7 @@ def read_structure(suspect: Suspect, reference: Reference, layout: Layout) -> Pa
     return _from_content(floats, reference, layout)
 
 
-def _wrapper_prefix(floats: Mapping[str, torch.Tensor], wanted: list[str]) -> str | None:
+def wrapper_prefix(floats: Mapping[str, torch.Tensor], wanted: list[str]) -> str | None:
     """The prefix (a wrapper module's name, or none) under which the suspect holds every wanted name; tensors
     beside them (a temperature, a baked-in normalisation) are left out, as a repackaged copy adds them."""
     for key in floats:
@@ -67,8 +67,9 @@ def _wrapper_prefix(floats: Mapping[str, torch.Tensor], wanted: list[str]) -> st
 
 
 def _from_graph(suspect: Suspect, layout: Layout) -> Parts:
-    """ONNX: Conv nodes in graph order are the reference's convs in forward order, each with its folded
-    bias."""
+    """ONNX: Conv nodes in data-flow order (each block's main path before its shortcut, however the file
+    lists them) are the reference's convs in forward order, each with its folded bias; strides check the
+    pairing here, shapes in ``check_tensors``."""
     graph, weights = suspect.graph or [], suspect.weights
     convs = [node for node in graph if node.op_type == "Conv"]
     gemms = [node for node in graph if node.op_type == "Gemm"]
