@@ -28,7 +28,6 @@ from ticketguard.core.settings import setting
 from ticketguard.data import ImageData
 from ticketguard.data.augment import normalize
 from ticketguard.data.triggers import TriggerSet, keyed_trigger_set, load_trigger_folder
-from ticketguard.models import MODELS
 from ticketguard.schemes import signature as v2
 from ticketguard.schemes import trigger as v3
 from ticketguard.training.fixed_mask import keep_mask
@@ -315,9 +314,7 @@ def protect(
                                                     "accuracy_before": accuracy_before, **report}},
     )
     threshold = defence_threshold(weights, mask)
-    reference = None  # alignment knows the registered architectures' permutation groups, not other models'
-    if ticket.architecture in MODELS:
-        reference = Reference.of(ticket.architecture, ticket.in_channels, ticket.num_classes, weights, mask)
+    reference = Reference.of(ticket.architecture, ticket.in_channels, ticket.num_classes, weights, mask)
     defence = DefenceClaim(threshold, DEFENCE_QUANTILE)
     claim = Claim(signature_found, {}, trigger_claim, defence, reference)
     self_check = verify(weights, claim, alpha=alpha, model=ticket.architecture)

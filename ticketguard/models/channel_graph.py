@@ -101,6 +101,9 @@ class Flow:
     is set when a flatten repeated each channel over dims of unknown size: "interleave" when the channel is
     the outer dim (N, C, H, W -> N, C·H·W), "tile" when it is the inner one (N, T, C -> N, T·C). ``vertices``
     is None for the model input ``input`` until a layer reads it and so tells its channel count.
+    ``homogeneous`` (every operation since the channels were written commutes with a positive per-channel
+    scale, as ReLU and pooling do) and ``written_by`` (the layer whose untouched output this is) serve the
+    tracer of channel symmetries.
     """
 
     vertices: torch.Tensor | None
@@ -108,6 +111,8 @@ class Flow:
     rank: int | None
     spread: str | None = None
     input: str | None = None
+    homogeneous: bool = True
+    written_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,8 +169,15 @@ def _flows(value: object) -> list[Flow]:
     return found
 
 
-class _Tracer:
-    """One pass over the fx graph: every node becomes a Flow (or UNKNOWN), every layer and join a block."""
+class FlowTracer:
+    """One pass over the fx graph: every node becomes a Flow (or UNKNOWN), every layer and join a block.
+
+    The walk over the graph and the bookkeeping of channel positions are shared with the tracer of channel
+    symmetries (``ticketguard.models.symmetries``), which overrides what a layer and a join record.
+    """
+
+    needs = "EWP and betweenness"
+    fallback = "OMP and random scores keep working for this model"
 
     def __init__(self, model: nn.Module, weights: Mapping[str, torch.Tensor], mask: Mask) -> None:
         self.model, self.weights, self.mask = model, weights, mask
@@ -175,8 +187,8 @@ class _Tracer:
 
     def unsupported(self, what: str) -> InputError:
         return InputError(
-            f"EWP and betweenness cannot follow {what} in the channel graph of {type(self.model).__name__}; "
-            "OMP and random scores keep working for this model"
+            f"{self.needs} cannot follow {what} in the channel graph of {type(self.model).__name__}; "
+            f"{self.fallback}"
         )
 
     def fresh(self, size: int) -> torch.Tensor:
@@ -185,13 +197,19 @@ class _Tracer:
         return ids
 
     def trace(self) -> ChannelGraph:
+        outputs = self.walk()
+        sinks = torch.cat([f.vertices for f in outputs])
+        return ChannelGraph(self.count, torch.cat(list(self.inputs.values())), sinks[sinks >= 0], self.blocks)
+
+    def walk(self) -> list[Flow]:
+        """Every node of the traced forward in order; the flows of the model's outputs."""
         try:
             traced = fx.symbolic_trace(self.model)
         except Exception as err:  # TraceError, TypeError, ...: whatever the forward does with a Proxy
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(
-                f"torch.fx cannot trace the forward of {type(self.model).__name__} ({reason}), so EWP and "
-                "betweenness have no channel graph; OMP and random scores keep working for this model"
+                f"torch.fx cannot trace the forward of {type(self.model).__name__} ({reason}), so "
+                f"{self.needs} have no channel graph; {self.fallback}"
             ) from err
         modules = dict(traced.named_modules())
         values: dict[fx.Node, object] = {}
@@ -203,6 +221,8 @@ class _Tracer:
                 values[node] = Flow(None, None, None, input=node.name)
             elif node.op == "output":
                 outputs = [f for f in _flows(args) if f.vertices is not None]
+            elif node.op == "get_attr":
+                values[node] = self.attribute(node.target)
             elif not _flows((args, kwargs)):
                 values[node] = UNKNOWN
             elif node.op == "call_module":
@@ -211,8 +231,11 @@ class _Tracer:
                 values[node] = self.operation(node, args, kwargs)
         if not outputs:
             raise self.unsupported("the output, which no conv or linear layer produces")
-        sinks = torch.cat([f.vertices for f in outputs])
-        return ChannelGraph(self.count, torch.cat(list(self.inputs.values())), sinks[sinks >= 0], self.blocks)
+        return outputs
+
+    def attribute(self, target: str) -> object:
+        """A parameter or buffer the forward reads directly (a position embedding): no activation."""
+        return UNKNOWN
 
     def module(
         self, path: str, module: nn.Module, args: Sequence[object], kwargs: Mapping[str, object]
@@ -238,7 +261,7 @@ class _Tracer:
         if kind in ("same", "size"):
             return flow if kind == "same" else UNKNOWN
         if kind == "join":
-            return self.join([a for a in args[:2] if isinstance(a, Flow)], name)
+            return self.join(list(args[:2]), name)
         if kind == "cat":
             return self.cat(argument(0, "tensors", ()), argument(1, "dim", 0))
         if not isinstance(flow, Flow):
@@ -319,8 +342,9 @@ class _Tracer:
         source, target = pairs % self.count, outputs[pairs // self.count]
         self.blocks.append(EdgeBlock(name, source, target, summed, in_vertices, outputs, edge_of))
 
-    def join(self, flows: list[Flow], name: str) -> Flow:
+    def join(self, operands: list[object], name: str) -> Flow:
         """Two activations combined channel by channel; with one, the other operand is a constant."""
+        flows = [f for f in operands if isinstance(f, Flow)]
         if len(flows) == 1:
             return flows[0]
         first = flows[0]
@@ -436,7 +460,7 @@ class _Tracer:
 
 def channel_graph(model: nn.Module, weights: Mapping[str, torch.Tensor], mask: Mask) -> ChannelGraph:
     """Trace ``model`` and build its channel graph with edge strengths from ``weights`` masked by ``mask``."""
-    return _Tracer(model, weights, mask).trace()
+    return FlowTracer(model, weights, mask).trace()
 
 
 def graph_of(weights: Mapping[str, torch.Tensor], mask: Mask, model: nn.Module | None = None) -> ChannelGraph:

@@ -110,6 +110,18 @@ class Signature:
     def spec(self) -> qr.QrSpec:
         return qr.QrSpec(self.version, self.error, self.mask_pattern)
 
+    def region_cells(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per layer of ``masks``, the cells the claimed copies cover (whole kernels in a conv): what an
+        alignment must not fit, or the copies' match would count agreement it chose."""
+        size = self.spec.size
+        cells = {}
+        for region in self.regions:
+            if region.layer in masks:
+                covered = cells.setdefault(region.layer, torch.zeros_like(masks[region.layer], dtype=torch.bool))
+                row, col = max(region.row, 0), max(region.col, 0)
+                covered[row : row + size, col : col + size] = True
+        return cells
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ticketguard.core.errors import InputError
+from ticketguard.core.errors import InputError, shorten
 from ticketguard.core.masks import Mask
-from ticketguard.models import MODELS
+from ticketguard.models import MODELS, is_import_path
 from ticketguard.models.architecture import BN_PARAMETERS
 from ticketguard.verification.align.layout import Architecture, Layout, layout_of
 
@@ -27,6 +27,8 @@ FORMAT = "ticketguard-reference"
 VERSION = 1
 MAX_IN_CHANNELS = 1024
 MAX_CLASSES = 100_000
+MAX_CHANNELS = 1 << 16  # per layer, for a model named by import path, whose shapes only its code knows
+MAX_CELLS = 1 << 28  # per mask of such a model
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,11 @@ class KernelPrint:
 @dataclass(frozen=True, eq=False)
 class Reference:
     """What alignment needs of the owner's ticket, never its weights: the masks, a ``KernelPrint`` per conv
-    and per BatchNorm its (4, n) statistics (weight, bias, running mean, running var)."""
+    and per BatchNorm its (4, n) statistics (weight, bias, running mean, running var).
+
+    For a model named by import path the record holds a ``KernelPrint`` per conv and linear weight and no
+    BatchNorm statistics (alignment reads them from the suspect); its shapes are checked against the model
+    when alignment builds it, which needs its code trusted."""
 
     architecture: Architecture
     masks: dict[str, torch.Tensor]
@@ -60,6 +66,8 @@ class Reference:
     ) -> Reference:
         """The reference of the ticket ``weights`` x ``mask`` (the weights a thief would copy)."""
         arch = (architecture, in_channels, num_classes)
+        if architecture not in MODELS:
+            return cls._of_any_model(arch, weights, mask)
         layout = layout_of(arch)
         if {k: tuple(t.shape) for k, t in weights.items()} != {k: s for k, (s, _) in layout.state.items()}:
             raise InputError(
@@ -81,6 +89,16 @@ class Reference:
             },
         )
 
+    @classmethod
+    def _of_any_model(cls, arch: Architecture, weights: Mapping[str, torch.Tensor], mask: Mask) -> Reference:
+        mask.check_matches(weights)
+        if not len(mask):
+            raise InputError("the reference needs the ticket's mask; alignment reads channel orders from it")
+        kept = {k: t.detach().cpu().double() for k, t in weights.items() if t.is_floating_point()}
+        kept.update({k: kept[k] * mask[k].cpu() for k in mask})
+        kernels = {key: _kernel_print(t) for key, t in kept.items() if key.endswith(".weight") and t.dim() >= 2}
+        return cls(arch, {k: mask[k].cpu().bool() for k in mask}, kernels, {})
+
     def to_json(self) -> dict[str, Any]:
         name, in_channels, num_classes = self.architecture
         return {
@@ -92,6 +110,7 @@ class Reference:
             "masks": {k: {"shape": list(m.shape), "bits": _encode_bits(m)} for k, m in self.masks.items()},
             "kernels": {
                 key: {
+                    **({} if name in MODELS else {"channels": len(p.norm)}),
                     "norm": _encode_array(p.norm, "<f4"),
                     "pivot": _encode_array(p.pivot, "<i4"),
                     "pivot_value": _encode_array(p.pivot_value, "<f4"),
@@ -110,13 +129,18 @@ class Reference:
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise InputError(f"this is no {FORMAT} version {VERSION} file; write it with Reference.to_json")
         name = data.get("architecture")
-        if not isinstance(name, str) or name not in MODELS:
-            raise InputError(f"reference architecture must be one of {', '.join(MODELS)}, got {name!r}")
+        if not isinstance(name, str) or not (name in MODELS or is_import_path(name)):
+            raise InputError(
+                f"reference architecture must be one of {', '.join(MODELS)} or an import path, "
+                f"got {shorten(repr(name))}"
+            )
         arch = (
             name,
             _integer(data.get("in_channels"), 1, MAX_IN_CHANNELS, "in_channels"),
             _integer(data.get("num_classes"), 2, MAX_CLASSES, "num_classes"),
         )
+        if name not in MODELS:
+            return _any_model_from_json(arch, data)
         layout = layout_of(arch)
         masks = {}
         for key, entry in _object(data.get("masks"), "reference masks").items():
@@ -132,6 +156,39 @@ class Reference:
         return cls(
             arch, masks, _decode_kernels(data.get("kernels"), layout), _decode_batchnorms(data, layout)
         )
+
+
+def _any_model_from_json(arch: Architecture, data: dict[str, Any]) -> Reference:
+    """A reference of a model named by import path: without its code, every size is bounded by the limits
+    above, and alignment checks them against the model before using them."""
+    masks = {}
+    for key, entry in _object(data.get("masks"), "reference masks").items():
+        entry = _object(entry, f"reference mask {key!r}")
+        shape = entry.get("shape")
+        if (
+            not isinstance(shape, list) or not 2 <= len(shape) <= 5
+            or not all(type(n) is int and 1 <= n <= MAX_CHANNELS for n in shape)
+            or math.prod(shape) > MAX_CELLS
+        ):
+            raise InputError(f"reference mask {key!r} must have 2 to 5 dims of 1 to {MAX_CHANNELS} entries")
+        masks[key] = _decode_bits(entry.get("bits"), tuple(shape), f"mask {key!r}")
+    if not masks:
+        raise InputError("reference masks are empty; alignment reads channel orders from them")
+    kernels = {}
+    for key, entry in _object(data.get("kernels"), "reference kernels").items():
+        entry = _object(entry, f"reference kernel {key!r}")
+        channels = _integer(entry.get("channels"), 1, MAX_CHANNELS, f"kernel {key!r} channels")
+        print_ = KernelPrint(
+            _decode_array(entry.get("norm"), "<f4", channels, f"{key} norm"),
+            _decode_array(entry.get("pivot"), "<i4", channels, f"{key} pivot"),
+            _decode_array(entry.get("pivot_value"), "<f4", channels, f"{key} pivot_value"),
+        )
+        if (print_.norm < 0).any() or (print_.pivot < 0).any():
+            raise InputError(f"reference kernel {key!r} has a negative norm or pivot")
+        kernels[key] = print_
+    if _object(data.get("batchnorms"), "reference batchnorms"):
+        raise InputError("a reference of a model named by import path holds no BatchNorm statistics")
+    return Reference(arch, masks, kernels, {})
 
 
 def _kernel_print(kernel: torch.Tensor) -> KernelPrint:
