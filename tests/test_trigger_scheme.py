@@ -8,20 +8,27 @@ from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import FORGERY_LEVEL, Verdict
 from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.core.stats import binomial_p_value, required_matches
-from ticketguard.data import ImageData
+from ticketguard.data import ImageData, Normalization
 from ticketguard.data.triggers import keyed_trigger_set, load_trigger_folder
 from ticketguard.models import build_model
 from ticketguard.schemes.trigger import (
+    ESTIMATED_UNITS,
+    OWNER_UNITS,
     SCALE_TOLERANCE,
+    SHIFT_TOLERANCE,
+    SUSPECT_UNITS,
     SmoothedTriggerLoss,
     TriggerClaim,
+    carried_normalization,
     predict_labels,
+    trigger_accuracy,
     trigger_evidence,
     verify_local,
     verify_weights,
     watermark,
 )
 from ticketguard.training.loop import TrainConfig, train
+from ticketguard.verification.claim import load_claim
 from ticketguard.verification.verify import verify
 
 EPOCHS = 10
@@ -231,3 +238,98 @@ def test_verify_reads_the_owners_protected_copy_at_the_scale_it_expects(protecte
     assert shipped.details["input_scale"] == 1.0
     assert 255 / SCALE_TOLERANCE < scaled.details["input_scale"] < 255 * SCALE_TOLERANCE
     assert abs(scaled.details["as_labelled"]["agreed"] - shipped.details["as_labelled"]["agreed"]) <= 8
+
+
+def taking_units(
+    weights: dict[str, torch.Tensor],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    units: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The network rewritten to take pixels standardised with ``units`` (m', s') instead of (mean, std), as a
+    thief folds it in: x = (s' / s) x' + (m' - m) / s, so the stem is multiplied by s' / s per input channel,
+    and the constant the shift gives away from padding borders goes into the first BatchNorm's running
+    mean."""
+    unit_mean, unit_std = units
+    stem = weights["conv.weight"]
+    constant = (stem.sum((2, 3)) * (unit_mean - mean) / std).sum(1)
+    return {
+        **weights,
+        "conv.weight": stem * (unit_std / std).view(1, -1, 1, 1),
+        "bn.running_mean": weights["bn.running_mean"] - constant,
+    }
+
+
+RAW_PIXELS = (torch.zeros(1), torch.ones(1))
+
+
+def test_a_copy_that_takes_raw_pixels_is_read_in_its_own_units(
+    marked_and_unmarked, digits: ImageData
+) -> None:
+    """The owner's normalisation folded into the stem and the first BatchNorm: the copy classifies raw pixels
+    in [0, 1] as the original does, and misses T when fed the owner's units. The map is read off the copy,
+    for the owner's copy and an innocent alike; untouched, each reads as the identity."""
+    model, unmarked, _, trigger, result, _ = marked_and_unmarked
+    mean, std = digits.channel_stats()
+    claim = TriggerClaim.of(trigger, 10, digits.normalization(), "suspect")
+    found = {}
+    for name, suspect in (("owner", model), ("innocent", unmarked)):
+        weights = {k: v.clone() for k, v in suspect.state_dict().items()}
+        as_trained = verify_weights(weights, claim)
+        found[name] = verify_weights(taking_units(weights, mean, std, RAW_PIXELS), claim)
+        assert as_trained.details["input_units"] == OWNER_UNITS
+        assert as_trained.details["input_scale"] == 1.0 and as_trained.details["input_shift"] == [0.0]
+        estimate = as_trained.details["input_shift_estimate"][0] / as_trained.details["input_scale_estimate"]
+        assert abs(estimate) < SHIFT_TOLERANCE / 2
+        assert found[name].details["input_units"] == ESTIMATED_UNITS
+        assert found[name].details["input_scale"] == pytest.approx(float(std), rel=0.2)
+        assert found[name].details["input_shift"][0] == pytest.approx(float(mean), abs=0.1)
+    copy = build_model("resnet20", 1, 10)
+    copy.load_state_dict(taking_units(model.state_dict(), mean, std, RAW_PIXELS))
+    copy.eval()
+    answers = predict_labels(copy, digits.test_images, *RAW_PIXELS)
+    assert (answers == digits.test_labels).float().mean() > result.accuracy - 0.05
+    assert trigger_accuracy(copy, trigger, mean, std) < 0.5
+    assert found["owner"].passed and found["owner"].p_value < FORGERY_LEVEL
+    assert not found["innocent"].passed and found["innocent"].p_value > 1e-3
+
+
+def test_the_normalisation_a_suspect_file_carries_is_found_by_its_keys() -> None:
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.2, 0.2])
+    network = {"bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3), "fc.weight": torch.ones(3, 3)}
+    carried = carried_normalization({**network, "normalize.mean": mean, "normalize.std": std}, 3)
+    assert carried == Normalization(tuple(mean.tolist()), tuple(std.tolist()))
+    assert carried_normalization({**network, "pixel_mean": mean, "pixel_std": std}, 3) is not None
+    assert carried_normalization(network, 3) is None
+    assert carried_normalization({"normalize.mean": mean, "normalize.std": std}, 1) is None  # other channels
+    assert carried_normalization({"normalize.mean": mean, "normalize.std": -std}, 3) is None
+    assert carried_normalization({"a.mean": mean, "a.std": std, "b.mean": mean, "b.std": std}, 3) is None
+
+
+def test_verify_feeds_a_repackaged_copy_in_the_units_it_carries_and_sets_a_decoy_aside(
+    protected_owner,
+) -> None:
+    """The protected ticket under ``net.`` beside a normalisation: rewritten to take pixels standardised with
+    mean and std 0.5, it is fed in those units; untouched beside a claim that it takes raw pixels (a decoy its
+    BatchNorm statistics contradict), it is fed in the owner's."""
+    ticket, claim, _ = protected_owner
+    mean, std = load_claim(claim).trigger.normalization.tensors()
+    shipped = next(e for e in verify(ticket.weights, claim).evidence if e.name == "trigger")
+    half = (torch.tensor([0.5]), torch.tensor([0.5]))
+    found = {}
+    for name, network, (carried_mean, carried_std) in (
+        ("carried", taking_units(ticket.weights, mean, std, half), half),
+        ("decoy", ticket.weights, RAW_PIXELS),
+    ):
+        repackaged = {
+            **{f"net.{n}": t for n, t in network.items()},
+            "normalize.mean": carried_mean,
+            "normalize.std": carried_std,
+            "temperature": torch.tensor(1.5),
+        }
+        found[name] = next(e for e in verify(repackaged, claim).evidence if e.name == "trigger")
+        details = found[name].details
+        assert details["suspect_normalization"] == {"mean": carried_mean.tolist(), "std": carried_std.tolist()}
+        assert abs(details["as_labelled"]["agreed"] - shipped.details["as_labelled"]["agreed"]) <= 8
+    assert found["carried"].details["input_units"] == SUSPECT_UNITS
+    assert found["decoy"].details["input_units"] == OWNER_UNITS

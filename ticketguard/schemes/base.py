@@ -47,6 +47,9 @@ class VerifyContext:
     observed: dict[str, torch.Tensor] | None = None
     """per masked layer, the cells whose channels a structurally pruned suspect still has (the others are
     unknown, not empty); None when it has every channel"""
+    beside_network: dict[str, torch.Tensor] | None = None
+    """the suspect's tensors that alignment left out of its network (a repackaged copy's baked-in
+    normalisation, a temperature); None when it was not aligned"""
 
 
 class ClaimScheme(Protocol[Section]):

@@ -9,7 +9,7 @@ saw T agrees this often, and the decision at the false-claim rate alpha.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,61 +210,175 @@ def verify_local(
     num_classes: int,
     chance_model: str = "suspect",
     alpha: float = DEFAULT_ALPHA,
+    suspect_normalization: Normalization | None = None,
 ) -> Evidence:
-    """The black-box check run in process on weights, no HTTP, at the input scale the suspect expects
-    (``expected_input_scale``), which the details report."""
-    scale, estimate = expected_input_scale(model, trigger.images, mean, std)
-    found = trigger_evidence(
-        predict_labels(model, trigger.images, mean, std / scale), trigger.labels, num_classes, chance_model, alpha
-    )
-    return replace(found, details={**found.details, "input_scale": scale, "input_scale_estimate": estimate})
+    """The black-box check run in process on weights, no HTTP, in the units the suspect's network expects
+    (``input_units``), which the details report. ``mean``, ``std``: the owner's normalisation;
+    ``suspect_normalization``: the one the suspect says its network takes, if it says."""
+    (unit_mean, unit_std), report = input_units(model, trigger.images, mean, std, suspect_normalization)
+    predicted = predict_labels(model, trigger.images, unit_mean, unit_std)
+    found = trigger_evidence(predicted, trigger.labels, num_classes, chance_model, alpha)
+    return replace(found, details={**found.details, **report})
 
 
-SCALE_PROBE_IMAGES = 256  # enough for per-channel variances, and bounded however large T is
+MAP_PROBE_IMAGES = 256  # enough for per-channel moments, and bounded however large T is
 SCALE_TOLERANCE = 4.0
-"""Estimated scales within this factor of 1 read as 1. On trained digits ResNet-20s the estimate of an unscaled
-model lay within 0.8-1.2 (keyed, Adi's and noise images), but a model trained for 4 steps, whose BatchNorm still
-holds mostly its initial statistics, read 2.5: a thief's scale is corrected from a factor of 4 on (pixels in
-0-255 where the owner used 0-1 is 255)."""
+"""Estimated scales within this factor of a candidate's read as it (``InputMap.distance``). On trained digits
+ResNet-20s the estimate of an unscaled model lay within 0.8-1.2 (keyed, Adi's, noise and digits images) and
+1.7-2.3 after one epoch, but models trained for a few steps, whose BatchNorm still holds mostly its initial
+statistics, read 2.5-3.6: a thief's scale alone is corrected from a factor of 4 on (pixels in 0-255 where the
+owner used 0-1 is 255)."""
+SHIFT_TOLERANCE = 0.4
+"""Estimated shifts within this many standard deviations of the suspect's inputs of a candidate's read as it.
+Untouched models read within 0.13 of 0 (digits ResNet-20s trained for a few steps to 10 epochs, with and
+without a trigger set; keyed, Adi's and digits images) and within 0.19 (CIFAR ResNet-20s, 1 and 5 epochs on
+400 images); copies that take raw pixels in [0, 1] read 0.8 on digits (mean / std = 0.81) and 1.0-1.6 on
+CIFAR (about 2)."""
+SHIFT_RCOND = 0.05
+"""Input channels whose constant images the stem answers alike (singular values of the response below this
+share of the largest) are not told apart: they share their shift, the least-squares solution of least norm."""
+
+OWNER_UNITS = "the owner's normalisation"
+SUSPECT_UNITS = "the suspect's own normalisation"
+ESTIMATED_UNITS = "estimated from the suspect's stem and first BatchNorm"
+
+
+@dataclass(frozen=True)
+class InputMap:
+    """x' = scale * x + shift per input channel: the inputs a network expects, x being an image standardised
+    with the owner's normalisation (the identity for the owner's own network)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    @classmethod
+    def identity(cls, channels: int) -> InputMap:
+        return cls(torch.ones(channels), torch.zeros(channels))
+
+    @classmethod
+    def between(cls, mean: torch.Tensor, std: torch.Tensor, units: Normalization) -> InputMap:
+        """The map from the owner's normalisation (``mean``, ``std``) to ``units``: for pixels p,
+        (p - m') / s' = (s / s') x + (m - m') / s'."""
+        unit_mean, unit_std = units.tensors()
+        return cls(std / unit_std, (mean - unit_mean) / unit_std)
+
+    def normalization(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and std that standardise pixels p straight into this map's units:
+        a (p - m) / s + b = (p - (m - b s / a)) / (s / a)."""
+        return mean - self.shift * std / self.scale, std / self.scale
+
+    def distance(self, candidate: InputMap) -> float:
+        """How far ``candidate`` lies from this estimate in tolerances: the largest over channels of the scale
+        ratio's |log| over log SCALE_TOLERANCE and the means' offset, in standard deviations of the inputs
+        this map expects, over SHIFT_TOLERANCE. Within 1 the estimate reads as the candidate."""
+        ratio = (candidate.scale / self.scale).log().abs() / math.log(SCALE_TOLERANCE)
+        offset = ((candidate.shift - self.shift) / self.scale).abs() / SHIFT_TOLERANCE
+        return float(torch.maximum(ratio, offset).max())
+
+
+def input_units(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    suspect_normalization: Normalization | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
+    """The mean and std that bring T's pixels to the units the suspect's network expects, and what to report.
+
+    The candidates are the suspect's own normalisation, where it names one, and the owner's. The one nearest
+    the map the network's own statistics give (``expected_input_map``) is used where the estimate reads as it,
+    else the estimated map itself; the suspect's wins a tie, and a network without BatchNorm statistics is fed
+    in its units. So a normalisation shipped beside a network trained on other inputs (a decoy) is set aside.
+    """
+    mean, std = mean.cpu().float(), std.cpu().float()
+    estimate = expected_input_map(model, images, mean, std)
+    candidates: dict[str, InputMap] = {}
+    if suspect_normalization is not None:
+        candidates[SUSPECT_UNITS] = InputMap.between(mean, std, suspect_normalization)
+    candidates[OWNER_UNITS] = InputMap.identity(mean.numel())
+    chosen = next(iter(candidates))
+    if estimate is not None:
+        distances = {name: estimate.distance(fed) for name, fed in candidates.items()}
+        chosen = min(distances, key=distances.__getitem__)
+        if distances[chosen] > 1:
+            chosen, candidates[ESTIMATED_UNITS] = ESTIMATED_UNITS, estimate
+    used = candidates[chosen]
+    report: dict[str, Any] = {
+        "input_units": chosen,
+        "input_scale": float(used.scale.median()),  # channels differ only in a suspect's own normalisation
+        "input_shift": used.shift.tolist(),
+        "input_scale_estimate": None if estimate is None else float(estimate.scale.median()),
+        "input_shift_estimate": None if estimate is None else estimate.shift.tolist(),
+    }
+    if suspect_normalization is not None:
+        report["suspect_normalization"] = suspect_normalization.to_json()
+    return used.normalization(mean, std), report
 
 
 @torch.inference_mode()
-def expected_input_scale(
+def expected_input_map(
     model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
-) -> tuple[float, float | None]:
-    """The factor s by which the suspect expects its inputs scaled, from its own stem and first BatchNorm
-    (the scale used, and the estimate; None where the model records no BatchNorm statistics).
+) -> InputMap | None:
+    """The map x' = a x + b from owner-standardised images to the inputs the suspect expects, read off its
+    stem and first BatchNorm; None where the model records no BatchNorm statistics.
 
-    A thief can multiply his inputs by s and divide the stem by s: the copy computes the same function on
-    his inputs, and standardised inputs reach it s times too small. The first BatchNorm's running variance
-    records what the stem gave on the thief's inputs. Inputs standardised with the owner's statistics have
-    mean 0 and variance 1 per channel, so the trigger images, brought to the same two moments, are sent
-    through the stem, and s is the median over channels of sqrt(running variance / variance seen). The
-    estimate uses the images and the suspect only, never T's labels, so the test's null is unchanged.
+    A thief can feed other units (pixels in 0-255, raw pixels in 0-1) and fold the change into the network:
+    the stem divided by a, the mean shift (a constant per stem channel away from padding borders) added to the
+    first BatchNorm's running mean. That BatchNorm recorded what the stem gave on the thief's inputs, and the
+    stem up to it is linear. Inputs standardised with the owner's statistics have mean 0 and variance 1 per
+    channel, so the trigger images, brought to the same two moments (z), are sent through the stem with a
+    zero image and one unit constant image per channel (e_c):
+
+    - a, one factor shared by every channel: the median over stem channels o of sqrt(running variance_o /
+      Var stem(z)_o). Per channel it would rest on the cross-channel correlations of the thief's data, which
+      T's images do not share;
+    - b, per channel: running mean_o - mean stem(a z)_o = sum_c b_c (stem(e_c) - stem(0))_o, solved by least
+      squares over the stem channels (``SHIFT_RCOND``). The response to e_c is read at the centre of the
+      stem's output, where no padding reaches, as a thief folds the shift in. On digits copies that take raw
+      pixels (the shift folded in so, or the BatchNorm recalibrated on raw pixels) it read the shift as
+      0.27-0.35 (true 0.31) where the mean over positions read 0.33-0.41, and the watermarked copy's trigger
+      agreement rose from 0.56-0.77 to 0.81-0.93 (0.90-0.92 fed raw pixels exactly).
+
+    The estimate uses the images and the suspect only, never T's labels, so the test's null is unchanged.
     """
     device = next(model.parameters()).device
-    probe = normalize(images[:SCALE_PROBE_IMAGES].to(device), mean.to(device), std.to(device))
+    probe = normalize(images[:MAP_PROBE_IMAGES].to(device), mean.to(device), std.to(device))
     probe = (probe - probe.mean((0, 2, 3), keepdim=True)) / probe.std((0, 2, 3), keepdim=True).clamp_min(1e-12)
+    count, channels = probe.shape[:2]
+    constants = torch.cat([torch.zeros(1, channels, device=device), torch.eye(channels, device=device)])
+    constant_images = constants[..., None, None].expand(-1, -1, *probe.shape[2:])  # 0, then e_c per channel
+    found = _first_batchnorm_input(model, torch.cat([probe, constant_images]))
+    if found is None:
+        return None
+    norm, stem = found
+    at_zero, row, column = stem[count], stem.shape[2] // 2, stem.shape[3] // 2  # no padding reaches the centre
+    to_probe, to_units = stem[:count] - at_zero, stem[count + 1 :, :, row, column] - at_zero[:, row, column]
+    variance = to_probe.var(dim=(0, 2, 3))
+    running_mean, running_var = norm.running_mean.float(), norm.running_var.float()
+    alive = (variance > 0) & (running_var > 0)
+    if not alive.any():
+        return None
+    scale = (running_var[alive] / variance[alive]).sqrt().median()
+    response = scale * to_probe.mean((0, 2, 3)) + at_zero.mean((1, 2))
+    shift = torch.linalg.pinv(to_units[:, alive].T, rtol=SHIFT_RCOND) @ (running_mean - response)[alive]
+    return InputMap(scale.expand(channels).cpu(), shift.cpu())
+
+
+def _first_batchnorm_input(
+    model: nn.Module, inputs: torch.Tensor
+) -> tuple[nn.BatchNorm2d, torch.Tensor] | None:
+    """The first BatchNorm with running statistics that ``inputs`` reach in eval mode, and what reaches it."""
     seen: list[tuple[nn.BatchNorm2d, torch.Tensor]] = []
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
-    hooks = [m.register_forward_pre_hook(lambda m, inputs: seen.append((m, inputs[0]))) for m in norms]
+    hooks = [m.register_forward_pre_hook(lambda m, given: seen.append((m, given[0]))) for m in norms]
     was_training = model.training
     try:
-        model.eval()(probe)
+        model.eval()(inputs)
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    if not seen:
-        return 1.0, None
-    norm, stem = seen[0]
-    variance = stem.float().var(dim=(0, 2, 3))
-    alive = (variance > 0) & (norm.running_var > 0)
-    if not alive.any():
-        return 1.0, None
-    estimate = float((norm.running_var[alive].float() / variance[alive]).sqrt().median())
-    scale = 1.0 if 1 / SCALE_TOLERANCE <= estimate <= SCALE_TOLERANCE else estimate
-    return scale, estimate
+    return (seen[0][0], seen[0][1].float()) if seen else None
 
 
 def trigger_order_seed(config: TrainConfig) -> int:
@@ -556,10 +670,12 @@ def verify_weights(
     folder: str | Path | None = None,
     device: torch.device | str | None = None,
     architecture: str | None = None,
+    beside_network: Mapping[str, torch.Tensor] | None = None,
 ) -> Evidence:
     """The black-box check on bare weights: rebuild the suspect (as ``architecture`` when the caller names it)
     and ask it for the trigger labels; ``recorded`` is the suspect's own normalisation when it is a ticket
-    folder."""
+    folder, ``beside_network`` the tensors a suspect file holds beside its network
+    (``carried_normalization``)."""
     named = None
     if architecture is not None:
         accept_model_name(architecture)
@@ -581,8 +697,31 @@ def verify_weights(
     mean, std = normalization.tensors()
     model = model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
     return verify_local(
-        model, trigger.to(next(model.parameters()).device), mean, std, classes, claim.chance_model, alpha
+        model, trigger.to(next(model.parameters()).device), mean, std, classes, claim.chance_model, alpha,
+        carried_normalization(beside_network or {}, channels),
     )
+
+
+def carried_normalization(tensors: Mapping[str, torch.Tensor], channels: int) -> Normalization | None:
+    """The normalisation a repackaged copy ships beside its network (``normalize.mean`` and ``normalize.std``,
+    ``pixel_mean`` and ``pixel_std``...): the one pair of 1-D float tensors of length ``channels`` whose keys
+    differ only in ending in ``mean`` or ``std``, the means finite and the stds positive; None for no such
+    pair or for several, which would leave the units in doubt."""
+    pairs = [
+        (mean, tensors[key.removesuffix("mean") + "std"])
+        for key, mean in tensors.items()
+        if key.endswith("mean") and key.removesuffix("mean") + "std" in tensors
+    ]
+    found = [
+        (mean.double(), std.double())
+        for mean, std in pairs
+        if all(t.is_floating_point() and t.shape == (channels,) for t in (mean, std))
+        and bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all())
+    ]
+    if len(found) != 1:
+        return None
+    mean, std = found[0]
+    return Normalization(tuple(mean.tolist()), tuple(std.tolist()))
 
 
 class TriggerScheme:
@@ -605,7 +744,7 @@ class TriggerScheme:
         """Run the suspect's weights in process on T (``verify_weights``)."""
         found = verify_weights(
             context.weights, section, context.normalization, context.alpha, context.trigger_folder,
-            context.device, context.model,
+            context.device, context.model, context.beside_network,
         )
         return judged_against_forgery(found, section.source.get("kind", ""), context.alpha, context.trusted_time)
 

@@ -87,7 +87,7 @@ def verify(
     weights, readable = _read_on_own_terms(loaded, claim, unavailable, details, observed)
     context = VerifyContext(
         weights, readable, loaded.normalization, alpha, stamped is not None, device, model, trigger_folder,
-        qr_image, observed or None,
+        qr_image, observed or None, _beside_network(loaded, details),
     )
     for key, scheme in SCHEMES.items():
         if sections[key] is None:
@@ -167,7 +167,8 @@ def _read_on_own_terms(
     weights = loaded.weights
     if claim.reference is not None:
         try:
-            alignment = align(loaded, claim.reference)
+            held_out = {} if claim.signature is None else claim.signature.region_cells(claim.reference.masks)
+            alignment = align(loaded, claim.reference, held_out)
         except AlignmentError as err:
             unavailable.append(
                 Unavailable("alignment", f"the suspect cannot be put in the reference's form: {err}")
@@ -191,6 +192,15 @@ def _read_on_own_terms(
         return weights, defended(weights, claim.defence.threshold)
     details["reading"] = {"rule": "every non-zero weight"}
     return weights, weights
+
+
+def _beside_network(loaded: Suspect, details: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The suspect's tensors that alignment did not read as layers of the reference: what a repackaged copy
+    ships beside its network. None when it was not aligned, as then nothing tells network from extras."""
+    if "alignment" not in details:
+        return None
+    layers = set(details["alignment"]["layers"].values())
+    return {name: tensor for name, tensor in loaded.weights.items() if name not in layers}
 
 
 def as_suspect(suspect: SuspectLike) -> Suspect:
