@@ -132,8 +132,9 @@ def _recover_permutations(
     held_out: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], int, bool]:
     """Per symmetry, the suspect channel for each reference channel: linear assignment on the disagreement
-    of kept patterns with the reference mask, the other channel axes in the reference's order where known,
-    summed over them where not yet (the first round), until no order changes."""
+    of kept patterns with the reference mask, the other channel axes in the reference's order where known
+    (by the last round's estimate when they belong to the same symmetry, as a layer inside a residual stream
+    reads and writes it), summed over them where not yet (the first round), until no order changes."""
     kept, owned = {}, {}
     for key, mask in reference.masks.items():
         fitted = (
@@ -201,13 +202,13 @@ def _axis_cost(
     known = True
     for dim in range(min(ref.dim(), 2)):
         owner = owners.get((axis.key, dim))
-        if dim == axis.dim or owner is None or owner == symmetry.name:
+        if dim == axis.dim or owner is None:
             continue
         if perms[owner] is None:
             ref, sus, known = ref.sum(dim, keepdim=True), sus.sum(dim, keepdim=True), False
     if known:
-        others = [s for s in symmetries if s.name != symmetry.name and perms[s.name] is not None]
-        sus = _reordered(sus, axis.key, axis.dim, others, perms)
+        ordered = [s for s in symmetries if perms[s.name] is not None]
+        sus = _reordered(sus, axis.key, axis.dim, ordered, perms)
     ref, sus = _features(ref, axis), _features(sus, axis)
     if known:
         return (ref.sum(1)[:, None] + sus.sum(1)[None, :] - 2 * ref @ sus.T).double()
