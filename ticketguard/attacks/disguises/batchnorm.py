@@ -21,6 +21,7 @@ from ticketguard.models.architecture import (
     exact_architecture,
     probe,
 )
+from ticketguard.models.symmetries import batchnorm_reading
 
 
 def _scales(size: int, spread: float, factor: float | None, generator: torch.Generator) -> torch.Tensor:
@@ -33,22 +34,13 @@ def _scales(size: int, spread: float, factor: float | None, generator: torch.Gen
 def _rescaled_bn(
     weights: Weights, conv: str, bn: str, scale: torch.Tensor, eps: float
 ) -> dict[str, torch.Tensor]:
-    """The entries for which BN'(s·x) == BN(x) in eval mode: mean s·mu, var s²·var and
-    gamma' = gamma·sqrt(s²·var + eps) / (s·sqrt(var + eps)).
-
-    Scaling mean and var alone would be exact only without eps, which is no state_dict entry; the gamma
-    term absorbs it, so every entry stays plausible (var >= 0) and the result is exact up to float rounding.
-    """
-    kernel, mean, var, gamma = (
-        weights[k].double()
-        for k in (f"{conv}.weight", f"{bn}.running_mean", f"{bn}.running_var", f"{bn}.weight")
-    )
-    new_var = var * scale**2
+    """The conv's output channels scaled by s and the BatchNorm entries for which BN'(s·x) == BN(x) in eval
+    mode (``batchnorm_reading``: its gamma absorbs eps, so every entry stays plausible and the result is exact
+    up to float rounding)."""
+    entries = {f"{bn}.{k}": weights[f"{bn}.{k}"].double() for k in ("weight", "running_mean", "running_var")}
     return {
-        f"{conv}.weight": kernel * scale.view(-1, 1, 1, 1),
-        f"{bn}.running_mean": mean * scale,
-        f"{bn}.running_var": new_var,
-        f"{bn}.weight": gamma * torch.sqrt(new_var + eps) / (scale * torch.sqrt(var + eps)),
+        f"{conv}.weight": weights[f"{conv}.weight"].double() * scale.view(-1, 1, 1, 1),
+        **batchnorm_reading(entries, bn, eps, scale),
     }
 
 

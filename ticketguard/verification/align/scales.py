@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ticketguard.models.symmetries import batchnorm_reading
 from ticketguard.verification.align.layout import AlignmentError, Layout, Weights
 from ticketguard.verification.align.reference import KernelPrint, Reference
 
@@ -47,15 +48,9 @@ def canonicalise(
 
 
 def _unscaled_batchnorm(tensors: Weights, bn: str, s: torch.Tensor, eps: float) -> Weights:
-    """BN'(y) = BN(s y): mean mu/s, var var/s^2 and gamma' = gamma s sqrt(var/s^2 + eps) / sqrt(var + eps),
-    exact with eps (the inverse of disguises.rescale)."""
-    gamma, mean, var = (tensors[f"{bn}.{e}"] for e in ("weight", "running_mean", "running_var"))
-    new_var = var / s**2
-    return {
-        f"{bn}.weight": gamma * s * torch.sqrt(new_var + eps) / torch.sqrt(var + eps),
-        f"{bn}.running_mean": mean / s,
-        f"{bn}.running_var": new_var,
-    }
+    """BN'(y) = BN(s y): the BatchNorm that reads the kernel's output in units s times smaller, exact with eps
+    (the inverse of disguises.rescale)."""
+    return batchnorm_reading(tensors, bn, eps, 1 / s)
 
 
 def _rebuilt_batchnorm(
