@@ -347,17 +347,22 @@ class FlowTracer:
         flows = [f for f in operands if isinstance(f, Flow)]
         if len(flows) == 1:
             return flows[0]
+        rank = self.joined_rank(flows, name)
+        outputs = self.fresh(flows[0].vertices.numel())
+        in_vertices = torch.stack([f.vertices for f in flows], 1)
+        self.connect(None, in_vertices, outputs, torch.ones(in_vertices.shape, dtype=torch.float64))
+        return Flow(outputs, flows[0].axis, rank)
+
+    def joined_rank(self, flows: list[Flow], name: str) -> int | None:
+        """The rank of activations joined channel by channel; unsupported unless their channels line up."""
         first = flows[0]
         if any(f.vertices is None for f in flows):
             raise self.unsupported(f"operation {name} on the model input before a layer reads it")
         channels = first.vertices.numel()
         if any(f.vertices.numel() != channels or f.axis != first.axis or f.spread for f in flows):
             raise self.unsupported(f"operation {name} of activations whose channels do not line up")
-        outputs = self.fresh(channels)
-        in_vertices = torch.stack([f.vertices for f in flows], 1)
-        self.connect(None, in_vertices, outputs, torch.ones(in_vertices.shape, dtype=torch.float64))
         ranks = [f.rank for f in flows]
-        return Flow(outputs, first.axis, None if None in ranks else max(ranks))
+        return None if None in ranks else max(ranks)
 
     def cat(self, tensors: Sequence[object], dim: object) -> Flow:
         flows = [t for t in tensors if isinstance(t, Flow)]

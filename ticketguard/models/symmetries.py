@@ -201,13 +201,10 @@ class _SymmetryTracer(FlowTracer):
             for constant in (c for c in operands if isinstance(c, _Constant)):
                 self.constant(constant, flow)
             return replace(flow, homogeneous=flow.homogeneous and name in SCALING_JOINS, written_by=None)
-        joined = super().join(flows, name)  # checks that the channels line up; its fresh space stays empty
+        rank = self.joined_rank(flows, name)
         for other in flows[1:]:
             self.unite(flows[0].vertices, other.vertices)
-        return Flow(flows[0].vertices, joined.axis, joined.rank, homogeneous=False)
-
-    def connect(self, name, in_vertices, outputs, strength) -> None:
-        """Joins reuse their first operand's channels, so no edge is kept (and no fresh space made)."""
+        return Flow(flows[0].vertices, flows[0].axis, rank, homogeneous=False)
 
     def constant(self, constant: _Constant, flow: Flow) -> None:
         """A tensor added to or multiplied into an activation indexes its channels where it is not
@@ -386,8 +383,11 @@ def scale_channels(weights: Mapping[str, torch.Tensor], symmetry: Symmetry, scal
         raise ValueError(f"the channels of {symmetry.name} cannot be rescaled without changing the function")
     result = dict(weights)
     for axis in symmetry.axes:
-        factor = scale if axis.role == "writes" else 1 / scale if axis.role == "reads" else None
-        if factor is None or (axis.role == "reads" and symmetry.scaling == "batchnorm"):
+        if axis.role == "writes":
+            factor = scale
+        elif axis.role == "reads" and symmetry.scaling == "relu":
+            factor = 1 / scale
+        else:
             continue
         tensor = result[axis.key]
         per_position = torch.ones(tensor.shape[axis.dim], dtype=tensor.dtype)

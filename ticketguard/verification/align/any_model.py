@@ -30,6 +30,7 @@ from ticketguard.models.symmetries import (
     scale_channels,
 )
 from ticketguard.verification.align.layout import AlignmentError, Architecture, Weights
+from ticketguard.verification.align.permutations import pattern_disagreement
 from ticketguard.verification.align.reference import KernelPrint, Reference
 from ticketguard.verification.align.scales import channel_scales
 from ticketguard.verification.align.structure import wrapper_prefix
@@ -209,10 +210,7 @@ def _axis_cost(
     if known:
         ordered = [s for s in symmetries if perms[s.name] is not None]
         sus = _reordered(sus, axis.key, axis.dim, ordered, perms)
-    ref, sus = _features(ref, axis), _features(sus, axis)
-    if known:
-        return (ref.sum(1)[:, None] + sus.sum(1)[None, :] - 2 * ref @ sus.T).double()
-    return torch.cdist(ref, sus, p=1).double()
+    return pattern_disagreement(_features(ref, axis), _features(sus, axis), known)
 
 
 def _reordered(

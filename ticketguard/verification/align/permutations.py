@@ -127,10 +127,15 @@ def _axis_cost(
             sus = take_channels(sus, other, perms[group])
         else:
             ref, sus = ref.sum(other, keepdim=True), sus.sum(other, keepdim=True)
-    ref, sus = ref.movedim(dim, 0).flatten(1), sus.movedim(dim, 0).flatten(1)
-    if known:
-        return (ref.sum(1)[:, None] + sus.sum(1)[None, :] - 2 * ref @ sus.T).double()
-    return torch.cdist(ref, sus, p=1).double()
+    return pattern_disagreement(ref.movedim(dim, 0).flatten(1), sus.movedim(dim, 0).flatten(1), known)
+
+
+def pattern_disagreement(reference: torch.Tensor, suspect: torch.Tensor, ordered: bool) -> torch.Tensor:
+    """(reference rows, suspect rows) disagreement of 0/1 patterns: the Hamming distance when their columns
+    are in the same order, else the L1 distance of the counts they hold (columns summed where unordered)."""
+    if ordered:
+        return (reference.sum(1)[:, None] + suspect.sum(1)[None, :] - 2 * reference @ suspect.T).double()
+    return torch.cdist(reference, suspect, p=1).double()
 
 
 def _empty_channel_cost(
