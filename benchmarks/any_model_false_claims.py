@@ -1,8 +1,9 @@
 """Models named by import path (the test zoo's CNN, MLP and transformer encoder) against one owner's claim per
 architecture: the owner's protected ticket and independently trained tickets of the same architecture, each
-permuted and rescaled along every channel symmetry its traced forward shows, then verified. Prints per
-architecture the owner's copies (verdict and p-values) and the innocents' false claims with the smallest
-p-value per piece of evidence; writes every row to OUT/rows.json.
+as it is, pruned to half its weights, with every zero filled with 1e-8 and fine-tuned for 2 epochs, then
+permuted and rescaled along every channel symmetry its traced forward shows, and verified. Prints per
+architecture and variant the owner's copy (verdict and p-values) and the innocents' false claims with the
+smallest p-value per piece of evidence; writes every row to OUT/rows.json.
 
     OMP_NUM_THREADS=2 nice -n 5 python benchmarks/any_model_false_claims.py --seeds 10 \\
         --out benchmarks/results/any-model-false-claims
@@ -23,28 +24,54 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the zoo lives with the tests
 
-from ticketguard import (  # noqa: E402
+from ticketguard import (
     SearchConfig,
     TrainConfig,
     TriggerConfig,
+    attack,
     find_extreme_ticket,
     keyed_trigger_for,
     load_subset,
     protect,
     trust_model_code,
 )
-from ticketguard.cli.output import console  # noqa: E402
-from ticketguard.core.files import atomic_path  # noqa: E402
-from ticketguard.models import build_model  # noqa: E402
-from ticketguard.models.symmetries import channel_symmetries, permute_channels, scale_channels  # noqa: E402
-from ticketguard.verification.verify import verify  # noqa: E402
+from ticketguard.cli.output import console
+from ticketguard.core.files import atomic_path
+from ticketguard.models import build_model
+from ticketguard.models.symmetries import channel_symmetries, permute_channels, scale_channels
+from ticketguard.verification.verify import verify
 
 ARCHITECTURES = ("tests.zoo:small_cnn", "tests.zoo:mlp", "tests.zoo:tiny_transformer")
+VARIANTS = ("as trained", "pruned to half", "zeros filled with 1e-8", "fine-tuned 2 epochs")
+FILL = 1e-8
+
+
+def variant(
+    weights: dict[str, torch.Tensor], mask, name: str, data, architecture: str
+) -> dict[str, torch.Tensor]:
+    """The ticket's weights as a thief (or an innocent's own later training) might leave them."""
+    if name == "pruned to half":
+        return attack(weights, mask, "magnitude:fraction=0.5")[0]
+    if name == "zeros filled with 1e-8":
+        return {
+            k: torch.where(t == 0, torch.full_like(t, FILL), t) if k in mask else t
+            for k, t in weights.items()
+        }
+    if name == "fine-tuned 2 epochs":
+        return attack(weights, mask, "finetune:epochs=2", data=data, architecture=architecture)[0]
+    return dict(weights)
 
 
 def quick_ticket(architecture: str, data, seed: int, workdir: Path):
-    config = SearchConfig(model=architecture, ratios=(0.5,), max_rounds=1, rewind_epoch=1, decide_on="test",
-                          validation_fraction=0.0, train=TrainConfig(epochs=4, seed=seed))
+    config = SearchConfig(
+        model=architecture,
+        ratios=(0.5,),
+        max_rounds=1,
+        rewind_epoch=1,
+        decide_on="test",
+        validation_fraction=0.0,
+        train=TrainConfig(epochs=4, seed=seed),
+    )
     return find_extreme_ticket(data, config, workdir)
 
 
@@ -62,10 +89,11 @@ def disguised(weights: dict[str, torch.Tensor], architecture: str, seed: int) ->
     return moved
 
 
-def row(architecture: str, who: str, seed: int, verdict) -> dict:
+def row(architecture: str, who: str, kind: str, seed: int, verdict) -> dict:
     return {
         "architecture": architecture,
         "who": who,
+        "variant": kind,
         "seed": seed,
         "owned": verdict.owned,
         "p_values": {e.name: e.p_value for e in verdict.evidence},
@@ -88,15 +116,24 @@ def main() -> None:
             owner = quick_ticket(architecture, data, 0, Path(folder) / architecture / "owner")
             trigger = TriggerConfig(keyed_trigger_for(owner, 9))
             protected = protect(owner, data, signature="ACME", trigger=trigger)
-            for seed in (0, 1):
-                copy = disguised(dict(protected.ticket.weights), architecture, seed)
-                rows.append(row(architecture, "owner", seed, verify(copy, protected.claim, model=architecture)))
+            owned = protected.ticket
+            for kind in VARIANTS:
+                copy = disguised(
+                    variant(dict(owned.weights), owned.mask, kind, data, architecture), architecture, 0
+                )
+                verdict = verify(copy, protected.claim, model=architecture)
+                rows.append(row(architecture, "owner", kind, 0, verdict))
             for seed in range(1, args.seeds + 1):
                 innocent = quick_ticket(architecture, data, seed, Path(folder) / architecture / f"seed{seed}")
-                weights = {k: t * innocent.mask[k] if k in innocent.mask else t
-                           for k, t in innocent.weights.items()}
-                copy = disguised(weights, architecture, seed)
-                rows.append(row(architecture, "innocent", seed, verify(copy, protected.claim, model=architecture)))
+                weights = {
+                    k: t * innocent.mask[k] if k in innocent.mask else t for k, t in innocent.weights.items()
+                }
+                for kind in VARIANTS:
+                    copy = disguised(
+                        variant(weights, innocent.mask, kind, data, architecture), architecture, seed
+                    )
+                    verdict = verify(copy, protected.claim, model=architecture)
+                    rows.append(row(architecture, "innocent", kind, seed, verdict))
             report(architecture, [r for r in rows if r["architecture"] == architecture])
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "rows.json") as path:
@@ -104,19 +141,22 @@ def main() -> None:
 
 
 def report(architecture: str, rows: list[dict]) -> None:
-    owners = [r for r in rows if r["who"] == "owner"]
-    innocents = [r for r in rows if r["who"] == "innocent"]
-    for r in owners:
-        p_values = ", ".join(f"{k} {v:.2g}" for k, v in r["p_values"].items() if v is not None)
-        console.print(f"{architecture} owner's copy (seed {r['seed']}): owned={r['owned']} ({p_values})")
-    smallest = {}
-    for r in innocents:
-        for name, p in r["p_values"].items():
-            if p is not None:
-                smallest[name] = min(p, smallest.get(name, 1.0))
-    claims = sum(r["owned"] for r in innocents)
-    shown = ", ".join(f"{k} {v:.3g}" for k, v in smallest.items())
-    console.print(f"{architecture} innocents: {claims} false claims in {len(innocents)}; smallest p: {shown}")
+    for kind in VARIANTS:
+        owners = [r for r in rows if r["who"] == "owner" and r["variant"] == kind]
+        innocents = [r for r in rows if r["who"] == "innocent" and r["variant"] == kind]
+        for r in owners:
+            p_values = ", ".join(f"{k} {v:.2g}" for k, v in r["p_values"].items() if v is not None)
+            console.print(f"{architecture}, {kind}: owner's copy owned={r['owned']} ({p_values})")
+        smallest = {}
+        for r in innocents:
+            for name, p in r["p_values"].items():
+                if p is not None:
+                    smallest[name] = min(p, smallest.get(name, 1.0))
+        claims = sum(r["owned"] for r in innocents)
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in smallest.items())
+        console.print(
+            f"{architecture}, {kind}: {claims} false claims in {len(innocents)}; smallest p: {shown}"
+        )
 
 
 if __name__ == "__main__":
