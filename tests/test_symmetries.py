@@ -4,6 +4,7 @@ units, and shows ownership; an independent model of the same architecture does n
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 import ticketguard
 from ticketguard import Claim
 from ticketguard.artifacts.suspect import Suspect
+from ticketguard.cli import main
 from ticketguard.core.errors import InputError
+from ticketguard.core.files import save_tensors
 from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
 from ticketguard.models import build_model, spec
 from ticketguard.models.architecture import permutation_groups
@@ -116,7 +119,9 @@ def test_alignment_puts_a_disguised_copy_back_in_the_owners_order_and_units(arch
     for seed in range(4):  # a layer inside the CNN's residual stream reads and writes the same symmetry
         copy = {f"net.{k}": t for k, t in disguised(weights, symmetries, seed).items()}
         alignment = align(Suspect(copy, Mask({}), None, "copy"), reference)
-        assert alignment.report["mean_overlap"] == 1.0 and alignment.report["structure"] == "names under 'net.'"
+        assert (
+            alignment.report["mean_overlap"] == 1.0 and alignment.report["structure"] == "names under 'net.'"
+        )
         assert sum(alignment.report["permuted"].values()) > 0
         for key, tensor in weights.items():
             if tensor.is_floating_point() and "running" not in key:
@@ -144,8 +149,28 @@ def test_a_model_named_by_import_path_is_aligned_only_with_its_code_trusted() ->
     weights, mask = protected("tests.zoo:mlp", 0)
     reference = Reference.of("tests.zoo:mlp", 1, 10, weights, mask)
     spec.forget_trusted_code()
-    with pytest.raises(AlignmentError, match="trust"):
+    with pytest.raises(AlignmentError, match="verify --model tests.zoo:mlp"):
         align(Suspect(weights, Mask({}), None, "copy"), reference)
+
+
+def test_verify_aligns_a_model_it_is_told_to_import_and_says_how_when_it_is_not(tmp_path, capsys) -> None:
+    weights, mask = dense("tests.zoo:mlp", 0)
+    signed, signature, _ = embed_signature(mask, weights, weights, "ACME")
+    owned = pruned(weights, signed)
+    claim = Claim(signature, {}, reference=Reference.of("tests.zoo:mlp", 1, 10, owned, signed))
+    claim_path = tmp_path / "claim.json"
+    claim_path.write_text(json.dumps(claim.to_json()))
+    save_tensors(
+        tmp_path / "copy.safetensors",
+        disguised(owned, channel_symmetries(build_model("tests.zoo:mlp", 1, 10)), 4),
+    )
+    spec.forget_trusted_code()
+    arguments = ["verify", str(tmp_path / "copy.safetensors"), "--claim", str(claim_path), "--json"]
+    assert main(arguments) == 1  # the claim's name alone imports nothing, and the permuted copy is not read
+    report = json.loads(capsys.readouterr().out)
+    assert any("verify --model tests.zoo:mlp" in u["reason"] for u in report["unavailable"])
+    assert main([*arguments, "--model", "tests.zoo:mlp"]) == 0
+    assert json.loads(capsys.readouterr().out)["owned"]
 
 
 def test_a_hostile_reference_of_a_model_named_by_import_path_is_refused_before_allocating() -> None:

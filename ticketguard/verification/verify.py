@@ -20,6 +20,7 @@ from ticketguard.artifacts.ticket import Ticket
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import DEFAULT_ALPHA, Evidence, Unavailable, Verdict, check_alpha
 from ticketguard.data import ImageData
+from ticketguard.models import accept_model_name
 from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import trigger as v3
 from ticketguard.schemes.base import SCHEMES, VerifyContext
@@ -57,13 +58,15 @@ def verify(
 
     ``public_key``: the claim must be signed with it. ``trigger_folder``: where a folder trigger set is now.
     ``qr_image``: also write the extracted QR code beside the expected one (PNG). ``model``: the suspect's
-    architecture by import path, for the trigger check on weights of a model that is not built in (the caller
-    names that code, so it is imported). ``commitment``: the claim must match this published digest
+    architecture by import path, for alignment and the trigger check on weights of a model that is not built
+    in (the caller names that code, so it is imported; a name read from the claim never is). ``commitment``: the claim must match this published digest
     (``ticketguard.verification.claim.commitment``). ``tsa_certificate``: the PEM of the time-stamping authority the caller
     trusts; with it the claim's RFC 3161 token is checked, and evidence a forger could search after the fact
     (trigger seeds or labels, payloads) counts at alpha against copies first published after that time.
     """
     check_alpha(alpha)
+    if model is not None:
+        accept_model_name(model)
     claim = claim if isinstance(claim, Claim) else load_claim(claim)
     signed = check_signature(claim, public_key)
     if commitment is not None:

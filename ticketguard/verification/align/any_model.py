@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ticketguard.artifacts.suspect import Suspect
-from ticketguard.core.errors import InputError
+from ticketguard.core.errors import InputError, shorten
 from ticketguard.models import build_model
 from ticketguard.models.spec import is_trusted
 from ticketguard.models.symmetries import (
@@ -43,11 +43,15 @@ State = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 def _structure(architecture: Architecture) -> tuple[State, tuple[Symmetry, ...]]:
-    """The model's state_dict shapes and its channel symmetries; only for code the caller trusts, asked on
+    """The model's state_dict shapes and its channel symmetries; only for code the caller named, asked on
     every call (what was built under an earlier trust is not reused without it)."""
+    name = architecture[0]
+    if not is_trusted(name):
+        raise AlignmentError(
+            f"the reference names the model {shorten(name, 80)!r} by import path, which is imported only when "
+            f"you name it: verify --model {shorten(name, 80)} (from Python: verify(..., model=...))"
+        )
     try:
-        if not is_trusted(architecture[0]):
-            build_model(*architecture)  # raises the error that says how to trust it
         return _built_structure(architecture)
     except InputError as err:
         raise AlignmentError(str(err)) from err
