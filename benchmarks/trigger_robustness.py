@@ -1,5 +1,6 @@
 """Scheme V3 on digits: accuracy cost of the watermark, and trigger accuracy after pruning, fine-tuning (SGD and
-Adam) and the free disguises of the trigger check (relabelled classes, inputs scaled by 255).
+Adam) and the free disguises of the trigger check (relabelled classes, inputs scaled by 255, normalisation
+folded into the network).
 
     OMP_NUM_THREADS=1 python benchmarks/trigger_robustness.py --settings default,default:0.05,8 --seeds 3 \
         --innocents 3 \
@@ -14,9 +15,10 @@ SmoothedTriggerLoss``; 0, none, unless given). The
 marked ticket is then attacked as in the paper's Table 5 (one-shot global magnitude pruning of 5/10/20/50 % of
 the remaining weights; fine-tuning with SGD on the training data without the trigger set) and as a thief with
 Adam would (``--adam-epochs`` at ``--adam-lr``, once with the mask kept and once dense, every weight free), and
-disguised: its classifier rows permuted, and its stem divided by 255 (the copy expects inputs 255 times larger).
+disguised: its classifier rows permuted, its stem divided by 255 (the copy expects inputs 255 times larger), and
+the normalisation folded into its stem and first BatchNorm (the copy takes raw pixels in [0, 1]).
 Each row gives test accuracy, the agreement on T of the reading that decided (as labelled, or under the best
-relabelling), the p-value (both readings and the relabelling search in the null) and the input scale read off
+relabelling), the p-value (both readings and the relabelling search in the null) and the input scale and shift read off
 the suspect. ``--innocents`` more tickets trained from other seeds without T give the agreement of models that
 never saw it.
 """
@@ -34,6 +36,7 @@ import torch
 from rich.table import Table
 
 from ticketguard.artifacts.ticket import Ticket
+from ticketguard.attacks.disguises import take_other_units
 from ticketguard.attacks.removal import fine_tuning
 from ticketguard.cli.output import console
 from ticketguard.core.evidence import FORGERY_LEVEL
@@ -63,6 +66,7 @@ def _row(name: str, model: torch.nn.Module, data: ImageData, trigger: TriggerSet
         "as_labelled": evidence.details["as_labelled"]["agreed"] / len(trigger),
         "relabelled": evidence.details["relabelled"],
         "input_scale": evidence.details["input_scale"],
+        "input_shift": evidence.details["input_shift"],
         "p_value": evidence.p_value,
         "owned": evidence.passed,
         "owned_at_forgery_level": evidence.p_value <= FORGERY_LEVEL,
@@ -82,13 +86,17 @@ def _loaded(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.n
     return attacked
 
 
-def _disguised(model: torch.nn.Module, how: str) -> torch.nn.Module:
-    """The same function under another face: classifier rows permuted, or a stem that expects inputs x255."""
+def _disguised(model: torch.nn.Module, how: str, data: ImageData) -> torch.nn.Module:
+    """The same function under another face: classifier rows permuted, a stem that expects inputs x255, or
+    the normalisation folded into the stem and its BatchNorm (the copy takes raw pixels in [0, 1])."""
     weights = state_copy(model)
     if how == "relabel":
         weights["fc.weight"], weights["fc.bias"] = weights["fc.weight"][RELABELLING], weights["fc.bias"][RELABELLING]
-    else:
+    elif how == "x255":
         weights["conv.weight"] = weights["conv.weight"] / 255
+    else:
+        channels = data.channel_stats()[0].numel()
+        weights = take_other_units(weights, *data.channel_stats(), (torch.zeros(channels), torch.ones(channels)))
     return _loaded(model, weights)
 
 
@@ -107,9 +115,10 @@ def _attacks(marked: torch.nn.Module, mask: Mask, data: ImageData, args: argpars
     return attacked
 
 
-def _disguises(marked: torch.nn.Module) -> list:
+def _disguises(marked: torch.nn.Module, data: ImageData) -> list:
     """(name, disguised model): the same function as the marked ticket under another face."""
-    return [("classes relabelled", _disguised(marked, "relabel")), ("inputs x255", _disguised(marked, "x255"))]
+    faces = {"classes relabelled": "relabel", "inputs x255": "x255", "takes raw pixels": "raw"}
+    return [(name, _disguised(marked, how, data)) for name, how in faces.items()]
 
 
 def _experiment(
@@ -129,7 +138,7 @@ def _experiment(
     rows = [plain, _row("marked", marked, data, trigger)]
     rows += [_row(name, model, data, trigger) for name, model in _attacks(marked, ticket.mask, data, args)]
     # a disguise computes the marked ticket's function on the thief's inputs and labels: its accuracy is the same
-    rows += [{**_row(name, model, data, trigger), "accuracy": rows[1]["accuracy"]} for name, model in _disguises(marked)]
+    rows += [{**_row(name, model, data, trigger), "accuracy": rows[1]["accuracy"]} for name, model in _disguises(marked, data)]
     done = {"trigger": kind, "setting": setting, "images_per_batch": images, "weight_noise": weight_noise,
             "seed": seed}
     return [{**done, "watermark_seconds": seconds, **row} for row in rows]
@@ -151,7 +160,7 @@ def _innocents(ticket: Ticket, data: ImageData, triggers: dict[str, TriggerSet],
 def _table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
     for column in ("trigger", "per batch", "noise", "seed", "model", "test acc", "trigger acc (as labelled)",
-                   "scale", "p-value", "owned"):
+                   "scale", "shift", "p-value", "owned"):
         table.add_column(column, justify="right")
     for row in rows:
         agreement = f"{100 * row['trigger_accuracy']:.0f} %" + (" relabelled" if row["relabelled"] else "")
@@ -159,7 +168,7 @@ def _table(rows: list[dict], title: str) -> Table:
             row["trigger"], str(row.get("images_per_batch", "-")), str(row.get("weight_noise", "-")),
             str(row["seed"]), row["model"],
             f"{100 * row['accuracy']:.2f} %", f"{agreement} ({100 * row['as_labelled']:.0f} %)",
-            f"{row['input_scale']:.0f}", f"{row['p_value']:.1e}",
+            f"{row['input_scale']:.3g}", " ".join(f"{b:.2g}" for b in row["input_shift"]), f"{row['p_value']:.1e}",
             "yes" if row["owned_at_forgery_level"] else ("at alpha" if row["owned"] else "no"),
         )
     return table

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ticketguard.attacks.disguises import take_other_units
 from ticketguard.attacks.removal import fine_tuning
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import FORGERY_LEVEL, Verdict
@@ -240,26 +241,6 @@ def test_verify_reads_the_owners_protected_copy_at_the_scale_it_expects(protecte
     assert abs(scaled.details["as_labelled"]["agreed"] - shipped.details["as_labelled"]["agreed"]) <= 8
 
 
-def taking_units(
-    weights: dict[str, torch.Tensor],
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    units: tuple[torch.Tensor, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """The network rewritten to take pixels standardised with ``units`` (m', s') instead of (mean, std), as a
-    thief folds it in: x = (s' / s) x' + (m' - m) / s, so the stem is multiplied by s' / s per input channel,
-    and the constant the shift gives away from padding borders goes into the first BatchNorm's running
-    mean."""
-    unit_mean, unit_std = units
-    stem = weights["conv.weight"]
-    constant = (stem.sum((2, 3)) * (unit_mean - mean) / std).sum(1)
-    return {
-        **weights,
-        "conv.weight": stem * (unit_std / std).view(1, -1, 1, 1),
-        "bn.running_mean": weights["bn.running_mean"] - constant,
-    }
-
-
 RAW_PIXELS = (torch.zeros(1), torch.ones(1))
 
 
@@ -276,7 +257,7 @@ def test_a_copy_that_takes_raw_pixels_is_read_in_its_own_units(
     for name, suspect in (("owner", model), ("innocent", unmarked)):
         weights = {k: v.clone() for k, v in suspect.state_dict().items()}
         as_trained = verify_weights(weights, claim)
-        found[name] = verify_weights(taking_units(weights, mean, std, RAW_PIXELS), claim)
+        found[name] = verify_weights(take_other_units(weights, mean, std, RAW_PIXELS), claim)
         assert as_trained.details["input_units"] == OWNER_UNITS
         assert as_trained.details["input_scale"] == 1.0 and as_trained.details["input_shift"] == [0.0]
         estimate = as_trained.details["input_shift_estimate"][0] / as_trained.details["input_scale_estimate"]
@@ -285,7 +266,7 @@ def test_a_copy_that_takes_raw_pixels_is_read_in_its_own_units(
         assert found[name].details["input_scale"] == pytest.approx(float(std), rel=0.2)
         assert found[name].details["input_shift"][0] == pytest.approx(float(mean), abs=0.1)
     copy = build_model("resnet20", 1, 10)
-    copy.load_state_dict(taking_units(model.state_dict(), mean, std, RAW_PIXELS))
+    copy.load_state_dict(take_other_units(model.state_dict(), mean, std, RAW_PIXELS))
     copy.eval()
     answers = predict_labels(copy, digits.test_images, *RAW_PIXELS)
     assert (answers == digits.test_labels).float().mean() > result.accuracy - 0.05
@@ -318,7 +299,7 @@ def test_verify_feeds_a_repackaged_copy_in_the_units_it_carries_and_sets_a_decoy
     half = (torch.tensor([0.5]), torch.tensor([0.5]))
     found = {}
     for name, network, (carried_mean, carried_std) in (
-        ("carried", taking_units(ticket.weights, mean, std, half), half),
+        ("carried", take_other_units(ticket.weights, mean, std, half), half),
         ("decoy", ticket.weights, RAW_PIXELS),
     ):
         repackaged = {

@@ -10,6 +10,8 @@ In eval mode the disguised network computes the same logits as the original, up 
 - ``rescale`` multiplies conv output channels by positive scales that the next BatchNorm undoes exactly;
 - ``fold-bn`` folds every BatchNorm into its conv (a BN-free network: run it with ``build_disguised``);
 - ``rename`` renames and reorders the keys;
+- ``take_other_units`` (not in the registry: it needs the owner's normalisation) bakes other input units
+  into the stem and its BatchNorm;
 - ``widen`` adds dummy and split hidden channels (run it with ``build_disguised``).
 
 ``permute``, ``rescale``, ``fold-bn`` and ``widen`` read the structure from the registered architecture, so
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ticketguard.attacks.disguises.batchnorm import fold_bn, rescale
+from ticketguard.attacks.disguises.batchnorm import fold_bn, rescale, take_other_units
 from ticketguard.attacks.disguises.channels import permute, widen
 from ticketguard.attacks.disguises.names import rename
 from ticketguard.attacks.disguises.onnx_export import export_onnx
@@ -70,6 +72,7 @@ __all__ = [
     "permute",
     "rename",
     "rescale",
+    "take_other_units",
     "torchvision_names",
     "widen",
 ]

@@ -110,3 +110,25 @@ def fold_bn(weights: Mapping[str, torch.Tensor], mask: Mask) -> tuple[Weights, M
         elif key not in dropped:
             result[key] = tensor
     return result, mask
+
+
+def take_other_units(
+    weights: Mapping[str, torch.Tensor],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    units: tuple[torch.Tensor, torch.Tensor],
+) -> Weights:
+    """The network rewritten to take inputs standardised with ``units`` (m', s') instead of the owner's
+    (``mean``, ``std``), as a thief bakes his own input pipeline (raw pixels: m' = 0, s' = 1) into a copy:
+    x = (s' / s) x' + (m' - m) / s, so the stem is multiplied by s' / s per input channel, and the constant the
+    shift adds away from padding borders goes into the first BatchNorm's running mean. The same function on
+    the new inputs, up to the stem's padding borders."""
+    stem, bn = conv_bn_pairs(probe(exact_architecture(weights, "taking other input units")))[0]
+    unit_mean, unit_std = units
+    kernel = weights[f"{stem}.weight"]
+    constant = (kernel.sum((2, 3)) * (unit_mean - mean) / std).sum(1)
+    return {
+        **weights,
+        f"{stem}.weight": kernel * (unit_std / std).view(1, -1, 1, 1),
+        f"{bn}.running_mean": weights[f"{bn}.running_mean"] - constant,
+    }
