@@ -28,6 +28,7 @@ from ticketguard.data import ImageData
 from ticketguard.data.augment import crop_and_flip, normalize
 from ticketguard.training import distributed
 from ticketguard.training.fixed_mask import keep_mask
+from ticketguard.training.host_memory import keep_freed_memory
 
 EVAL_BATCH_SIZE = 1024
 
@@ -245,6 +246,8 @@ def train(
             f"flip_tta averages over mirror images, but {data.name} is not trained with flips; drop flip_tta"
         )
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()
     model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     # SGD is elementwise: pruned gradients and momentum never reach a kept weight, so re-zeroing suffices
