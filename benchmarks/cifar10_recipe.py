@@ -142,7 +142,7 @@ def plot(png: Path, curves: list[Path]) -> None:
         log = read_json(path)
         epochs = [r["epoch"] for r in log["epochs"]]
         key = "test_accuracy_flip_tta" if log["config"]["flip_tta"] else "test_accuracy"
-        label = f"{log['recipe']} ({'flip TTA' if log['config']['flip_tta'] else 'no TTA'})"
+        label = f"{log['recipe']}, peak lr {log['config']['lr']} ({'flip TTA' if log['config']['flip_tta'] else 'no TTA'})"
         if not log["finished"]:
             label += f", {len(epochs)} of {log['config']['epochs']} epochs so far"
         axis.plot(epochs, [100 * r[key] for r in log["epochs"]], marker="o", markersize=3, label=label)
