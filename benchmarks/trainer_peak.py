@@ -128,7 +128,9 @@ def main() -> None:
     for round_index in range(args.rounds):
         for name in VARIANTS:
             command = [sys.executable, __file__, "--variant", name, *sys.argv[1:]]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, check=False, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"error: the {name!r} measurement failed:\n{done.stderr[-2000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["ratio"] = result["images_per_second"] * flops / 1e9 / result["sgemm"]
             results[name].append(result)
