@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     """One variant in this process (the heap setting is process-wide): sgemm first, then the trainer."""
     variant = VARIANTS[args.variant]
     if not variant["keep_freed_memory"]:
-        loop.keep_freed_memory = lambda: False
+        loop.keep_freed_memory = lambda _device: False
     data = load_image_folder(args.data_dir, "cifar10", per_class=args.per_class)
     config = replace(recipe(args.recipe, args.epochs), compile=bool(variant["compile"]))
     peak = sgemm_gflops()

@@ -29,7 +29,7 @@ def faults_per_step() -> float:
 
 faults_per_step()
 glibc_default = faults_per_step()
-applied = keep_freed_memory()
+applied = keep_freed_memory(torch.device("cpu"))
 faults_per_step()
 print(applied, glibc_default, faults_per_step())
 """

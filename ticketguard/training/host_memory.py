@@ -20,6 +20,8 @@ import ctypes.util
 import functools
 import sys
 
+import torch
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 LARGEST_HEAP_BLOCK = 32 * 1024 * 1024
@@ -28,10 +30,15 @@ KEPT_FREE = 1024 * 1024 * 1024
 """Free memory at the top of the heap that glibc keeps instead of returning it to the system."""
 
 
+def keep_freed_memory(device: torch.device) -> bool:
+    """For work on ``device``: where it is the CPU, make glibc serve blocks up to 32 MiB from its heap and keep
+    up to 1 GiB of freed memory. True where that took effect (a CPU, Linux with glibc), False elsewhere."""
+    return device.type == "cpu" and _raise_heap_thresholds()
+
+
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Make glibc serve blocks up to 32 MiB from its heap and keep up to 1 GiB of freed memory; True where
-    that took effect (Linux with glibc), False elsewhere. Applied once per process."""
+def _raise_heap_thresholds() -> bool:
+    """The ``mallopt`` calls, once per process."""
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")

@@ -173,9 +173,8 @@ def predict_logits(
     statistics; with ``flip_tta`` the mean of the logits of each image and its horizontal mirror."""
     device = next(model.parameters()).device
     mean, std = mean.to(device), std.to(device)
+    keep_freed_memory(device)
     batch_size = EVAL_BATCH_SIZE["cpu" if device.type == "cpu" else "other"]
-    if device.type == "cpu":
-        keep_freed_memory()
     was_training = model.training
     model.eval()
     logits = []
@@ -252,8 +251,7 @@ def train(
             f"flip_tta averages over mirror images, but {data.name} is not trained with flips; drop flip_tta"
         )
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     # SGD is elementwise: pruned gradients and momentum never reach a kept weight, so re-zeroing suffices
