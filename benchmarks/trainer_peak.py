@@ -1,13 +1,17 @@
 """How close the trainer runs to the machine's limit: training FLOP/s against one large sgemm, same run.
 
-Each variant runs in a fresh process (the heap setting it compares is process-wide) that times, at the same
-thread count and in this order, a 1024x1024 fp32 matrix product (the peak a dense kernel reaches on this
-machine now) and then whole epochs of ``training.loop.train`` on real CIFAR-10 JPEG images. The training FLOPs
-of one image (forward and backward, counted by ``torch.utils.flop_counter``) times the images per second gives
-the trainer's FLOP/s; its ratio to the same process's sgemm is the figure of merit, so that a machine that is
-slower or busier today moves both alike. Variants: the eager trainer with glibc's heap as it comes (the trainer
-before ``training.host_memory``, the baseline), the eager trainer now, and the compiled one. Rounds interleave
-the variants; medians are printed. ``--profile ROWS`` adds where the eager trainer spends its time, by operator.
+Each variant runs in a fresh process (the heap setting it compares is process-wide) at the same thread
+count, timing whole epochs of ``training.loop.train`` on real CIFAR-10 JPEG images with a 1024x1024 fp32
+matrix product (the peak a dense kernel reaches on this machine now) timed between every two epochs. The
+training FLOPs of one image (forward and backward, counted by ``torch.utils.flop_counter``) times the images
+per second of an epoch gives the trainer's FLOP/s; its ratio to the mean of the sgemm timed just before and
+just after that epoch is the figure of merit, so that a machine that is slower or busier for a while moves
+both alike. Variants: the eager trainer with glibc's heap as it comes (the trainer before
+``training.host_memory``, the baseline), the eager trainer now, the compiled one, and the convolutions
+alone: every convolution and the classifier of the model, forward and backward at the trainer's shapes and
+batch, with nothing between them, the bound the trainer would reach if BatchNorm, ReLU, the data and the
+optimiser cost nothing. Rounds interleave the variants; medians are printed. ``--profile ROWS`` adds where
+the eager trainer spends its time, by operator.
 
     python benchmarks/trainer_peak.py --threads 2 --rounds 3
 """
@@ -15,6 +19,7 @@ the variants; medians are printed. ``--profile ROWS`` adds where the eager train
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import resource
@@ -22,11 +27,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ticketguard.core.errors import InputError
@@ -39,9 +47,10 @@ from ticketguard.training.recipes import recipe
 
 CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
 SGEMM_SIZE = 1024
+SGEMM_SECONDS = 1.0
 
 
-def sgemm_gflops(size: int = SGEMM_SIZE, seconds: float = 2.0) -> float:
+def sgemm_gflops(size: int = SGEMM_SIZE, seconds: float = SGEMM_SECONDS) -> float:
     """fp32 GFLOP/s of repeated size x size products for about ``seconds``."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
@@ -62,39 +71,96 @@ def training_flops_per_image(model_name: str, data: ImageData, batch: int) -> fl
     return counter.get_total_flops() / batch
 
 
-def images_per_second(model_name: str, data: ImageData, config: TrainConfig) -> tuple[float, float]:
-    """Training images per second of ``train`` over the epochs after the first (warm-up, compilation), and
-    the minor page faults per training step over the same epochs."""
-    ends: list[tuple[float, int]] = []
+def _bracketed(timed: Sequence[float], peaks: Sequence[float], flops: float) -> list[float]:
+    """Each timed interval's FLOP/s (``flops`` per interval) against the mean sgemm before and after it."""
+    brackets = zip(timed, peaks, peaks[1:])
+    return [flops / seconds / 1e9 / ((before + after) / 2) for seconds, before, after in brackets]
+
+
+def trainer_ratios(
+    model_name: str, data: ImageData, config: TrainConfig, flops: float
+) -> tuple[list[float], float, float]:
+    """Per epoch after the first (warm-up, compilation): training FLOP/s against the bracketing sgemm; with
+    the median images per second and minor page faults per training step over those epochs."""
+    marks: list[tuple[float, float, int]] = []  # (sgemm started, sgemm ended, page faults) after each epoch
 
     def clock(_epoch: int, _model: torch.nn.Module) -> dict[str, float]:
-        ends.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
+        started = time.perf_counter()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        peaks.append(sgemm_gflops())
+        marks.append((started, time.perf_counter(), faults))
         return {}
 
+    peaks: list[float] = []
     train(build_model(model_name, data.input_shape[0], data.num_classes), data, config, epoch_hook=clock)
-    (first, faults_first), (last, faults_last) = ends[0], ends[-1]
-    steps = math.ceil(data.train_labels.numel() / config.batch_size) * (len(ends) - 1)
-    return data.train_labels.numel() * (len(ends) - 1) / (last - first), (faults_last - faults_first) / steps
+    images = data.train_labels.numel()
+    seconds = [start - previous_end for (_, previous_end, _), (start, _, _) in itertools.pairwise(marks)]
+    steps = math.ceil(images / config.batch_size) * (len(marks) - 1)
+    faults = (marks[-1][2] - marks[0][2]) / steps
+    return _bracketed(seconds, peaks, flops * images), images / statistics.median(seconds), faults
+
+
+def convolution_ratios(
+    model_name: str, data: ImageData, batch: int, repeats: int
+) -> tuple[list[float], float]:
+    """The convolutions and classifier alone, forward and backward at the trainer's shapes (inputs captured
+    from one training-mode forward pass, channels-last as the trainer runs), timed ``repeats`` times between
+    sgemm timings; with the images per second they would allow."""
+    model = build_model(model_name, data.input_shape[0], data.num_classes)
+    model.to(memory_format=torch.channels_last)
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    inputs: dict[nn.Module, torch.Tensor] = {}
+
+    def keep_input(layer: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        inputs[layer] = args[0].detach()
+
+    hooks = [layer.register_forward_hook(keep_input) for layer in layers]
+    model(torch.randn(batch, *data.input_shape).contiguous(memory_format=torch.channels_last))
+    for hook in hooks:
+        hook.remove()
+    pairs = [(layer, inputs[layer].requires_grad_(index > 0)) for index, layer in enumerate(layers)]
+    grads = [torch.randn_like(layer(x)) for layer, x in pairs]
+
+    def once() -> None:
+        for (layer, x), grad in zip(pairs, grads):
+            layer(x).backward(grad)
+
+    once()  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        once()
+    peaks, seconds = [sgemm_gflops()], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(10):
+            once()
+        seconds.append((time.perf_counter() - started) / 10)
+        peaks.append(sgemm_gflops())
+    return _bracketed(seconds, peaks, counter.get_total_flops()), batch / statistics.median(seconds)
 
 
 VARIANTS = {
     "eager, heap as glibc sets it": {"compile": False, "keep_freed_memory": False},
     "eager": {"compile": False, "keep_freed_memory": True},
     "compiled": {"compile": True, "keep_freed_memory": True},
+    "convolutions alone": {"compile": False, "keep_freed_memory": True},
 }
 """The first is the trainer before ``training.host_memory``: glibc maps and unmaps every activation."""
 
 
-def measure(args: argparse.Namespace) -> dict[str, float]:
-    """One variant in this process (the heap setting is process-wide): sgemm first, then the trainer."""
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One variant in this process (the heap setting is process-wide)."""
     variant = VARIANTS[args.variant]
     if not variant["keep_freed_memory"]:
         loop.keep_freed_memory = lambda _device: False
     data = load_image_folder(args.data_dir, "cifar10", per_class=args.per_class)
     config = replace(recipe(args.recipe, args.epochs), compile=bool(variant["compile"]))
-    peak = sgemm_gflops()
-    speed, faults = images_per_second(args.model, data, config)
-    return {"sgemm": peak, "images_per_second": speed, "faults_per_step": faults}
+    flops = training_flops_per_image(args.model, data, config.batch_size)
+    if args.variant == "convolutions alone":
+        loop.keep_freed_memory(torch.device("cpu"))
+        ratios, speed = convolution_ratios(args.model, data, config.batch_size, args.epochs)
+        return {"ratios": ratios, "images_per_second": speed, "faults_per_step": float("nan")}
+    ratios, speed, faults = trainer_ratios(args.model, data, config, flops)
+    return {"ratios": ratios, "images_per_second": speed, "faults_per_step": faults}
 
 
 def main() -> None:
@@ -132,24 +198,25 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(f"error: the {name!r} measurement failed:\n{done.stderr[-2000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            result["ratio"] = result["images_per_second"] * flops / 1e9 / result["sgemm"]
+            result["ratio"] = statistics.median(result["ratios"])
             results[name].append(result)
-            print(f"round {round_index + 1} {name}: sgemm {result['sgemm']:.1f} GFLOP/s, "
-                  f"{result['images_per_second']:.0f} images/s = "
-                  f"{result['images_per_second'] * flops / 1e9:.1f} GFLOP/s ({result['ratio']:.2f} of sgemm), "
+            print(f"round {round_index + 1} {name}: {result['images_per_second']:.0f} images/s, "
+                  f"{' '.join(f'{r:.2f}' for r in result['ratios'])} of the bracketing sgemm, "
                   f"{result['faults_per_step']:.0f} page faults a step", flush=True)
     baseline = statistics.median(r["images_per_second"] for r in results[next(iter(VARIANTS))])
     for name, rows in results.items():
         speed = statistics.median(r["images_per_second"] for r in rows)
+        ratios = [ratio for r in rows for ratio in r["ratios"]]
         print(f"median {name}: {speed:.0f} images/s ({speed / baseline:.2f}x the first), "
-              f"{statistics.median(r['ratio'] for r in rows):.2f} of the same process's sgemm "
-              f"({statistics.median(r['sgemm'] for r in rows):.1f} GFLOP/s), "
+              f"{statistics.median(ratios):.2f} of the bracketing sgemm (quartiles "
+              f"{' - '.join(f'{q:.2f}' for q in statistics.quantiles(ratios, n=4)[::2])}, "
+              f"{len(ratios)} timings), "
               f"{statistics.median(r['faults_per_step'] for r in rows):.0f} page faults a step")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            images_per_second(args.model, data, config)
+            trainer_ratios(args.model, data, config, flops)
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
 
 
