@@ -7,6 +7,9 @@ Recipes (``RECIPES``), both at ``--epochs`` (default 30):
 - ``paper``: the paper's recipe (step decay x0.1 at 50 % and 75 %, lr 0.1, wd 1e-4 everywhere, batch 128)
   cut to the same number of epochs.
 
+``--set FIELD=VALUE`` changes one setting of the recipe (``TrainConfig``'s fields; repeatable) for trying a
+variant before it becomes a recipe; the changes are recorded in epochs.json.
+
 Every epoch appends to ``OUT/epochs.json`` (test accuracy with and without flip TTA, lr, seconds) and saves
 ``OUT/checkpoint.pt``; run the same command again after a kill and it resumes from the last finished epoch.
 The checkpoint is removed when the run ends. ``--plot PNG`` draws the curves of finished or running recipes
@@ -26,7 +29,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +97,38 @@ class EpochLog:
         write_json(self.path, {**self.header, "finished": finished, "epochs": self.records})
 
 
+def parse_changes(pairs: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` settings of ``TrainConfig`` that a run changes in its recipe, typed like the field."""
+    kinds = {f.name: type(f.default) for f in fields(TrainConfig)}
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        if name not in kinds or kinds[name] not in (bool, int, float, str) or not text:
+            settable = ", ".join(n for n, kind in kinds.items() if kind in (bool, int, float, str))
+            raise InputError(f"--set takes FIELD=VALUE with FIELD one of {settable}; got {pair!r}")
+        if kinds[name] is bool:
+            if text not in ("true", "false"):
+                raise InputError(f"--set {name} takes true or false, got {text!r}")
+            changes[name] = text == "true"
+            continue
+        try:
+            changes[name] = kinds[name](text)
+        except ValueError:
+            raise InputError(f"--set {name} takes a {kinds[name].__name__}, got {text!r}") from None
+    return changes
+
+
 def run(args: argparse.Namespace) -> None:
-    config = RECIPES[args.recipe](args.epochs, args.seed)
-    out = Path(args.out or f"runs/cifar10-recipe/{args.recipe}")
+    changes = parse_changes(args.set)
+    config = replace(RECIPES[args.recipe](args.epochs, args.seed), **changes)
+    suffix = "".join(f"-{name}={value}" for name, value in changes.items())
+    out = Path(args.out or f"runs/cifar10-recipe/{args.recipe}{suffix}")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     header = {
-        "recipe": args.recipe, "model": "resnet20", "data": str(args.data_dir),
+        "recipe": args.recipe, "changes": changes, "model": "resnet20", "data": str(args.data_dir),
         "config": json.loads(json.dumps(asdict(config))),  # as epochs.json holds it: lists, not tuples
         "device": str(device), "threads": torch.get_num_threads(),
     }
@@ -142,7 +168,9 @@ def plot(png: Path, curves: list[Path]) -> None:
         log = read_json(path)
         epochs = [r["epoch"] for r in log["epochs"]]
         key = "test_accuracy_flip_tta" if log["config"]["flip_tta"] else "test_accuracy"
-        label = f"{log['recipe']}, peak lr {log['config']['lr']} ({'flip TTA' if log['config']['flip_tta'] else 'no TTA'})"
+        config = log["config"]
+        label = (f"{log['recipe']}, peak lr {config['lr']}, batch {config['batch_size']} "
+                 f"({'flip TTA' if config['flip_tta'] else 'no TTA'})")
         if not log["finished"]:
             label += f", {len(epochs)} of {log['config']['epochs']} epochs so far"
         axis.plot(epochs, [100 * r[key] for r in log["epochs"]], marker="o", markersize=3, label=label)
@@ -161,6 +189,8 @@ def main() -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="fast", help="the recipe (see above)")
     parser.add_argument("--epochs", type=int, default=30, help="training length in epochs")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order, crops")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one training setting of the recipe (repeatable), e.g. batch_size=64")
     parser.add_argument("--data-dir", type=Path, default=CIFAR10_JPEG,
                         help="CIFAR-10: python batches, or a train/ test/ image folder (folder or .tar.gz)")
     parser.add_argument("--out", default=None, help="output folder (default runs/cifar10-recipe/RECIPE)")
