@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import trained_ticket
+from rich.progress import Progress
 
 from ticketguard.cli import main
+from ticketguard.data import ImageData
+from ticketguard.experiments import demo
+from ticketguard.protect import protect
+from ticketguard.training.loop import TrainConfig
 
 
 def test_demo_writes_report_with_paper_comparison_and_figures(tmp_path: Path, capsys) -> None:
@@ -44,3 +54,33 @@ def test_demo_writes_report_with_paper_comparison_and_figures(tmp_path: Path, ca
 def test_demo_refuses_too_few_epochs(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path), "--epochs", "1"]) == 2
     assert "epochs" in capsys.readouterr().err
+
+
+def test_the_signature_only_training_is_stored_and_not_repeated_on_the_same_inputs(
+    digits: ImageData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """V2 alone is trained only to measure its cost; a rerun (after a kill, or from a committed campaign) reuses
+    the stored numbers for the same ticket and settings, and trains again when the settings change."""
+    data = digits.subset(30, 10, 0)
+    ticket = trained_ticket(data, seed=3, density=0.5)
+    trained: list[bool] = []  # one entry per protect() training: does it carry a trigger set (V3)?
+
+    def counting_protect(*args: Any, **kwargs: Any) -> Any:
+        trained.append(kwargs.get("trigger") is not None)
+        return protect(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "protect", counting_protect)
+
+    def numbers(epochs: int) -> dict[str, Any]:
+        config = TrainConfig(epochs=epochs, seed=0)
+        return demo.protect_demo(ticket, data, demo.DEMO, config, torch.device("cpu"), Progress(disable=True),
+                                 tmp_path)[2]
+
+    first = numbers(1)
+    assert trained == [False, True]
+    again = numbers(1)
+    assert trained == [False, True, True]
+    assert (again["v2_accuracy"], again["unmarked_trigger_accuracy"]) == (
+        first["v2_accuracy"], first["unmarked_trigger_accuracy"])
+    numbers(2)
+    assert trained == [False, True, True, False, True]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from ticketguard.core.masks import load_mask
 from ticketguard.experiments import reproduce
 
 TINY = ["--data", "digits", "--scale", "0.2", "--epochs", "3"]
+CAMPAIGN = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cifar10-resnet20"
 
 
 def test_reproduce_writes_every_table_beside_the_papers_numbers(tmp_path: Path, capsys) -> None:
@@ -101,7 +103,8 @@ def _campaign(out: Path) -> list[str]:
 @pytest.mark.slow
 def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(tmp_path: Path) -> None:
     """kill -9 during the dense training of the CPU preset (run small): the same command goes on from the last
-    finished epoch and ends where an uninterrupted run ends."""
+    finished epoch and ends where an uninterrupted run ends; so does a copy of the folder elsewhere without what
+    the committed campaign leaves out (the per-epoch checkpoints), as a fresh clone would have it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     subprocess.run(_campaign(reference), check=True, capture_output=True, env=env, timeout=600)
@@ -115,8 +118,15 @@ def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(
     process.wait()
     assert list((resumed / "search").rglob("*.pt")), "the kill must land after an epoch was saved"
     assert not (resumed / "results" / "table1.json").exists()
+    committed = tmp_path / "fresh-clone"
+    ignored = (CAMPAIGN / ".gitignore").read_text().splitlines()
+    left_out = [line for line in ignored if line and not line.startswith("#")]
+    shutil.copytree(resumed, committed, ignore=shutil.ignore_patterns(*left_out))
+    assert not list(committed.rglob("*.pt"))
 
-    subprocess.run(_campaign(resumed), check=True, capture_output=True, env=env, timeout=600)
-    finished, expected = (json.loads((out / "results" / "table1.json").read_text()) for out in (resumed, reference))
-    assert finished == expected
-    assert load_mask(resumed / "ticket" / "mask.safetensors") == load_mask(reference / "ticket" / "mask.safetensors")
+    for out in (resumed, committed):
+        subprocess.run(_campaign(out), check=True, capture_output=True, env=env, timeout=600)
+        finished, expected = (json.loads((o / "results" / "table1.json").read_text()) for o in (out, reference))
+        assert finished == expected
+        mask = load_mask(out / "ticket" / "mask.safetensors")
+        assert mask == load_mask(reference / "ticket" / "mask.safetensors")

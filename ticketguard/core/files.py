@@ -220,6 +220,15 @@ def staged_folder(folder: str | Path) -> Iterator[Path]:
             _remove(staging)
 
 
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors' names and values, independent of the order they are held in."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

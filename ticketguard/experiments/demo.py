@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,10 @@ from rich.progress import Progress
 
 from ticketguard.artifacts.ticket import Ticket
 from ticketguard.core.evidence import DEFAULT_ALPHA
+from ticketguard.core.files import read_json, tensors_sha256, write_json
+from ticketguard.core.schema import check_json
 from ticketguard.data import ImageData, load_subset
+from ticketguard.data.triggers import TriggerSet
 from ticketguard.experiments import harness
 from ticketguard.protect import TriggerConfig, keyed_trigger_for, protect
 from ticketguard.schemes import keymask as v1
@@ -45,6 +49,22 @@ class DemoConfig:
 
 
 DEMO = DemoConfig()
+SIGNATURE_ONLY = "signature-only.json"
+SIGNATURE_ONLY_SCHEMA = {
+    "type": "object",
+    "required": ["inputs", "numbers"],
+    "properties": {
+        "inputs": {"type": "object"},
+        "numbers": {
+            "type": "object",
+            "required": ["v2_accuracy", "unmarked_trigger_accuracy"],
+            "properties": {
+                "v2_accuracy": {"type": "number", "minimum": 0, "maximum": 1},
+                "unmarked_trigger_accuracy": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+        },
+    },
+}
 
 
 def protect_demo(
@@ -61,14 +81,7 @@ def protect_demo(
     is measured."""
     trigger = keyed_trigger_for(ticket, config.trigger_seed, config.trigger_count)
     out.mkdir(parents=True, exist_ok=True)
-    signed_only = protect(
-        ticket, data, signature=config.payload, train_config=train_config, device=device, progress=progress,
-        checkpoint=out / "signature-only.checkpoint.pt",
-    )
-    mean, std = data.channel_stats()
-    unmarked = v3.verify_local(
-        signed_only.ticket.build_model().to(device), trigger.to(device), mean, std, data.num_classes
-    )
+    signed_only = _signature_only(ticket, data, config, train_config, trigger, device, progress, out)
     protected = protect(
         ticket,
         data,
@@ -82,14 +95,54 @@ def protect_demo(
     protected.save(out / "protected", out / "claim.json", force=True)
     embedded = protected.report["embedding"]
     numbers = {
-        "v2_accuracy": signed_only.ticket.accuracy,
+        "v2_accuracy": signed_only["v2_accuracy"],
         "cells_changed": embedded["changed_cells"],
         "accuracy": protected.ticket.accuracy,
         "trigger_accuracy": protected.report["trigger_accuracy"],
-        "unmarked_trigger_accuracy": unmarked.score,
+        "unmarked_trigger_accuracy": signed_only["unmarked_trigger_accuracy"],
         "threshold": protected.report["threshold"],
     }
     return protected.ticket, protected.claim, numbers
+
+
+def _signature_only(
+    ticket: Ticket,
+    data: ImageData,
+    config: DemoConfig,
+    train_config: TrainConfig,
+    trigger: TriggerSet,
+    device: torch.device,
+    progress: Progress,
+    out: Path,
+) -> dict[str, float]:
+    """V2 alone: its accuracy and the unmarked model's trigger accuracy, stored in ``out`` with what they were
+    measured on, so that a rerun on the same inputs (after a kill, or from a committed campaign) does not
+    train it again."""
+    path = out / SIGNATURE_ONLY
+    inputs = {
+        "train": json.loads(json.dumps(asdict(train_config))),
+        "payload": config.payload,
+        "data": [data.name, int(data.train_labels.numel()), int(data.test_labels.numel())],
+        "rewind_sha256": tensors_sha256(ticket.rewind),
+        "mask_sha256": tensors_sha256(dict(ticket.mask)),
+        "trigger": [config.trigger_seed, config.trigger_count],
+    }
+    if path.is_file():
+        stored = read_json(path)
+        check_json(stored, SIGNATURE_ONLY_SCHEMA, str(path))
+        if stored["inputs"] == inputs:
+            return stored["numbers"]
+    signed_only = protect(
+        ticket, data, signature=config.payload, train_config=train_config, device=device, progress=progress,
+        checkpoint=out / "signature-only.checkpoint.pt",
+    )
+    mean, std = data.channel_stats()
+    unmarked = v3.verify_local(
+        signed_only.ticket.build_model().to(device), trigger.to(device), mean, std, data.num_classes
+    )
+    numbers = {"v2_accuracy": signed_only.ticket.accuracy, "unmarked_trigger_accuracy": unmarked.score}
+    write_json(path, {"inputs": inputs, "numbers": numbers})
+    return numbers
 
 
 def run_demo(out: Path, config: DemoConfig, device: torch.device, progress: Progress) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from ticketguard.artifacts.ticket import Ticket
 from ticketguard.attacks import chains
 from ticketguard.core.errors import InputError
 from ticketguard.core.evidence import DEFAULT_ALPHA
-from ticketguard.core.files import atomic_path, read_json, write_json
+from ticketguard.core.files import atomic_path, read_json, tensors_sha256, write_json
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.experiments.report import COLUMNS, display_row, markdown_table
 from ticketguard.models import build_from_state
@@ -54,11 +54,7 @@ class Subject:
 
     def weights_digest(self) -> str:
         """sha256 of the shipped weights: a stored point counts as finished only for the same ticket."""
-        digest = hashlib.sha256()
-        for name in sorted(self.ticket.weights):
-            digest.update(name.encode())
-            digest.update(self.ticket.weights[name].detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return tensors_sha256(self.ticket.weights)
 
     def context(self) -> dict[str, Any]:
         """What attacks may take from the claim and the setting (``chains.run_step`` picks per attack)."""
