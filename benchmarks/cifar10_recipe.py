@@ -99,7 +99,8 @@ class EpochLog:
 
 def parse_changes(pairs: list[str]) -> dict[str, Any]:
     """``FIELD=VALUE`` settings of ``TrainConfig`` that a run changes in its recipe, typed like the field."""
-    kinds = {f.name: type(f.default) for f in fields(TrainConfig)}
+    own_options = ("epochs", "seed")  # --epochs and --seed set these
+    kinds = {f.name: type(f.default) for f in fields(TrainConfig) if f.name not in own_options}
     changes: dict[str, Any] = {}
     for pair in pairs:
         name, _, text = pair.partition("=")
@@ -167,12 +168,14 @@ def plot(png: Path, curves: list[Path]) -> None:
     for path in curves:
         log = read_json(path)
         epochs = [r["epoch"] for r in log["epochs"]]
-        key = "test_accuracy_flip_tta" if log["config"]["flip_tta"] else "test_accuracy"
         config = log["config"]
-        label = (f"{log['recipe']}, peak lr {config['lr']}, batch {config['batch_size']} "
+        key = "test_accuracy_flip_tta" if config["flip_tta"] else "test_accuracy"
+        others = "".join(f", {name}={value}" for name, value in log.get("changes", {}).items()
+                         if name not in ("lr", "batch_size"))
+        label = (f"{log['recipe']}, peak lr {config['lr']}, batch {config['batch_size']}{others} "
                  f"({'flip TTA' if config['flip_tta'] else 'no TTA'})")
         if not log["finished"]:
-            label += f", {len(epochs)} of {log['config']['epochs']} epochs so far"
+            label += f", {len(epochs)} of {config['epochs']} epochs so far"
         axis.plot(epochs, [100 * r[key] for r in log["epochs"]], marker="o", markersize=3, label=label)
     axis.axhline(90, color="grey", linestyle="--", linewidth=1)
     axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="ResNet-20, full CIFAR-10 (JPEG)")
@@ -193,7 +196,8 @@ def main() -> None:
                         help="change one training setting of the recipe (repeatable), e.g. batch_size=64")
     parser.add_argument("--data-dir", type=Path, default=CIFAR10_JPEG,
                         help="CIFAR-10: python batches, or a train/ test/ image folder (folder or .tar.gz)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/cifar10-recipe/RECIPE)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/cifar10-recipe/RECIPE, then -FIELD=VALUE per --set)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG",

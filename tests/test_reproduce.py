@@ -97,32 +97,36 @@ def test_reproduce_refuses_bad_input_in_one_line(
 
 def _campaign(out: Path) -> list[str]:
     return [sys.executable, "-m", "ticketguard", "reproduce", "table1", "--preset", "cifar10-cpu", "--data-dir",
-            str(shared_data(CIFAR_JPEG)), "--scale", "0.01", "--epochs", "3", "--device", "cpu", "--out", str(out)]
+            str(shared_data(CIFAR_JPEG)), "--scale", "0.01", "--epochs", "4", "--device", "cpu", "--out", str(out)]
 
 
 @pytest.mark.slow
 def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(tmp_path: Path) -> None:
-    """kill -9 during the dense training of the CPU preset (run small): the same command goes on from the last
-    finished epoch and ends where an uninterrupted run ends; so does a copy of the folder elsewhere without what
-    the committed campaign leaves out (the per-epoch checkpoints), as a fresh clone would have it."""
+    """kill -9 during the first pruning round of the CPU preset (run small; rounds retrain epochs 3-4): the
+    same command goes on from the round's last finished epoch and ends where an uninterrupted run ends; so does
+    a copy of the folder elsewhere without what the committed campaign leaves out (the per-epoch checkpoints),
+    as a fresh clone has it, without training the finished dense network again."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     subprocess.run(_campaign(reference), check=True, capture_output=True, env=env, timeout=600)
 
     resumed = tmp_path / "resumed"
+    round_checkpoint = resumed / "search" / "rounds" / "001-checkpoint.pt"
     process = subprocess.Popen(_campaign(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300
-    while not list((resumed / "search").rglob("*.pt")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while not round_checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert list((resumed / "search").rglob("*.pt")), "the kill must land after an epoch was saved"
+    assert round_checkpoint.is_file(), "the kill must land after an epoch of the first round was saved"
     assert not (resumed / "results" / "table1.json").exists()
     committed = tmp_path / "fresh-clone"
     ignored = (CAMPAIGN / ".gitignore").read_text().splitlines()
     left_out = [line for line in ignored if line and not line.startswith("#")]
     shutil.copytree(resumed, committed, ignore=shutil.ignore_patterns(*left_out))
-    assert not list(committed.rglob("*.pt"))
+    assert not list(committed.rglob("*.pt")) and (committed / "search" / "search.json").is_file()
+    dense = committed / "search" / "rounds" / "000-weights.safetensors"
+    dense_written = dense.stat().st_mtime_ns
 
     for out in (resumed, committed):
         subprocess.run(_campaign(out), check=True, capture_output=True, env=env, timeout=600)
@@ -130,3 +134,4 @@ def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(
         assert finished == expected
         mask = load_mask(out / "ticket" / "mask.safetensors")
         assert mask == load_mask(reference / "ticket" / "mask.safetensors")
+    assert dense.stat().st_mtime_ns == dense_written, "the committed dense network was trained again"
