@@ -100,13 +100,15 @@ class EpochLog:
 def parse_changes(pairs: list[str]) -> dict[str, Any]:
     """``FIELD=VALUE`` settings of ``TrainConfig`` that a run changes in its recipe, typed like the field."""
     own_options = ("epochs", "seed")  # --epochs and --seed set these
-    kinds = {f.name: type(f.default) for f in fields(TrainConfig) if f.name not in own_options}
+    kinds = {
+        f.name: type(f.default) for f in fields(TrainConfig)
+        if f.name not in own_options and type(f.default) in (bool, int, float, str)
+    }
     changes: dict[str, Any] = {}
     for pair in pairs:
         name, _, text = pair.partition("=")
-        if name not in kinds or kinds[name] not in (bool, int, float, str) or not text:
-            settable = ", ".join(n for n, kind in kinds.items() if kind in (bool, int, float, str))
-            raise InputError(f"--set takes FIELD=VALUE with FIELD one of {settable}; got {pair!r}")
+        if name not in kinds or not text:
+            raise InputError(f"--set takes FIELD=VALUE with FIELD one of {', '.join(kinds)}; got {pair!r}")
         if kinds[name] is bool:
             if text not in ("true", "false"):
                 raise InputError(f"--set {name} takes true or false, got {text!r}")
