@@ -8,7 +8,8 @@ Recipes (``RECIPES``), both at ``--epochs`` (default 30):
   cut to the same number of epochs.
 
 ``--set FIELD=VALUE`` changes one setting of the recipe (``TrainConfig``'s fields; repeatable) for trying a
-variant before it becomes a recipe; the changes are recorded in epochs.json.
+variant before it becomes a recipe, and ``--crop-padding N`` the augmentation's random translation (CIFAR-10's is
+4 pixels); the changes are recorded in epochs.json.
 
 Every epoch appends to ``OUT/epochs.json`` (test accuracy with and without flip TTA, lr, seconds) and saves
 ``OUT/checkpoint.pt``; run the same command again after a kill and it resumes from the last finished epoch.
@@ -64,9 +65,8 @@ class EpochLog:
     def __init__(self, path: Path, header: dict[str, Any], data: ImageData, config: TrainConfig) -> None:
         self.path, self.header, self.data, self.config = path, header, data, config
         previous = read_json(path) if path.is_file() else {}
-        self.records: list[dict[str, Any]] = previous.get("epochs", []) if previous.get("config") == header[
-            "config"
-        ] else []
+        same_run = all(previous.get(k) == header[k] for k in ("config", "crop_padding"))
+        self.records: list[dict[str, Any]] = previous.get("epochs", []) if same_run else []
         self.started = self.last = time.perf_counter()
         self.epochs_this_run = 0
 
@@ -125,6 +125,10 @@ def run(args: argparse.Namespace) -> None:
     changes = parse_changes(args.set)
     config = replace(RECIPES[args.recipe](args.epochs, args.seed), **changes)
     suffix = "".join(f"-{name}={value}" for name, value in changes.items())
+    if args.crop_padding is not None:
+        if args.crop_padding < 0:
+            raise InputError(f"--crop-padding must be >= 0 pixels, got {args.crop_padding}")
+        suffix += f"-crop_padding={args.crop_padding}"
     out = Path(args.out or f"runs/cifar10-recipe/{args.recipe}{suffix}")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -133,17 +137,20 @@ def run(args: argparse.Namespace) -> None:
     header = {
         "recipe": args.recipe, "changes": changes, "model": "resnet20", "data": str(args.data_dir),
         "config": json.loads(json.dumps(asdict(config))),  # as epochs.json holds it: lists, not tuples
+        "crop_padding": args.crop_padding,  # None: the data set's own
         "device": str(device), "threads": torch.get_num_threads(),
     }
     log_path = out / "epochs.json"
     if log_path.is_file():
         done = read_json(log_path)
-        if done.get("finished") and done.get("config") == header["config"]:
+        if done.get("finished") and all(done.get(k) == header[k] for k in ("config", "crop_padding")):
             print(f"{log_path} already holds the finished run; final test accuracy "
                   f"{100 * done['epochs'][-1]['test_accuracy_flip_tta']:.2f} % with flip TTA")
             return
     loading = time.perf_counter()
     data = load_dataset("cifar10", args.data_dir)
+    if args.crop_padding is not None:
+        data = replace(data, crop_padding=args.crop_padding)
     print(f"loaded {data.train_labels.numel()} training and {data.test_labels.numel()} test images in "
           f"{time.perf_counter() - loading:.0f} s; recipe {args.recipe}: {config}", flush=True)
     torch.manual_seed(args.seed)
@@ -174,6 +181,8 @@ def plot(png: Path, curves: list[Path]) -> None:
         key = "test_accuracy_flip_tta" if config["flip_tta"] else "test_accuracy"
         others = "".join(f", {name}={value}" for name, value in log.get("changes", {}).items()
                          if name not in ("lr", "batch_size"))
+        if log.get("crop_padding") not in (None, 4):
+            others += f", crop padding {log['crop_padding']}"
         label = (f"{log['recipe']}, peak lr {config['lr']}, batch {config['batch_size']}{others} "
                  f"({'flip TTA' if config['flip_tta'] else 'no TTA'})")
         if not log["finished"]:
@@ -196,6 +205,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order, crops")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change one training setting of the recipe (repeatable), e.g. batch_size=64")
+    parser.add_argument("--crop-padding", type=int, default=None, metavar="N",
+                        help="random crops translate by up to N pixels (default: the data set's, 4 for CIFAR-10)")
     parser.add_argument("--data-dir", type=Path, default=CIFAR10_JPEG,
                         help="CIFAR-10: python batches, or a train/ test/ image folder (folder or .tar.gz)")
     parser.add_argument("--out", default=None,
