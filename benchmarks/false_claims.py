@@ -146,11 +146,11 @@ def summary(rows: list[dict]) -> list[str]:
     grouped: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         grouped[r["population"]].append(r)
-    lines = ["| population | models | owned | density read | smallest QR p | smallest trigger p | "
-             "smallest fingerprint p | fingerprint odds ratio over rank-one (max) | fingerprint passed |",
+    lines = [("| population | models | owned | density read | smallest QR p | smallest trigger p | "
+              "smallest fingerprint p | fingerprint odds ratio over rank-one (max) | fingerprint passed |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for population, group in grouped.items():
-        def smallest(piece: str) -> str:
+        def smallest(piece: str, group: list[dict] = group) -> str:
             values = [r[f"{piece} p"] for r in group if f"{piece} p" in r]
             return f"{min(values):.2g}" if values else "-"
         ratios = [r["fingerprint odds ratio"] for r in group if "fingerprint odds ratio" in r]

@@ -59,13 +59,13 @@ def main() -> None:
     rows = []
     weights, mask = ticket_like("resnet50", args.density)
     for name in ("omp", "ewp", "random"):
-        rows.append(("resnet50", args.density, name, timed(lambda: SCORES[name](weights, mask), args.repeats)))
+        rows.append(("resnet50", args.density, name, timed(lambda name=name: SCORES[name](weights, mask), args.repeats)))
     weights, mask = ticket_like("resnet50", args.resnet50_betweenness_density)
     rows.append(("resnet50", args.resnet50_betweenness_density, "betweenness",
                  timed(lambda: SCORES["betweenness"](weights, mask), 1)))
     weights, mask = ticket_like("resnet20", args.density)
     for name in SCORES:
-        rows.append(("resnet20", args.density, name, timed(lambda: SCORES[name](weights, mask), args.repeats)))
+        rows.append(("resnet20", args.density, name, timed(lambda name=name: SCORES[name](weights, mask), args.repeats)))
     graph = graph_of(weights, mask)
     rustworkx_seconds = timed(lambda: edge_betweenness(graph), args.repeats)
     networkx_seconds = timed(lambda: networkx_betweenness(weights, mask), 1)

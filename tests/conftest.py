@@ -6,12 +6,15 @@ them skip and say why. CI sets REQUIRE_SHARED_DATA (see .ci/run), which turns ea
 
 from __future__ import annotations
 
+import http.server
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from local_tsa import Authority, Behaviour, make_authority
 
 from ticketguard.artifacts.ticket import Ticket
 from ticketguard.core.masks import Mask, magnitude_prune, prunable_names
@@ -135,3 +138,37 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> Authority:
+    """A fresh CA and TSA certificate (see local_tsa.py)."""
+    return make_authority(tmp_path / "tsa")
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Behaviour], str]]:
+    """Start an HTTP server on 127.0.0.1 that answers each POST with ``behaviour``; yield its URL."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+    released = threading.Event()
+
+    def start(behaviour: Behaviour) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                behaviour(self, self.rfile.read(int(self.headers["Content-Length"])))
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        server.released = released
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{server.server_address[1]}/tsa"
+
+    yield start
+    released.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()

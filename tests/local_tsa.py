@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 REPLY_TYPE = "application/timestamp-reply"
+
+# what a test server does with one POST: the handler and the request body
+Behaviour = Callable[[http.server.BaseHTTPRequestHandler, bytes], None]
 
 OPENSSL_TSA_CONFIG = """\
 [ tsa ]
@@ -105,17 +109,26 @@ def reply(authority: Authority, query: bytes) -> bytes:
     ).stdout
 
 
-def serve(authority: Authority, port: int) -> None:
+def answer(handler: http.server.BaseHTTPRequestHandler, status: int, content_type: str, body: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def tsa_answering(authority: Authority) -> Behaviour:
+    """A TSA's behaviour: every TimeStampReq gets a signed reply."""
+    return lambda handler, query: answer(handler, 200, REPLY_TYPE, reply(authority, query))
+
+
+def serve_forever(authority: Authority, port: int) -> None:
     """Answer every POST of a TimeStampReq with a signed reply until interrupted."""
+    behaviour = tsa_answering(authority)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = reply(authority, self.rfile.read(min(int(self.headers["Content-Length"]), 65536)))
-            self.send_response(200)
-            self.send_header("Content-Type", REPLY_TYPE)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            behaviour(self, self.rfile.read(min(int(self.headers["Content-Length"]), 65536)))
 
     with http.server.HTTPServer(("127.0.0.1", port), Handler) as server:
         print(f"TSA at http://127.0.0.1:{port}/tsa; trust {authority.folder / 'chain.pem'}", flush=True)
@@ -129,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     authority = make_authority(args.folder)
     (args.folder / "chain.pem").write_bytes(authority.tsa_pem + authority.ca_pem)
-    serve(authority, args.port)
+    serve_forever(authority, args.port)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import httpx
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from local_tsa import tsa_answering
 from test_forgery import forged_folder_claim
-from test_timestamp import authority, serve, tsa_answering  # noqa: F401  (a local TSA on 127.0.0.1)
 from torch import nn
 
 from ticketguard.artifacts.ticket import Ticket
@@ -122,7 +122,7 @@ def test_cli_serve_and_query_show_ownership_of_the_marked_ticket_only(tickets, c
 
 
 def test_query_refuses_a_forged_folder_claim_labelled_with_the_apis_own_answers(tickets, digits, tmp_path,
-                                                                               authority, serve, capsys) -> None:  # noqa: F811
+                                                                               authority, serve, capsys) -> None:
     """A forger labels random images with the served model's answers and dates his claim 2020: 100/100 agree,
     yet folder labels are free to choose, so without a trusted time they never decide. Stamped now, the same
     claim holds, but only against copies published after its stamp, and the verdict says so."""

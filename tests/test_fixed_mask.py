@@ -101,11 +101,13 @@ def test_hooks_are_removed_on_exit_even_on_an_exception(
 ) -> None:
     model, mask = sparse_model()
     [adam] = OPTIMIZERS["adam-weight-decay"](model)
-    with pytest.raises(RuntimeError, match="user loop failed") if failing else contextlib.nullcontext():
-        with keep_mask(model, mask, [adam] if scoped else None):
-            run_steps(model, [adam], digits, steps=1)
-            if failing:
-                raise RuntimeError("user loop failed")
+    with (
+        pytest.raises(RuntimeError, match="user loop failed") if failing else contextlib.nullcontext(),
+        keep_mask(model, mask, [adam] if scoped else None),
+    ):
+        run_steps(model, [adam], digits, steps=1)
+        if failing:
+            raise RuntimeError("user loop failed")
     assert not mask.revived(dict(model.named_parameters()))
     run_steps(model, [adam], digits, steps=1)  # no hook any more: decay and gradients move pruned weights
     assert mask.revived(dict(model.named_parameters()))

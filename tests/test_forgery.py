@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import trained_ticket
+from local_tsa import make_authority, tsa_answering
 from PIL import Image
-from test_timestamp import authority, make_authority, serve, tsa_answering  # noqa: F401  (fixtures: a local TSA on 127.0.0.1)
 
 from ticketguard.attacks.chains import attack
 from ticketguard.cli import main
@@ -190,7 +190,7 @@ def test_dispute_names_the_owner_stamped_before_a_forger_with_a_later_folder_cla
              for c in result["claims"]}
     # the forger's stamped claim holds too (against copies published after it), but is later; the unrelated one not
     assert holds == {"owner": True, "forger": True, "other": False}
-    assert [c["claim"] for c in result["claims"]][0] == str(stolen["owner"])
+    assert result["claims"][0]["claim"] == str(stolen["owner"])
 
 
 @pytest.mark.slow

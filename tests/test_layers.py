@@ -81,9 +81,9 @@ def test_no_test_reaches_a_private_name() -> None:
             elif isinstance(node, ast.Import):
                 modules.update(alias.asname or alias.name for alias in node.names if alias.name.startswith("ticketguard"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
-                if _private(node.attr):
-                    reached.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+            is_module_attribute = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            if is_module_attribute and node.value.id in modules and _private(node.attr):
+                reached.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not reached, "\n".join(reached)
 
 

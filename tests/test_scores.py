@@ -46,7 +46,7 @@ def tiny() -> tuple[Tiny, dict[str, torch.Tensor], Mask]:
 
 
 def _strength(weights: dict[str, torch.Tensor], mask: Mask, name: str) -> torch.Tensor:
-    weight = weights[name].abs().double() * (mask[name] if name in mask else 1)
+    weight = weights[name].abs().double() * mask.get(name, 1)
     return weight.flatten(2).sum(2) if weight.dim() > 2 else weight
 
 

@@ -247,7 +247,7 @@ def test_bad_inputs_get_one_clear_message() -> None:
         scheme.embed_signature(mask, weights, weights, PAYLOAD, version=1)
     with pytest.raises(InputError, match="at least 65 input and output channels"):
         scheme.embed_signature(mask, weights, weights, PAYLOAD, version=12)
-    new, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD)
+    _, signature, _ = scheme.embed_signature(mask, weights, weights, PAYLOAD)
     layer = signature.regions[0].layer
     with pytest.raises(InputError, match="does not have"):
         scheme.extract({k: v for k, v in weights.items() if k != layer}, signature)

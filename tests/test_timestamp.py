@@ -6,67 +6,17 @@ from __future__ import annotations
 import hashlib
 import http.server
 import subprocess
-import threading
-from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from local_tsa import REPLY_TYPE, Authority, make_authority, reply
+from local_tsa import REPLY_TYPE, Authority, Behaviour, answer, make_authority, reply, tsa_answering
 
 from ticketguard.core.errors import InputError
 from ticketguard.verification.timestamp import MAX_RESPONSE_BYTES, TrustedTime, check_token, request_token
 
 DIGEST = hashlib.sha256(b"a ticketguard claim").digest()
 TSA_SUBJECT = "CN=Test TSA,O=ticketguard tests"
-@pytest.fixture
-def authority(tmp_path: Path) -> Authority:
-    return make_authority(tmp_path / "tsa")
-
-
-Behaviour = Callable[[http.server.BaseHTTPRequestHandler, bytes], None]
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Behaviour], str]]:
-    """Start an HTTP server on 127.0.0.1 that answers each POST with ``behaviour``; yield its URL."""
-    servers: list[http.server.ThreadingHTTPServer] = []
-    released = threading.Event()
-
-    def start(behaviour: Behaviour) -> str:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                behaviour(self, self.rfile.read(int(self.headers["Content-Length"])))
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        server.released = released
-        servers.append(server)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{server.server_address[1]}/tsa"
-
-    yield start
-    released.set()
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def _answer(handler: http.server.BaseHTTPRequestHandler, status: int, content_type: str, body: bytes) -> None:
-    handler.send_response(status)
-    handler.send_header("Content-Type", content_type)
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
-
-
-def tsa_answering(authority: Authority) -> Behaviour:
-    return lambda handler, query: _answer(handler, 200, REPLY_TYPE, reply(authority, query))
-
-
 def test_good_token_gives_the_tsa_time_and_authority(authority: Authority, serve) -> None:
     before = datetime.now(timezone.utc).replace(microsecond=0)
     token = request_token(DIGEST, serve(tsa_answering(authority)), timeout_s=20)
@@ -120,7 +70,7 @@ def test_tsa_that_stamps_another_digest_is_refused(authority: Authority, serve) 
     # A TSA that ignores the query: it answers every request with a reply made for another digest and nonce.
     query = _query_for(authority, other)
     stale = reply(authority, query)
-    url = serve(lambda handler, _: _answer(handler, 200, REPLY_TYPE, stale))
+    url = serve(lambda handler, _: answer(handler, 200, REPLY_TYPE, stale))
     with pytest.raises(InputError, match="another digest"):
         request_token(DIGEST, url, timeout_s=20)
 
@@ -137,10 +87,10 @@ def _query_for(authority: Authority, digest: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("behaviour", "message"),
     [
-        (lambda handler, _: _answer(handler, 500, "text/plain", b"boom"), "HTTP 500"),
-        (lambda handler, _: _answer(handler, 200, "text/html", b"<html></html>"), "content type"),
-        (lambda handler, _: _answer(handler, 200, REPLY_TYPE, bytes(MAX_RESPONSE_BYTES + 1)), "more than"),
-        (lambda handler, _: _answer(handler, 200, REPLY_TYPE, b"\x30\x03\x02\x01"), "not an RFC"),
+        (lambda handler, _: answer(handler, 500, "text/plain", b"boom"), "HTTP 500"),
+        (lambda handler, _: answer(handler, 200, "text/html", b"<html></html>"), "content type"),
+        (lambda handler, _: answer(handler, 200, REPLY_TYPE, bytes(MAX_RESPONSE_BYTES + 1)), "more than"),
+        (lambda handler, _: answer(handler, 200, REPLY_TYPE, b"\x30\x03\x02\x01"), "not an RFC"),
     ],
     ids=["http-500", "wrong-content-type", "oversized", "garbage"],
 )

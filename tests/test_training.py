@@ -1,3 +1,4 @@
+import itertools
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -105,8 +106,8 @@ def test_onecycle_warms_up_then_decays_to_zero() -> None:
     rates = [config.lr_at(e / 10) for e in range(101)]
     peak = rates.index(max(rates))
     assert rates[0] == pytest.approx(0.016) and max(rates) == pytest.approx(0.4) and peak == 30
-    assert all(a <= b for a, b in zip(rates[:peak], rates[1 : peak + 1]))
-    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :])) and rates[-1] == 0.0
+    assert all(a <= b for a, b in itertools.pairwise(rates[: peak + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(rates[peak:])) and rates[-1] == 0.0
     with pytest.raises(ValueError, match="unknown schedule"):
         TrainConfig(schedule="cosine")
 

@@ -265,7 +265,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         try:
             tensors = safetensors.torch.load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for any malformed header
+        except Exception as err:  # noqa: BLE001  safetensors raises its own error types for any malformed header
             raise InputError(f"{path} is not a readable safetensors file ({shorten(str(err))})") from None
         if not tensors:
             raise InputError(f"{path} holds no tensors, so it is not a model")

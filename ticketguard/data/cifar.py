@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -67,12 +68,12 @@ CIFAR_LAYOUTS = {
 class _ArrayUnpickler(pickle.Unpickler):
     """The official CIFAR files are pickles; allow only what numpy arrays need, so no code can run."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
-    }
+    })
 
     def find_class(self, module: str, name: str) -> type:
         if (module, name) not in self.ALLOWED:

@@ -113,7 +113,7 @@ def build_from_spec(text: str, in_channels: int, num_classes: int) -> nn.Module:
             kwargs[name] = value
     try:
         model = factory(**kwargs)
-    except Exception as err:  # the user's code: any failure becomes one clear message
+    except Exception as err:  # noqa: BLE001  the user's code: any failure becomes one clear message
         raise InputError(f"model {spec.text!r} failed to build: {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"model {spec.text!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -127,7 +127,7 @@ def _factory(spec: ModelSpec) -> Callable[..., Any]:
         sys.path.insert(0, here)
     try:
         target: Any = importlib.import_module(spec.module)
-    except Exception as err:  # ImportError, or anything the module raises while it runs
+    except Exception as err:  # noqa: BLE001  ImportError, or anything the module raises while it runs
         raise InputError(f"model {spec.text!r}: cannot import {spec.module!r} ({type(err).__name__}: {err})") from None
     for part in spec.factory.split("."):
         if not hasattr(target, part):

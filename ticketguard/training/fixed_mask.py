@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ class MaskKeeper:
     def _zero_pruned_weights(self, *_: Any) -> None:
         self.enforce()
 
-    def __enter__(self) -> MaskKeeper:
+    def __enter__(self) -> Self:
         self.enforce()
         if self.optimizers is None:
             self._hook(register_optimizer_step_pre_hook, register_optimizer_step_post_hook)

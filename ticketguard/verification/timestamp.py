@@ -218,22 +218,24 @@ def _post(url: str, query: bytes, timeout_s: float) -> bytes:
 
 
 async def _post_async(url: str, query: bytes, timeout_s: float) -> bytes:
-    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
-        async with client.stream("POST", url, content=query, headers=HEADERS) as answer:
-            if answer.status_code != 200:
-                raise InputError(f"the TSA at {url} answered HTTP {answer.status_code}; check the URL")
-            content_type = answer.headers.get("content-type", "").split(";")[0].strip().lower()
-            if content_type not in REPLY_TYPES:
+    async with (
+        httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client,
+        client.stream("POST", url, content=query, headers=HEADERS) as answer,
+    ):
+        if answer.status_code != 200:
+            raise InputError(f"the TSA at {url} answered HTTP {answer.status_code}; check the URL")
+        content_type = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in REPLY_TYPES:
+            raise InputError(
+                f"the TSA at {url} answered with content type {content_type or 'none'!r}, not "
+                f"{REPLY_TYPES[0]}; check that the URL is a timestamp service"
+            )
+        body = bytearray()
+        async for chunk in answer.aiter_raw():
+            body += chunk
+            if len(body) > MAX_RESPONSE_BYTES:
                 raise InputError(
-                    f"the TSA at {url} answered with content type {content_type or 'none'!r}, not "
-                    f"{REPLY_TYPES[0]}; check that the URL is a timestamp service"
+                    f"the TSA at {url} sent more than {MAX_RESPONSE_BYTES} bytes; a timestamp reply is "
+                    "a few KiB, so check the URL"
                 )
-            body = bytearray()
-            async for chunk in answer.aiter_raw():
-                body += chunk
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise InputError(
-                        f"the TSA at {url} sent more than {MAX_RESPONSE_BYTES} bytes; a timestamp reply is "
-                        "a few KiB, so check the URL"
-                    )
-            return bytes(body)
+        return bytes(body)
