@@ -3,6 +3,7 @@ the paper's, a rerun reuses the stored results, and bad input is refused in one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,8 +17,10 @@ import pytest
 from conftest import CIFAR_JPEG, shared_data
 
 from ticketguard.cli import main
+from ticketguard.core.errors import InputError
 from ticketguard.core.masks import load_mask
 from ticketguard.experiments import reproduce
+from ticketguard.training.recipes import RECIPES
 
 TINY = ["--data", "digits", "--scale", "0.2", "--epochs", "3"]
 CAMPAIGN = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cifar10-resnet20"
@@ -73,6 +76,23 @@ def test_the_cpu_preset_trains_the_fast_recipe_on_all_of_cifar10_and_can_run_sma
     assert (small.epochs, small.train_per_class, small.recipe) == (3, 50, "fast")
     gpu = reproduce.make_preset_plan("cifar10-gpu", "resnet20", 182, 1.0, (5000, 1000))
     assert (gpu.epochs, gpu.recipe, gpu.schedule) == (182, "paper", "paper")
+
+
+def test_a_recipe_changed_under_the_same_name_does_not_resume_the_old_run(tmp_path: Path, monkeypatch) -> None:
+    plan = reproduce.make_preset_plan("cifar10-cpu", "resnet20", 30, 1.0, (5000, 1000))
+    reproduce.check_plan(tmp_path, plan)
+    reproduce.check_plan(tmp_path, plan)  # the same plan goes on
+    fast = RECIPES["fast"]
+    monkeypatch.setitem(RECIPES, "fast", lambda epochs, seed: dataclasses.replace(fast(epochs, seed), lr=0.3))
+    with pytest.raises(InputError, match=r"other settings \(training\)"):
+        reproduce.check_plan(tmp_path, plan)
+
+
+def test_the_committed_campaign_folder_holds_the_cpu_presets_plan() -> None:
+    """The README's campaign command goes on from the committed folder only if its plan is the preset's."""
+    _, epochs, scale = reproduce.resolve_preset("cifar10-cpu", None, None, None)
+    plan = reproduce.make_preset_plan("cifar10-cpu", "resnet20", epochs, scale, (5000, 1000))
+    assert json.loads((CAMPAIGN / "plan.json").read_text()) == plan.record()
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,11 @@ class Plan:
         )
 
     def record(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The plan as plan.json holds it, with the recipe's settings written out: a recipe changed under the
+        same name must not resume its old trainings."""
+        plan = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        training = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.train).items()}
+        return {**plan, "training": training}
 
 
 def make_plan(
@@ -206,8 +210,9 @@ def check_plan(out: Path, plan: Plan) -> None:
     path = out / "plan.json"
     if path.is_file():
         stored = read_json(path)
-        if stored != plan.record():
-            changed = sorted(k for k in stored if stored.get(k) != plan.record().get(k))
+        record = plan.record()
+        if stored != record:
+            changed = sorted(k for k in stored.keys() | record.keys() if stored.get(k) != record.get(k))
             raise InputError(
                 f"{out} holds a run with other settings ({', '.join(changed)}); choose another --out"
             )
