@@ -255,6 +255,37 @@ def test_label_smoothing_gives_the_hand_computed_loss(digits: ImageData, smoothi
     )
 
 
+@pytest.mark.parametrize(("crop_padding", "largest_shift"), [(None, 1), (0, 0), (3, 3)])
+def test_crop_padding_sets_how_far_training_crops_move_the_images(
+    digits: ImageData, crop_padding: int | None, largest_shift: int
+) -> None:
+    small = digits.subset(10, 2, 0)
+    seen = []
+
+    def capture(images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(images.clone())
+        return images, labels
+
+    config = TrainConfig(epochs=3, batch_size=100, crop_padding=crop_padding)
+    train(build_model("resnet20", 1, 10), small, config, batch_hook=capture)
+    height, width = small.train_images.shape[-2:]
+    padded = torch.nn.functional.pad(small.train_images, (3, 3, 3, 3))
+
+    def moved(dy: int, dx: int) -> torch.Tensor:
+        return padded[..., 3 + dy : 3 + dy + height, 3 + dx : 3 + dx + width]
+
+    shifts = set()
+    for images in seen:  # each crop is one of the original images moved by (dy, dx), zero-filled
+        for image in images:
+            moves = [
+                (dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                if (moved(dy, dx) == image).all((1, 2, 3)).any()
+            ]
+            assert moves, "a training image is not a moved copy of any original"
+            shifts.add(min(max(abs(dy), abs(dx)) for dy, dx in moves))
+    assert max(shifts) == largest_shift
+
+
 @pytest.mark.parametrize("decay_norm_and_bias", [True, False])
 def test_batchnorm_and_biases_can_be_spared_weight_decay(decay_norm_and_bias: bool) -> None:
     model = build_model("resnet20", 1, 10)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,9 @@ class TrainConfig:
     flip_tta: bool = setting(
         False, help="The final test accuracy averages the logits of each image and its mirror image."
     )
+    crop_padding: int | None = setting(
+        None, help="Random crops move each training image by up to this many pixels; unset: the data set's."
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -104,6 +107,9 @@ class TrainConfig:
         for name in ("nesterov", "decay_norm_and_bias", "flip_tta"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        padding = self.crop_padding
+        if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int) or padding < 0):
+            raise InputError(f"crop padding must be a whole number of pixels >= 0, got {padding!r}")
 
     def lr_at(self, epoch: float) -> float:
         """The rate at a (fractional) epoch: step decay at the milestones, or the one-cycle triangle."""
@@ -250,6 +256,8 @@ def train(
         raise InputError(
             f"flip_tta averages over mirror images, but {data.name} is not trained with flips; drop flip_tta"
         )
+    if config.crop_padding is not None:
+        data = replace(data, crop_padding=config.crop_padding)
     device = next(model.parameters()).device
     keep_freed_memory(device)
     model.to(memory_format=torch.channels_last)
