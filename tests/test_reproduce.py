@@ -78,7 +78,7 @@ def test_the_cpu_preset_trains_the_fast_recipe_on_all_of_cifar10_and_can_run_sma
     assert (gpu.epochs, gpu.recipe, gpu.schedule) == (182, "paper", "paper")
 
 
-def test_a_recipe_changed_under_the_same_name_does_not_resume_the_old_run(tmp_path: Path, monkeypatch) -> None:
+def test_a_recipe_changed_under_the_same_name_is_refused(tmp_path: Path, monkeypatch) -> None:
     plan = reproduce.make_preset_plan("cifar10-cpu", "resnet20", 30, 1.0, (5000, 1000))
     reproduce.check_plan(tmp_path, plan)
     reproduce.check_plan(tmp_path, plan)  # the same plan goes on
