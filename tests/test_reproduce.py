@@ -82,6 +82,10 @@ def test_a_recipe_changed_under_the_same_name_is_refused(tmp_path: Path, monkeyp
     plan = reproduce.make_preset_plan("cifar10-cpu", "resnet20", 30, 1.0, (5000, 1000))
     reproduce.check_plan(tmp_path, plan)
     reproduce.check_plan(tmp_path, plan)  # the same plan goes on
+    stored = json.loads((tmp_path / "plan.json").read_text())
+    del stored["training"]["crop_padding"]  # as a folder written before the setting existed holds it
+    (tmp_path / "plan.json").write_text(json.dumps(stored))
+    reproduce.check_plan(tmp_path, plan)  # a setting added since, at its default, is no change
     fast = RECIPES["fast"]
     monkeypatch.setitem(RECIPES, "fast", lambda epochs, seed: dataclasses.replace(fast(epochs, seed), lr=0.3))
     with pytest.raises(InputError, match=r"other settings \(training\)"):

@@ -75,9 +75,12 @@ class Plan:
     def record(self) -> dict[str, Any]:
         """The plan as plan.json holds it, with the recipe's settings written out: a recipe changed under the
         same name must not resume its old trainings."""
-        plan = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        training = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.train).items()}
-        return {**plan, "training": training}
+        return {**_listed(asdict(self)), "training": _listed(asdict(self.train))}
+
+
+def _listed(settings: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists, as JSON reads them back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def make_plan(
@@ -210,6 +213,8 @@ def check_plan(out: Path, plan: Plan) -> None:
     path = out / "plan.json"
     if path.is_file():
         stored = read_json(path)
+        if isinstance(stored.get("training"), dict):  # a setting added since was run at its default
+            stored["training"] = {**_listed(asdict(TrainConfig())), **stored["training"]}
         record = plan.record()
         if stored != record:
             changed = sorted(k for k in stored.keys() | record.keys() if stored.get(k) != record.get(k))
