@@ -35,12 +35,11 @@ On a CPU shared with other work, ``--threads 1`` is much faster than two threads
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import types
 import typing
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,15 @@ from ticketguard.core.files import load_tensors, read_json, save_tensors, write_
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.augment import normalize
 from ticketguard.models import build_model
-from ticketguard.training.loop import TrainConfig, predict_logits, resolve_device, state_copy, train
+from ticketguard.training.loop import (
+    TrainConfig,
+    predict_logits,
+    recorded_training,
+    resolve_device,
+    state_copy,
+    train,
+    training_record,
+)
 from ticketguard.training.recipes import RECIPES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -93,6 +100,12 @@ def test_accuracies(model: torch.nn.Module, data: ImageData, shifts: bool = Fals
     return accuracies
 
 
+def same_training(log: dict[str, Any], header: dict[str, Any]) -> bool:
+    """Whether an epochs.json was written by a run with this header's settings (a setting added since the
+    log was written counts at its default)."""
+    return isinstance(log.get("config"), dict) and recorded_training(log["config"]) == header["config"]
+
+
 class EpochLog:
     """The epoch hook: evaluates, prints progress with the time left, and rewrites epochs.json atomically."""
 
@@ -101,8 +114,12 @@ class EpochLog:
     ) -> None:
         self.path, self.header, self.data, self.config, self.keep_last = path, header, data, config, keep_last
         previous = read_json(path) if path.is_file() else {}
-        same_run = previous.get("config") == header["config"]
-        self.records: list[dict[str, Any]] = previous.get("epochs", []) if same_run else []
+        self.records: list[dict[str, Any]] = []
+        if same_training(previous, header):
+            self.records = previous.get("epochs", [])
+        else:  # another run's kept weights must not be averaged with this one's
+            for stale in path.parent.glob("weights/epoch-*.safetensors"):
+                stale.unlink()
         self.started = self.last = time.perf_counter()
         self.epochs_this_run = 0
 
@@ -137,8 +154,9 @@ class EpochLog:
 
 def simple_kind(hint: Any) -> type | None:
     """bool, int, float or str for a field of that type (or of that type or None); None for any other."""
-    if isinstance(hint, types.UnionType):
-        hint = next(kind for kind in typing.get_args(hint) if kind is not type(None))
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+        hint = kinds[0] if len(kinds) == 1 else None
     return hint if hint in (bool, int, float, str) else None
 
 
@@ -175,18 +193,16 @@ def run(args: argparse.Namespace) -> None:
     suffix = "".join(f"-{name}={value}" for name, value in changes.items())
     out = Path(args.out or f"runs/cifar10-recipe/{args.recipe}{suffix}")
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     header = {
         "recipe": args.recipe, "changes": changes, "model": "resnet20", "data": str(args.data_dir),
-        "config": json.loads(json.dumps(asdict(config))),  # as epochs.json holds it: lists, not tuples
+        "config": training_record(config),
         "device": str(device), "threads": torch.get_num_threads(),
     }
     log_path = out / "epochs.json"
     if log_path.is_file():
         done = read_json(log_path)
-        if done.get("finished") and done.get("config") == header["config"]:
+        if done.get("finished") and same_training(done, header):
             print(f"{log_path} already holds the finished run; final test accuracy "
                   f"{100 * done['epochs'][-1]['test_accuracy_flip_tta']:.2f} % with flip TTA")
             return
@@ -207,13 +223,13 @@ def run(args: argparse.Namespace) -> None:
           f"flip TTA); per-epoch record in {log_path}")
 
 
-def test_views(out: Path, weight_files: list[Path], data_dir: Path) -> None:
+def test_views(out: Path, weight_files: list[Path], data_dir: Path, device: torch.device) -> None:
     """The test accuracy of each weights file under more views, then of their average (see the module doc)."""
     if not weight_files:
         raise InputError("--test-views needs weights files (OUT/weights/epoch-*.safetensors) as arguments")
     weights = [load_tensors(path) for path in weight_files]
     data = load_dataset("cifar10", data_dir)
-    model = build_model("resnet20", data.input_shape[0], data.num_classes)
+    model = build_model("resnet20", data.input_shape[0], data.num_classes).to(device)
     rows: list[dict[str, Any]] = []
     for path, state in zip(weight_files, weights, strict=True):
         model.load_state_dict(state)
@@ -230,7 +246,7 @@ def test_views(out: Path, weight_files: list[Path], data_dir: Path) -> None:
         )
         model.train()
         with torch.no_grad():
-            update_bn(batches, model)
+            update_bn(batches, model, device=device)
         rows.append({"weights": f"average of {len(weights)}, batch norm measured again",
                      **test_accuracies(model, data, shifts=True)})
         print(rows[-1], flush=True)
@@ -290,11 +306,13 @@ def main() -> None:
     parser.add_argument("files", nargs="*", type=Path,
                         help="epochs.json files for --plot, weights files for --test-views")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         if args.plot is not None:
             plot(args.plot, args.files)
         elif args.test_views is not None:
-            test_views(args.test_views, args.files, args.data_dir)
+            test_views(args.test_views, args.files, args.data_dir, resolve_device(args.device))
         else:
             run(args)
     except InputError as err:

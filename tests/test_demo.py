@@ -82,5 +82,10 @@ def test_the_signature_only_training_is_stored_and_not_repeated_on_the_same_inpu
     assert trained == [False, True, True]
     assert (again["v2_accuracy"], again["unmarked_trigger_accuracy"]) == (
         first["v2_accuracy"], first["unmarked_trigger_accuracy"])
+    stored = json.loads((tmp_path / demo.SIGNATURE_ONLY).read_text())
+    del stored["inputs"]["train"]["crop_padding"]  # as written before the setting existed: run at its default
+    (tmp_path / demo.SIGNATURE_ONLY).write_text(json.dumps(stored))
+    numbers(1)
+    assert trained == [False, True, True, True]
     numbers(2)
-    assert trained == [False, True, True, False, True]
+    assert trained == [False, True, True, True, False, True]

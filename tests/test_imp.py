@@ -81,6 +81,10 @@ def test_resuming_with_other_settings_is_refused(digits: ImageData, tmp_path) ->
     small = digits.subset(10, 5)
     config = SearchConfig(ratios=(0.5,), max_rounds=1, rewind_epoch=0, train=TrainConfig(epochs=1))
     find_extreme_ticket(small, config, tmp_path, CPU)
+    stored = json.loads((tmp_path / "search.json").read_text())
+    del stored["config"]["train"]["crop_padding"]  # as written before the setting existed: run at its default
+    (tmp_path / "search.json").write_text(json.dumps(stored))
+    find_extreme_ticket(small, config, tmp_path, CPU)
     other = SearchConfig(ratios=(0.4,), max_rounds=1, rewind_epoch=0, train=TrainConfig(epochs=1))
     with pytest.raises(InputError, match="ratios"):
         find_extreme_ticket(small, other, tmp_path, CPU)

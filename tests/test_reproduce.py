@@ -92,11 +92,12 @@ def test_a_recipe_changed_under_the_same_name_is_refused(tmp_path: Path, monkeyp
         reproduce.check_plan(tmp_path, plan)
 
 
-def test_the_committed_campaign_folder_holds_the_cpu_presets_plan() -> None:
+def test_the_committed_campaign_folder_holds_the_cpu_presets_plan(tmp_path: Path) -> None:
     """The README's campaign command goes on from the committed folder only if its plan is the preset's."""
     _, epochs, scale = reproduce.resolve_preset("cifar10-cpu", None, None, None)
     plan = reproduce.make_preset_plan("cifar10-cpu", "resnet20", epochs, scale, (5000, 1000))
-    assert json.loads((CAMPAIGN / "plan.json").read_text()) == plan.record()
+    shutil.copy(CAMPAIGN / "plan.json", tmp_path / "plan.json")
+    reproduce.check_plan(tmp_path, plan)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,9 @@ from ticketguard.verification.timestamp import MAX_RESPONSE_BYTES, TrustedTime, 
 DIGEST = hashlib.sha256(b"a ticketguard claim").digest()
 TSA_SUBJECT = "CN=Test TSA,O=ticketguard tests"
 def test_good_token_gives_the_tsa_time_and_authority(authority: Authority, serve) -> None:
-    before = datetime.now(timezone.utc).replace(microsecond=0)
+    before = datetime.now(UTC).replace(microsecond=0)
     token = request_token(DIGEST, serve(tsa_answering(authority)), timeout_s=20)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     for trusted in (authority.ca_pem, authority.tsa_pem + authority.ca_pem):
         stamped = check_token(token, DIGEST, trusted)
         assert isinstance(stamped, TrustedTime)
@@ -104,10 +104,10 @@ def test_silent_tsa_hits_the_deadline(serve) -> None:
         handler.server.released.wait(30)
 
     url = serve(silent)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     with pytest.raises(InputError, match="did not answer"):
         request_token(DIGEST, url, timeout_s=0.5)
-    assert datetime.now(timezone.utc) - started < timedelta(seconds=5)
+    assert datetime.now(UTC) - started < timedelta(seconds=5)
 
 
 def test_unreachable_tsa_is_an_input_error() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import typing
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +223,7 @@ class Ticket:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
             },
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json(folder / MANIFEST, manifest)
         return folder

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import trigger as v3
 from ticketguard.search.config import SearchConfig
 from ticketguard.search.imp import find_extreme_ticket
-from ticketguard.training.loop import TrainConfig
+from ticketguard.training.loop import TrainConfig, recorded_training, training_record
 from ticketguard.verification.claim import Claim
 from ticketguard.verification.verify import verify_key
 
@@ -54,7 +53,7 @@ SIGNATURE_ONLY_SCHEMA = {
     "type": "object",
     "required": ["inputs", "numbers"],
     "properties": {
-        "inputs": {"type": "object"},
+        "inputs": {"type": "object", "required": ["train"], "properties": {"train": {"type": "object"}}},
         "numbers": {
             "type": "object",
             "required": ["v2_accuracy", "unmarked_trigger_accuracy"],
@@ -120,7 +119,7 @@ def _signature_only(
     train it again."""
     path = out / SIGNATURE_ONLY
     inputs = {
-        "train": json.loads(json.dumps(asdict(train_config))),
+        "train": training_record(train_config),
         "payload": config.payload,
         "data": [data.name, int(data.train_labels.numel()), int(data.test_labels.numel())],
         "rewind_sha256": tensors_sha256(ticket.rewind),
@@ -130,7 +129,7 @@ def _signature_only(
     if path.is_file():
         stored = read_json(path)
         check_json(stored, SIGNATURE_ONLY_SCHEMA, str(path))
-        if stored["inputs"] == inputs:
+        if {**stored["inputs"], "train": recorded_training(stored["inputs"]["train"])} == inputs:
             return stored["numbers"]
     signed_only = protect(
         ticket, data, signature=config.payload, train_config=train_config, device=device, progress=progress,

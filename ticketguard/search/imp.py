@@ -39,7 +39,7 @@ from ticketguard.models import accept_model_name, build_model
 from ticketguard.search.config import SearchConfig
 from ticketguard.search.schedules import SCHEDULES
 from ticketguard.training import distributed
-from ticketguard.training.loop import predict_labels, state_copy, train
+from ticketguard.training.loop import predict_labels, recorded_training, state_copy, train, training_record
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _config_record(config: SearchConfig, data: ImageData, held: torch.Tensor) ->
     record = asdict(config)
     record["ratios"] = list(config.ratios)
     record["prune"] = list(config.prune)
-    record["train"]["milestones"] = list(config.train.milestones)
+    record["train"] = training_record(config.train)
     record["dataset"] = data.name
     record["train_size"] = int(data.train_labels.numel())
     record["validation_sha256"] = hashlib.sha256(held.to(torch.int64).numpy().tobytes()).hexdigest()
@@ -230,6 +230,8 @@ def _load_state(workdir: Path, record: dict[str, Any]) -> SearchState | None:
     if not path.is_file():
         return None
     state = SearchState(**read_json(path))
+    if isinstance(state.config, dict) and isinstance(state.config.get("train"), dict):
+        state.config["train"] = recorded_training(state.config["train"])
     if state.config != record:
         changed = sorted(k for k in record if record[k] != state.config.get(k))
         raise InputError(

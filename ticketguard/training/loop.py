@@ -8,9 +8,10 @@ the device, so a step never waits for the host.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,17 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def training_record(config: TrainConfig) -> dict[str, Any]:
+    """The settings as a JSON file records them (tuples as lists)."""
+    return json.loads(json.dumps(asdict(config)))
+
+
+def recorded_training(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings read back from a record, with those added since it was written filled in at their defaults,
+    which is what the recorded run used; compare this, not the raw record, with ``training_record``."""
+    return {**training_record(TrainConfig()), **settings}
 
 
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -395,10 +407,10 @@ def _resume(
     config: TrainConfig,
 ) -> dict[str, Any]:
     saved = load_checkpoint(path)
-    # a checkpoint from before an option existed was written with that option's default
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
     recorded = saved.get("config")
-    if not isinstance(recorded, dict) or {**defaults, **recorded} != asdict(config):
+    if not isinstance(recorded, dict) or recorded_training(json.loads(json.dumps(recorded))) != training_record(
+        config
+    ):
         raise InputError(
             f"checkpoint {path} was written with other training settings; delete it to start over"
         )

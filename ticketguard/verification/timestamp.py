@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 import httpx
@@ -147,8 +147,8 @@ def check_token(token: bytes, digest: bytes, trusted_certificate_pem: bytes) -> 
             f"the timestamp token does not verify against the trusted certificate: {error}"
         ) from None
     if asserted.tzinfo is None:
-        asserted = asserted.replace(tzinfo=timezone.utc)
-    return TrustedTime(asserted.astimezone(timezone.utc), signer.subject.rfc4514_string())
+        asserted = asserted.replace(tzinfo=UTC)
+    return TrustedTime(asserted.astimezone(UTC), signer.subject.rfc4514_string())
 
 
 def _check_digest(digest: bytes) -> None:
@@ -207,7 +207,7 @@ def _post(url: str, query: bytes, timeout_s: float) -> bytes:
     MAX_RESPONSE_BYTES so a slow or endless TSA cannot hold or fill the caller."""
     try:
         return asyncio.run(asyncio.wait_for(_post_async(url, query, timeout_s), timeout_s))
-    except (asyncio.TimeoutError, httpx.TimeoutException):
+    except (TimeoutError, httpx.TimeoutException):
         raise InputError(
             f"the TSA at {url} did not answer within {timeout_s:g} s; retry or use another TSA"
         ) from None

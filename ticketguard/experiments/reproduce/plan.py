@@ -18,7 +18,7 @@ from ticketguard.models import MODELS
 from ticketguard.schemes.scores import SCORES
 from ticketguard.search.config import SearchConfig
 from ticketguard.search.schedules import SCHEDULES
-from ticketguard.training.loop import TrainConfig
+from ticketguard.training.loop import TrainConfig, recorded_training, training_record
 from ticketguard.training.recipes import recipe
 
 FULL_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -75,7 +75,7 @@ class Plan:
     def record(self) -> dict[str, Any]:
         """The plan as plan.json holds it, with the recipe's settings written out: a recipe changed under the
         same name must not resume its old trainings."""
-        return {**_listed(asdict(self)), "training": _listed(asdict(self.train))}
+        return {**_listed(asdict(self)), "training": training_record(self.train)}
 
 
 def _listed(settings: dict[str, Any]) -> dict[str, Any]:
@@ -213,11 +213,14 @@ def check_plan(out: Path, plan: Plan) -> None:
     path = out / "plan.json"
     if path.is_file():
         stored = read_json(path)
-        if isinstance(stored.get("training"), dict):  # a setting added since was run at its default
-            stored["training"] = {**_listed(asdict(TrainConfig())), **stored["training"]}
+        if isinstance(stored.get("training"), dict):
+            stored["training"] = recorded_training(stored["training"])
         record = plan.record()
         if stored != record:
             changed = sorted(k for k in stored.keys() | record.keys() if stored.get(k) != record.get(k))
+            if "training" not in stored:
+                changed = [k if k != "training" else "training, which this older plan.json does not record"
+                           for k in changed]
             raise InputError(
                 f"{out} holds a run with other settings ({', '.join(changed)}); choose another --out"
             )
