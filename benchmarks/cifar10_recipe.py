@@ -47,7 +47,7 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from ticketguard.core.errors import InputError
-from ticketguard.core.files import load_tensors, read_json, save_tensors, write_json
+from ticketguard.core.files import as_json, load_tensors, read_json, save_tensors, write_json
 from ticketguard.data import ImageData, load_dataset
 from ticketguard.data.augment import normalize
 from ticketguard.models import build_model
@@ -58,7 +58,6 @@ from ticketguard.training.loop import (
     resolve_device,
     state_copy,
     train,
-    training_record,
 )
 from ticketguard.training.recipes import RECIPES
 
@@ -196,7 +195,7 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     header = {
         "recipe": args.recipe, "changes": changes, "model": "resnet20", "data": str(args.data_dir),
-        "config": training_record(config),
+        "config": as_json(config),
         "device": str(device), "threads": torch.get_num_threads(),
     }
     log_path = out / "epochs.json"

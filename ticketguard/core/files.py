@@ -19,6 +19,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def as_json(value: Any) -> Any:
+    """``value`` (a dataclass, or plain data) as a JSON file gives it back: tuples as lists, dataclasses as
+    dicts; the form in which a stored record and a fresh one compare equal."""
+    return json.loads(json.dumps(asdict(value) if is_dataclass(value) else value))
 
 
 def write_json(path: str | Path, data: Any) -> None:

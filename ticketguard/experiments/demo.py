@@ -11,7 +11,7 @@ from rich.progress import Progress
 
 from ticketguard.artifacts.ticket import Ticket
 from ticketguard.core.evidence import DEFAULT_ALPHA
-from ticketguard.core.files import read_json, tensors_sha256, write_json
+from ticketguard.core.files import as_json, read_json, tensors_sha256, write_json
 from ticketguard.core.schema import check_json
 from ticketguard.data import ImageData, load_subset
 from ticketguard.data.triggers import TriggerSet
@@ -21,7 +21,7 @@ from ticketguard.schemes import keymask as v1
 from ticketguard.schemes import trigger as v3
 from ticketguard.search.config import SearchConfig
 from ticketguard.search.imp import find_extreme_ticket
-from ticketguard.training.loop import TrainConfig, recorded_training, training_record
+from ticketguard.training.loop import TrainConfig, recorded_training
 from ticketguard.verification.claim import Claim
 from ticketguard.verification.verify import verify_key
 
@@ -119,7 +119,7 @@ def _signature_only(
     train it again."""
     path = out / SIGNATURE_ONLY
     inputs = {
-        "train": training_record(train_config),
+        "train": as_json(train_config),
         "payload": config.payload,
         "data": [data.name, int(data.train_labels.numel()), int(data.test_labels.numel())],
         "rewind_sha256": tensors_sha256(ticket.rewind),

@@ -32,14 +32,14 @@ from torch import nn
 
 from ticketguard.artifacts.ticket import Ticket
 from ticketguard.core.errors import InputError
-from ticketguard.core.files import load_tensors, read_json, save_tensors, write_json
+from ticketguard.core.files import as_json, load_tensors, read_json, save_tensors, write_json
 from ticketguard.core.masks import Mask, load_mask, magnitude_prune, prunable_names, save_mask
 from ticketguard.data import ImageData
 from ticketguard.models import accept_model_name, build_model
 from ticketguard.search.config import SearchConfig
 from ticketguard.search.schedules import SCHEDULES
 from ticketguard.training import distributed
-from ticketguard.training.loop import predict_labels, recorded_training, state_copy, train, training_record
+from ticketguard.training.loop import predict_labels, recorded_training, state_copy, train
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,7 @@ def _round_path(workdir: Path, round_index: int, kind: str) -> Path:
 
 
 def _config_record(config: SearchConfig, data: ImageData, held: torch.Tensor) -> dict[str, Any]:
-    record = asdict(config)
-    record["ratios"] = list(config.ratios)
-    record["prune"] = list(config.prune)
-    record["train"] = training_record(config.train)
+    record = as_json(config)
     record["dataset"] = data.name
     record["train_size"] = int(data.train_labels.numel())
     record["validation_sha256"] = hashlib.sha256(held.to(torch.int64).numpy().tobytes()).hexdigest()

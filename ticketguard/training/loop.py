@@ -8,7 +8,6 @@ the device, so a step never waits for the host.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ticketguard.core.errors import InputError
-from ticketguard.core.files import load_checkpoint, save_checkpoint
+from ticketguard.core.files import as_json, load_checkpoint, save_checkpoint
 from ticketguard.core.masks import Mask
 from ticketguard.core.settings import setting
 from ticketguard.data import ImageData
@@ -149,15 +148,10 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def training_record(config: TrainConfig) -> dict[str, Any]:
-    """The settings as a JSON file records them (tuples as lists)."""
-    return json.loads(json.dumps(asdict(config)))
-
-
 def recorded_training(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings read back from a record, with those added since it was written filled in at their defaults,
-    which is what the recorded run used; compare this, not the raw record, with ``training_record``."""
-    return {**training_record(TrainConfig()), **settings}
+    which is what the recorded run used; compare this, not the raw record, with ``as_json(config)``."""
+    return {**as_json(TrainConfig()), **settings}
 
 
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -408,9 +402,7 @@ def _resume(
 ) -> dict[str, Any]:
     saved = load_checkpoint(path)
     recorded = saved.get("config")
-    if not isinstance(recorded, dict) or recorded_training(json.loads(json.dumps(recorded))) != training_record(
-        config
-    ):
+    if not isinstance(recorded, dict) or recorded_training(as_json(recorded)) != as_json(config):
         raise InputError(
             f"checkpoint {path} was written with other training settings; delete it to start over"
         )

@@ -4,21 +4,21 @@ results made with other settings."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ticketguard.core.errors import InputError
-from ticketguard.core.files import read_json, write_json
+from ticketguard.core.files import as_json, read_json, write_json
 from ticketguard.data import ImageData, dataset_spec, load_dataset
 from ticketguard.data.cifar import load_image_folder
 from ticketguard.models import MODELS
 from ticketguard.schemes.scores import SCORES
 from ticketguard.search.config import SearchConfig
 from ticketguard.search.schedules import SCHEDULES
-from ticketguard.training.loop import TrainConfig, recorded_training, training_record
+from ticketguard.training.loop import TrainConfig, recorded_training
 from ticketguard.training.recipes import recipe
 
 FULL_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -75,12 +75,7 @@ class Plan:
     def record(self) -> dict[str, Any]:
         """The plan as plan.json holds it, with the recipe's settings written out: a recipe changed under the
         same name must not resume its old trainings."""
-        return {**_listed(asdict(self)), "training": training_record(self.train)}
-
-
-def _listed(settings: dict[str, Any]) -> dict[str, Any]:
-    """Tuples as lists, as JSON reads them back."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        return {**as_json(self), "training": as_json(self.train)}
 
 
 def make_plan(
