@@ -135,3 +135,17 @@ def test_a_logged_run_prints_one_progress_line_per_step_with_the_time_left(capsy
     assert [line.split(" after")[0] for line in lines] == ["round 1: 2/4", "round 1: 3/4"]
     assert all("s left" in line for line in lines) and lines[0].endswith("test acc 50.00%")
     assert float(lines[0].split(", ")[1].split(" s left")[0]) >= 1  # two steps to go at >= 0.6 s a step
+
+
+def test_the_time_left_leaves_out_the_first_steps_setup(capsys) -> None:
+    """A training's first epoch also decodes the data: the estimate comes from the steps after it."""
+    with progress_bar() as progress:
+        task = progress.add_task("dense", total=10, status="")
+        time.sleep(1.0)  # setup and the first step
+        progress.advance(task)
+        progress.advance(task)  # the steps after it are quick
+        progress.advance(task)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dense:")]
+    left = [float(line.split(", ")[1].split(" s left")[0]) for line in lines]
+    assert left[0] >= 9  # nine steps to go at >= 1 s a step, as far as one step shows
+    assert left[2] < 1  # seven quick steps to go, not 7 x 1/3 s
