@@ -125,12 +125,24 @@ def _campaign(out: Path) -> list[str]:
             str(shared_data(CIFAR_JPEG)), "--scale", "0.01", "--epochs", "4", "--device", "cpu", "--out", str(out)]
 
 
+def _committed_and_cloned(folder: Path, work: Path) -> Path:
+    """``folder`` as a fresh clone has it after it is committed with the campaign's .gitignore: git decides."""
+    git = ["git", "-c", "user.name=campaign", "-c", "user.email=campaign@localhost", "-c", "commit.gpgsign=false"]
+    origin = work / "origin"
+    shutil.copytree(folder, origin / "campaign")
+    shutil.copy(CAMPAIGN / ".gitignore", origin / "campaign" / ".gitignore")
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "campaign"]):
+        subprocess.run([*git, *command], cwd=origin, check=True, capture_output=True)
+    subprocess.run([*git, "clone", "-q", str(origin), str(work / "clone")], check=True, capture_output=True)
+    return work / "clone" / "campaign"
+
+
 @pytest.mark.slow
 def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(tmp_path: Path) -> None:
     """kill -9 during the first pruning round of the CPU preset (run small; rounds retrain epochs 3-4): the
     same command goes on from the round's last finished epoch and ends where an uninterrupted run ends; so does
-    a copy of the folder elsewhere without what the committed campaign leaves out (the per-epoch checkpoints),
-    as a fresh clone has it, without training the finished dense network again."""
+    a fresh clone of the folder committed under the campaign's .gitignore, which keeps the round's state and
+    leaves out what a killed atomic write left, without training the finished dense network again."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     subprocess.run(_campaign(reference), check=True, capture_output=True, env=env, timeout=600)
@@ -145,11 +157,10 @@ def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(
     process.wait()
     assert round_checkpoint.is_file(), "the kill must land after an epoch of the first round was saved"
     assert not (resumed / "results" / "table1.json").exists()
-    committed = tmp_path / "fresh-clone"
-    ignored = (CAMPAIGN / ".gitignore").read_text().splitlines()
-    left_out = [line for line in ignored if line and not line.startswith("#")]
-    shutil.copytree(resumed, committed, ignore=shutil.ignore_patterns(*left_out))
-    assert not list(committed.rglob("*.pt")) and (committed / "search" / "search.json").is_file()
+    (resumed / "search" / ".search.json.1f2e.tmp").write_text("{")  # a write killed before its rename
+    committed = _committed_and_cloned(resumed, tmp_path / "git")
+    assert [p.relative_to(committed) for p in committed.rglob("*.pt")] == [round_checkpoint.relative_to(resumed)]
+    assert not list(committed.rglob("*.tmp")) and (committed / "search" / "search.json").is_file()
     dense = committed / "search" / "rounds" / "000-weights.safetensors"
     dense_written = dense.stat().st_mtime_ns
 
