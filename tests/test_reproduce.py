@@ -141,8 +141,8 @@ def _committed_and_cloned(folder: Path, work: Path) -> Path:
 def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(tmp_path: Path) -> None:
     """kill -9 during the first pruning round of the CPU preset (run small; rounds retrain epochs 3-4): the
     same command goes on from the round's last finished epoch and ends where an uninterrupted run ends; so does
-    a fresh clone of the folder committed under the campaign's .gitignore, which keeps the round's state and
-    leaves out what a killed atomic write left, without training the finished dense network again."""
+    a fresh clone of the folder committed under the campaign's .gitignore, which keeps the round's training state
+    and leaves out what a killed atomic write left, without training the finished dense network again."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     subprocess.run(_campaign(reference), check=True, capture_output=True, env=env, timeout=600)
