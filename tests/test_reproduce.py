@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CIFAR_JPEG, shared_data
 
 from ticketguard.cli import main
@@ -48,6 +49,17 @@ def test_reproduce_writes_every_table_beside_the_papers_numbers(tmp_path: Path, 
     assert all(row["error"] is None for row in attacks)
     shipped = next(row for row in attacks if row["family"] == "none")
     assert shipped["qr_decodes"] and shipped["owned"]
+
+    status = reproduce.campaign_status(out)
+    assert status.search_done and status.epochs_left == 0
+    assert [stage.name for stage in status.stages if stage.state != "done"] == []
+    assert {"dense training", "extreme ticket", "protect (V2 + V3)", "Figure 2 trainings", "attack grid"} <= {
+        stage.name for stage in status.stages
+    }
+    capsys.readouterr()
+    assert main(["reproduce", "--status", "--json", "--out", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["epochs_left"] == 0 and shown["stages"][0]["detail"].endswith(" s")
 
     stamp = (out / "results" / "fig2.json").stat().st_mtime_ns
     assert main(["reproduce", "fig2", *TINY, "--out", str(out)]) == 0
@@ -109,6 +121,7 @@ def test_the_committed_campaign_folder_holds_the_cpu_presets_plan(tmp_path: Path
         (["reproduce", "--scale", "0"], "--scale"),
         (["reproduce", "--scale", "1.5"], "--scale"),
         (["reproduce", "--data", "cifar10"], "--data-dir"),
+        (["reproduce", "--status"], "holds no reproduction"),
     ],
 )
 def test_reproduce_refuses_bad_input_in_one_line(
@@ -159,6 +172,13 @@ def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(
     assert not (resumed / "results" / "table1.json").exists()
     (resumed / "search" / ".search.json.1f2e.tmp").write_text("{")  # a write killed before its rename
     committed = _committed_and_cloned(resumed, tmp_path / "git")
+    killed = torch.load(round_checkpoint, weights_only=True)
+    for out in (resumed, committed):
+        dense, running = reproduce.campaign_status(out).stages[:2]
+        assert (dense.name, dense.state, running.name, running.state) == (
+            "dense training", "done", "search round 1", "running"
+        )
+        assert running.detail == f"{killed['epoch']} of 4 epochs finished"
     assert [p.relative_to(committed) for p in committed.rglob("*.pt")] == [round_checkpoint.relative_to(resumed)]
     assert not list(committed.rglob("*.tmp")) and (committed / "search" / "search.json").is_file()
     dense = committed / "search" / "rounds" / "000-weights.safetensors"

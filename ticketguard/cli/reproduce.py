@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -55,9 +56,15 @@ def reproduce_command(
     out: Annotated[
         Path, typer.Option(help="Folder for report.md, the figures and resumable results.")
     ] = Path("runs/reproduce"),
+    status: Annotated[bool, typer.Option(
+        "--status", help="Show where the run in --out stands (finished stages, the running training's epoch, "
+        "epochs left) and exit; trains nothing and needs no data.")] = False,
     run: Annotated[RunOptions, run_options("device", "json")],
 ) -> None:
     """Run the experiments behind the paper's tables and figures and write our numbers beside the paper's."""
+    if status:
+        _print_status(reproduce.campaign_status(out), out, run.json)
+        return
     names = reproduce.check_targets(targets or [])
     data, epochs, scale = reproduce.resolve_preset(preset, data, epochs, scale)
     reproduce.check_data_dir(data, data_choice.data_dir)
@@ -95,3 +102,25 @@ def reproduce_command(
     if failed:
         console.print(f"[red]failed: {', '.join(failed)}[/]")
         raise typer.Exit(1)
+
+
+def _print_status(status: reproduce.Status, out: Path, as_json: bool) -> None:
+    if as_json:
+        emit_json(asdict(status) | {"epochs_left": status.epochs_left})
+        return
+    table = Table(title=f"Reproduction in {out}")
+    for column in ("stage", "state", "detail"):
+        table.add_column(column)
+    for stage in status.stages:
+        table.add_row(stage.name, stage.state, stage.detail)
+    shown.print(table)
+    if status.search_done and not status.epochs_left:
+        shown.print("no training left")
+        return
+    left = f"{status.epochs_left:,} epochs left in the known stages"
+    if not status.search_done:
+        left += ", and the search's remaining rounds, which depend on their outcomes"
+    if status.seconds_per_epoch is not None:
+        hours = status.epochs_left * status.seconds_per_epoch / 3600
+        left += f"; at the dense training's {status.seconds_per_epoch:.0f} s an epoch, about {hours:.1f} h"
+    shown.print(left)

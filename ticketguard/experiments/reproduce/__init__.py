@@ -35,11 +35,12 @@ from ticketguard.experiments.reproduce.plan import (
     make_preset_plan,
     resolve_preset,
 )
+from ticketguard.experiments.reproduce.status import Stage, Status, campaign_status
 
 __all__ = [
-    "EXPERIMENTS", "PRESETS", "Experiment", "Plan", "Run", "check_data_dir", "check_plan", "check_scale",
-    "check_targets", "key_density_curve", "load_scaled", "make_plan", "make_preset_plan", "plot_key_density",
-    "resolve_preset", "run_experiment", "write_report",
+    "EXPERIMENTS", "PRESETS", "Experiment", "Plan", "Run", "Stage", "Status", "campaign_status", "check_data_dir",
+    "check_plan", "check_scale", "check_targets", "key_density_curve", "load_scaled", "make_plan",
+    "make_preset_plan", "plot_key_density", "resolve_preset", "run_experiment", "write_report",
 ]
 
 

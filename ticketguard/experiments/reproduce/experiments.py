@@ -258,6 +258,12 @@ def key_density_curve(
     }
 
 
+def fig2_trainings(plan: Plan) -> int:
+    """How many retrainings ``key_density_curve`` runs: the ticket with its key, then per key density one per
+    score and one with a random key added (fake1)."""
+    return 1 + len(plan.densities) * (len(plan.scores) + 1)
+
+
 def plot_key_density(curve: dict[str, Any], eps: float, path: str | Path) -> Path:
     """Figure 2: accuracy without the key against n_s (log scale), dense and dense - eps_f as lines."""
     figure = Figure(figsize=(6, 4), layout="constrained")
