@@ -176,7 +176,7 @@ def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(
     for out in (resumed, committed):
         dense, running = reproduce.campaign_status(out).stages[:2]
         assert (dense.name, dense.state, running.name, running.state) == (
-            "dense training", "done", "search round 1", "running"
+            "dense training", "done", "search round 1 (r = 0.5)", "running"
         )
         assert running.detail == f"{killed['epoch']} of 4 epochs finished"
     assert [p.relative_to(committed) for p in committed.rglob("*.pt")] == [round_checkpoint.relative_to(resumed)]

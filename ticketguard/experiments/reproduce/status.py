@@ -14,6 +14,7 @@ from ticketguard.core.files import load_checkpoint, read_json
 from ticketguard.experiments.demo import SIGNATURE_ONLY
 from ticketguard.experiments.reproduce.experiments import EXPERIMENTS, attack_points, fig2_trainings
 from ticketguard.experiments.reproduce.plan import Plan
+from ticketguard.search.imp import SearchState, next_ratio
 
 DONE, RUNNING, TO_DO = "done", "running", "to do"
 
@@ -92,8 +93,9 @@ def _search_stages(out: Path, plan: Plan, state: dict[str, Any] | None) -> list[
             f"{verdict}, {seconds:,.0f} s", 0,
         ))
     if not state.get("done"):
-        index = len(state["history"])
-        stages.append(_training(rounds / f"{index:03d}-checkpoint.pt", f"search round {index}", plan.epochs))
+        index, ratio = len(state["history"]), next_ratio(plan.search, SearchState(**state))
+        name = f"search round {index} (r = {ratio:.4g})"
+        stages.append(_training(rounds / f"{index:03d}-checkpoint.pt", name, plan.epochs))
     return stages
 
 
