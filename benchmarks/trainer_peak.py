@@ -154,9 +154,11 @@ VARIANTS = {
     "compiled": {"compile": True, "keep_freed_memory": True},
     "convolutions alone": {"compile": False, "keep_freed_memory": True, "convolutions_alone": True},
     "eager, one process per thread": {"compile": False, "keep_freed_memory": True, "data_parallel": True},
+    "eager, without oneDNN": {"compile": False, "keep_freed_memory": True, "onednn": False},
 }
-"""The first is the trainer before ``training.host_memory``: glibc maps and unmaps every activation. The last
-is the same trainer data-parallel under torchrun (gloo), one single-threaded process per ``--threads``."""
+"""The first is the trainer before ``training.host_memory``: glibc maps and unmaps every activation. "one
+process per thread" is the same trainer data-parallel under torchrun (gloo), one single-threaded process per
+``--threads``; "without oneDNN" runs PyTorch's own convolutions (im2col and sgemm) instead of oneDNN's."""
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,7 +175,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     flops = training_flops_per_image(args.model, data, config.batch_size)
     distributed.init_from_environment()
     torch.set_num_threads(max(1, args.threads // distributed.world_size()))
-    ratios, speed, faults = trainer_ratios(args.model, data, config, flops, args.threads)
+    with torch.backends.mkldnn.flags(enabled=variant.get("onednn", True)):
+        ratios, speed, faults = trainer_ratios(args.model, data, config, flops, args.threads)
     return {"ratios": ratios, "images_per_second": speed, "faults_per_step": faults}
 
 
@@ -197,6 +200,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for everything")
     parser.add_argument("--recipe", default="fast", help="training recipe (batch size, optimiser)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print an eager operator profile")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
+                        help=f"the variants to run, the first the baseline (default: all: {', '.join(VARIANTS)})")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one measurement
     args = parser.parse_args()
     if args.epochs < 2 or args.rounds < 1 or args.threads < 1 or args.rounds * (args.epochs - 1) < 2:
@@ -216,9 +221,10 @@ def main() -> None:
     print(f"{args.model}: {flops / 1e6:.1f} MFLOP per training image, batch {config.batch_size}, "
           f"{data.train_labels.numel()} real images an epoch, {args.threads} threads; each variant in a fresh "
           "process", flush=True)
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.variants}
     for round_index in range(args.rounds):
-        for name, variant in VARIANTS.items():
+        for name in args.variants:
+            variant = VARIANTS[name]
             launcher = [sys.executable]
             if variant.get("data_parallel"):
                 processes = ["--nproc-per-node", str(args.threads)]
@@ -232,7 +238,7 @@ def main() -> None:
             print(f"round {round_index + 1} {name}: {result['images_per_second']:.0f} images/s, "
                   f"{' '.join(f'{r:.2f}' for r in result['ratios'])} of the bracketing sgemm, "
                   f"{_faults(result['faults_per_step'])}", flush=True)
-    baseline = statistics.median(r["images_per_second"] for r in results[next(iter(VARIANTS))])
+    baseline = statistics.median(r["images_per_second"] for r in results[args.variants[0]])
     for name, rows in results.items():
         speed = statistics.median(r["images_per_second"] for r in rows)
         ratios = [ratio for r in rows for ratio in r["ratios"]]
