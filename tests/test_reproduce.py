@@ -50,6 +50,9 @@ def test_reproduce_writes_every_table_beside_the_papers_numbers(tmp_path: Path, 
     shipped = next(row for row in attacks if row["family"] == "none")
     assert shipped["qr_decodes"] and shipped["owned"]
 
+    fig2 = json.loads((out / "results" / "fig2.json").read_text())
+    assert fig2["accuracy_with_key"] == ticket["accuracy"]  # the search's last round, not trained again
+    assert "ticket (with key)" not in json.loads((out / "fig2" / "retrained.json").read_text())
     status = reproduce.campaign_status(out)
     assert status.search_done and status.epochs_left == 0
     assert [stage.name for stage in status.stages if stage.state != "done"] == []
