@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import CIFAR_JPEG, shared_data
 
 from ticketguard.cli import main
 from ticketguard.core.errors import InputError
+from ticketguard.core.files import load_checkpoint
 from ticketguard.core.masks import load_mask
 from ticketguard.experiments import reproduce
 from ticketguard.training.recipes import RECIPES
@@ -175,7 +175,7 @@ def test_the_cifar10_campaign_killed_mid_training_resumes_with_the_same_command(
     assert not (resumed / "results" / "table1.json").exists()
     (resumed / "search" / ".search.json.1f2e.tmp").write_text("{")  # a write killed before its rename
     committed = _committed_and_cloned(resumed, tmp_path / "git")
-    killed = torch.load(round_checkpoint, weights_only=True)
+    killed = load_checkpoint(round_checkpoint)
     for out in (resumed, committed):
         dense, running = reproduce.campaign_status(out).stages[:2]
         assert (dense.name, dense.state, running.name, running.state) == (

@@ -49,6 +49,8 @@ class DemoConfig:
 
 DEMO = DemoConfig()
 SIGNATURE_ONLY = "signature-only.json"
+SIGNATURE_ONLY_CHECKPOINT = "signature-only.checkpoint.pt"
+PROTECTED_CHECKPOINT = "protected.checkpoint.pt"
 SIGNATURE_ONLY_SCHEMA = {
     "type": "object",
     "required": ["inputs", "numbers"],
@@ -89,7 +91,7 @@ def protect_demo(
         train_config=train_config,
         device=device,
         progress=progress,
-        checkpoint=out / "protected.checkpoint.pt",
+        checkpoint=out / PROTECTED_CHECKPOINT,
     )
     protected.save(out / "protected", out / "claim.json", force=True)
     embedded = protected.report["embedding"]
@@ -133,7 +135,7 @@ def _signature_only(
             return stored["numbers"]
     signed_only = protect(
         ticket, data, signature=config.payload, train_config=train_config, device=device, progress=progress,
-        checkpoint=out / "signature-only.checkpoint.pt",
+        checkpoint=out / SIGNATURE_ONLY_CHECKPOINT,
     )
     mean, std = data.channel_stats()
     unmarked = v3.verify_local(

@@ -178,7 +178,8 @@ def next_ratio(config: SearchConfig, state: SearchState) -> float | None:
     return SCHEDULES[config.pruning_schedule].next_ratio(config.ratios, state)
 
 
-def _round_path(workdir: Path, round_index: int, kind: str) -> Path:
+def round_path(workdir: Path, round_index: int, kind: str) -> Path:
+    """Where round ``round_index`` keeps its ``kind`` (weights, mask, or checkpoint while it trains)."""
     suffix = ".pt" if kind == "checkpoint" else ".safetensors"
     return workdir / "rounds" / f"{round_index:03d}-{kind}{suffix}"
 
@@ -217,7 +218,7 @@ def find_extreme_ticket(
         _run_round(split, dense_correct, config, state, rewind, workdir, device, progress)
         if distributed.is_main():
             write_json(workdir / STATE_FILE, asdict(state))
-            _round_path(workdir, state.next_round - 1, "checkpoint").unlink(missing_ok=True)
+            round_path(workdir, state.next_round - 1, "checkpoint").unlink(missing_ok=True)
         distributed.barrier()
     return _ticket(split.fit, config, state, rewind, workdir)
 
@@ -280,7 +281,7 @@ def _train_dense(
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, split.fit.input_shape[0], split.fit.num_classes).to(device)
     names = prunable_names(model, config.include_classifier, config.prune)
-    checkpoint = _round_path(workdir, 0, "checkpoint")
+    checkpoint = round_path(workdir, 0, "checkpoint")
     if distributed.is_main():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -305,8 +306,8 @@ def _train_dense(
     if distributed.is_main():
         save_tensors(workdir / REWIND_FILE, result.rewind_state)
         save_tensors(workdir / DENSE_FILE, {"correct": dense_correct.to(torch.uint8)})
-        save_tensors(_round_path(workdir, 0, "weights"), weights)
-        save_mask(_round_path(workdir, 0, "mask"), Mask.ones_like(weights, names))
+        save_tensors(round_path(workdir, 0, "weights"), weights)
+        save_mask(round_path(workdir, 0, "mask"), Mask.ones_like(weights, names))
         write_json(workdir / STATE_FILE, asdict(state))
         checkpoint.unlink(missing_ok=True)
     distributed.barrier()
@@ -347,13 +348,13 @@ def _run_round(
     ratio = next_ratio(config, state)
     if ratio is None:  # the caller runs a round only while the schedule has a next ratio
         raise RuntimeError("a pruning round was started after the schedule ended")
-    best_mask = load_mask(_round_path(workdir, state.best_round, "mask"))
-    best_weights = load_tensors(_round_path(workdir, state.best_round, "weights"))
+    best_mask = load_mask(round_path(workdir, state.best_round, "mask"))
+    best_weights = load_tensors(round_path(workdir, state.best_round, "weights"))
     candidate = magnitude_prune(best_weights, best_mask, ratio)
     model = build_model(config.model, split.fit.input_shape[0], split.fit.num_classes)
     model.load_state_dict(rewind)
     model.to(device)
-    checkpoint = _round_path(workdir, round_index, "checkpoint")
+    checkpoint = round_path(workdir, round_index, "checkpoint")
     started = time.perf_counter()
     result = train(
         model, split.fit, config.train, candidate, checkpoint=checkpoint, progress=progress,
@@ -362,8 +363,8 @@ def _run_round(
     row = _decide(model, result.accuracy, split, dense_correct, config, state)
     if row["matched"]:
         if distributed.is_main():
-            save_tensors(_round_path(workdir, round_index, "weights"), state_copy(model))
-            save_mask(_round_path(workdir, round_index, "mask"), candidate)
+            save_tensors(round_path(workdir, round_index, "weights"), state_copy(model))
+            save_mask(round_path(workdir, round_index, "mask"), candidate)
         state.best_round = round_index
     SCHEDULES[config.pruning_schedule].advance(config.ratios, state, ratio, row["matched"])
     state.history.append({"round": round_index, "ratio": ratio, "density": candidate.density(), **row})
@@ -392,9 +393,9 @@ def _ticket(
         input_size=tuple(fit.input_shape[1:]),
         dataset=fit.name,
         classes=list(fit.classes),
-        mask=load_mask(_round_path(workdir, state.best_round, "mask")),
+        mask=load_mask(round_path(workdir, state.best_round, "mask")),
         rewind=rewind,
-        weights=load_tensors(_round_path(workdir, state.best_round, "weights")),
+        weights=load_tensors(round_path(workdir, state.best_round, "weights")),
         accuracy=best["accuracy"],
         metadata={
             "dense_accuracy": state.dense_accuracy,

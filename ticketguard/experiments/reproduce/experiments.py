@@ -39,6 +39,8 @@ from ticketguard.verification.claim import load_claim
 
 log = logging.getLogger(__name__)
 
+PROTECTION_NUMBERS = "protection.json"
+
 
 @dataclass
 class Run:
@@ -70,7 +72,7 @@ class Run:
         if isinstance(self.cache.get("protected"), Exception):
             raise self.cache["protected"]
         if "protected" not in self.cache:
-            numbers_path = self.out / "protection.json"
+            numbers_path = self.out / PROTECTION_NUMBERS
             if numbers_path.is_file() and is_ticket_folder(self.out / "protected"):
                 self.cache["protected"] = (Ticket.load(self.out / "protected"), read_json(numbers_path))
             else:

@@ -11,10 +11,15 @@ from typing import Any
 from ticketguard.artifacts.ticket import is_ticket_folder
 from ticketguard.core.errors import InputError
 from ticketguard.core.files import load_checkpoint, read_json
-from ticketguard.experiments.demo import SIGNATURE_ONLY
-from ticketguard.experiments.reproduce.experiments import EXPERIMENTS, attack_points, fig2_trainings
+from ticketguard.experiments.demo import PROTECTED_CHECKPOINT, SIGNATURE_ONLY, SIGNATURE_ONLY_CHECKPOINT
+from ticketguard.experiments.reproduce.experiments import (
+    EXPERIMENTS,
+    PROTECTION_NUMBERS,
+    attack_points,
+    fig2_trainings,
+)
 from ticketguard.experiments.reproduce.plan import Plan
-from ticketguard.search.imp import SearchState, next_ratio
+from ticketguard.search.imp import SearchState, next_ratio, round_path
 
 DONE, RUNNING, TO_DO = "done", "running", "to do"
 
@@ -81,9 +86,9 @@ def _training(checkpoint: Path, name: str, epochs: int) -> Stage:
 
 
 def _search_stages(out: Path, plan: Plan, state: dict[str, Any] | None) -> list[Stage]:
-    rounds = out / "search" / "rounds"
+    workdir = out / "search"
     if state is None:
-        return [_training(rounds / "000-checkpoint.pt", "dense training", plan.epochs)]
+        return [_training(round_path(workdir, 0, "checkpoint"), "dense training", plan.epochs)]
     stages = []
     for row, seconds in zip(state["history"], state["seconds"]):
         name = "dense training" if row["ratio"] is None else f"search round {row['round']} (r = {row['ratio']:.4g})"
@@ -95,7 +100,7 @@ def _search_stages(out: Path, plan: Plan, state: dict[str, Any] | None) -> list[
     if not state.get("done"):
         index, ratio = len(state["history"]), next_ratio(plan.search, SearchState(**state))
         name = f"search round {index} (r = {ratio:.4g})"
-        stages.append(_training(rounds / f"{index:03d}-checkpoint.pt", name, plan.epochs))
+        stages.append(_training(round_path(workdir, index, "checkpoint"), name, plan.epochs))
     return stages
 
 
@@ -108,8 +113,8 @@ def _ticket_stage(out: Path) -> Stage:
 def _protection_stages(out: Path, plan: Plan) -> list[Stage]:
     stages = []
     for name, numbers, checkpoint in (
-        ("V2 alone (its cost)", SIGNATURE_ONLY, "signature-only.checkpoint.pt"),
-        ("protect (V2 + V3)", "protection.json", "protected.checkpoint.pt"),
+        ("V2 alone (its cost)", SIGNATURE_ONLY, SIGNATURE_ONLY_CHECKPOINT),
+        ("protect (V2 + V3)", PROTECTION_NUMBERS, PROTECTED_CHECKPOINT),
     ):
         finished = (out / numbers).is_file()
         stages.append(Stage(name, DONE, numbers, 0) if finished else _training(out / checkpoint, name, plan.epochs))
